@@ -1,0 +1,328 @@
+"""Orchestration of the flow model -> data -> quantizer -> quantized model -> save / evaluate.
+No maths here: every step is a registered part."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import DataError, OutputExistsError, ZsqError
+from .models import load_model
+from .paths import torch_save_atomic, write_json_atomic
+from .recipes import PRE_STEPS, QUANTIZERS, RECIPES, QuantContext
+from .spec import PROTOCOLS, LayerPolicy, check_bits, check_budget
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Resolved:
+    """A recipe with the user's explicit flags applied (what goes into zsq.json)."""
+
+    name: str
+    pre: str | None
+    synth: str | None
+    quant: str
+    protocol: str
+    budget: str
+    hparams: dict[str, Any]
+
+
+def resolve(recipe: str, *, pre=None, synth=None, quant=None, protocol=None, budget="default",
+            hparams: dict | None = None) -> Resolved:
+    r = RECIPES[recipe]
+    budget = check_budget(budget)
+    res = Resolved(
+        name=r.name,
+        pre=None if pre in ("none", "") else (pre or r.pre),
+        synth=None if synth == "none" else (synth or r.synth),
+        quant=quant or r.quant,
+        protocol=protocol or r.protocol,
+        budget=budget,
+        hparams={**r.hparams, **r.budgets.get(budget, {}).get("quant", {}), **(hparams or {})},
+    )
+    PROTOCOLS[res.protocol]
+    QUANTIZERS[res.quant]
+    if res.pre:
+        PRE_STEPS[res.pre]
+    if res.synth:
+        from .synth import SYNTHESIZERS
+
+        SYNTHESIZERS[res.synth]
+    return res
+
+
+def check_output_dir(out: str | os.PathLike | None, overwrite: bool) -> None:
+    """Refuse a directory holding a finished result unless ``overwrite``; then retire its zsq.json
+    first so that an interrupted run never leaves an old zsq.json beside new files."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"-o {out} is a file, not a directory")
+    if (out / "zsq.json").exists():
+        if not overwrite:
+            raise OutputExistsError(f"{out} already holds a result (zsq.json); pass --overwrite or choose another -o")
+        (out / "zsq.json").unlink()
+
+
+def synthetic_data(model: nn.Module, res: Resolved, seed: int, *, synthetic: str | None = None,
+                   progress: bool = True, n_images: int | None = None):
+    """Calibration images from ``--synthetic DIR`` or the resolved synthesizer (cached by key)."""
+    from .synth import SyntheticSet, synthesize
+
+    if synthetic:
+        return SyntheticSet.load(synthetic)
+    if not res.synth:
+        return None
+    rb = RECIPES[res.name].budgets.get(res.budget, {}) if res.synth == RECIPES[res.name].synth else {}
+    overrides = {k: v for k, v in rb.items() if k not in ("quant", "n_images")}
+    n = n_images or rb.get("n_images")
+    return synthesize(model, res.synth, budget=res.budget, seed=seed, n_images=n, progress=progress,
+                      overrides=overrides or None)
+
+
+def quantize(
+    model: str | nn.Module = "cifar10_resnet20",
+    recipe: str = "zeroq",
+    w_bits: int = 4,
+    a_bits: int = 4,
+    *,
+    protocol: str | None = None,
+    pre: str | None = None,
+    synth: str | None = None,
+    quant: str | None = None,
+    budget: str = "default",
+    seed: int = 0,
+    synthetic: str | None = None,
+    calib: str | None = None,
+    calib_n: int = 256,
+    policy: LayerPolicy | None = None,
+    hparams: dict | None = None,
+    strict: bool = False,
+    progress: bool = True,
+    ckpt_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> nn.Module:
+    """Quantize ``model`` with ``recipe``; returns the fake-quantized model with ``.zsq_result``."""
+    w_bits, a_bits = check_bits(w_bits, "--w"), check_bits(a_bits, "--a")
+    if isinstance(model, str):
+        model = load_model(model)
+    elif not hasattr(model, "zsq_info"):
+        model = load_model(model)
+    res = resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget, hparams=hparams)
+    t0 = time.perf_counter()
+    fp = model
+    if res.pre:
+        fp = PRE_STEPS[res.pre](_copy(model), res.hparams)
+    data_info = {"dir": None, "sha256": None, "n_images": 0, "kind": "none"}
+    images = None
+    if calib:
+        from .data.eval import load_images
+
+        if calib_n <= 0:
+            raise DataError(f"--calib-n must be > 0, got {calib_n}")
+        images, _ = load_images(calib, model.zsq_info.preprocess, calib_n, seed=seed)
+        data_info = {"dir": str(calib), "sha256": None, "n_images": int(images.shape[0]), "kind": "real"}
+        res.synth = None
+    else:
+        sset = synthetic_data(fp, res, seed, synthetic=synthetic, progress=progress)
+        if sset is not None:
+            images = sset.images
+            data_info = {"dir": str(sset.dir), "sha256": sset.sha256, "n_images": int(sset.n_images),
+                         "kind": "synthetic"}
+    ctx = QuantContext(model=fp, images=images, protocol=PROTOCOLS[res.protocol], w_bits=w_bits, a_bits=a_bits,
+                       policy=policy or LayerPolicy(), hparams=res.hparams, budget=res.budget, seed=seed,
+                       progress=progress, ckpt_dir=Path(ckpt_dir) if ckpt_dir else None, resume=resume,
+                       strict=strict)
+    torch.manual_seed(seed)
+    qmodel = QUANTIZERS[res.quant](ctx)
+    wall = time.perf_counter() - t0
+    qmodel.eval()
+    qmodel.zsq_info = model.zsq_info
+    qmodel.zsq_result = {
+        "recipe": {"name": res.name, "pre": res.pre, "synth": res.synth, "quant": res.quant, "hparams": res.hparams},
+        "protocol": res.protocol,
+        "bits": {"w": w_bits, "a": a_bits},
+        "budget": res.budget,
+        "seed": seed,
+        "synthetic": data_info,
+        "policy": {"keep_fp": list(ctx.policy.keep_fp),
+                   "layer_bits": {k: f"W{w}A{a}" for k, (w, a) in ctx.policy.layer_bits.items()}},
+        "wall_s": round(wall, 2),
+        "size": model_size(model, qmodel),
+    }
+    return qmodel
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def model_size(fp: nn.Module, q: nn.Module) -> dict[str, int]:
+    """Bytes of the FP model (fp32 parameters) and of the quantized one (packed integer weights at
+    their bit width, fp32 scales and zero points per channel, everything else fp32)."""
+    from .quant.modules import QUANT_LAYERS
+
+    fp_bytes = sum(p.numel() * 4 for p in fp.parameters())
+    qb = 0
+    counted = set()
+    for m in q.modules():
+        if isinstance(m, QUANT_LAYERS):
+            qb += (m.weight.numel() * m.wq.bits + 7) // 8 + m.wq.scale.numel() * 8
+            counted.add(id(m.weight))
+    qb += sum(p.numel() * 4 for p in q.parameters() if id(p) not in counted
+              and not _is_quantizer_param(q, p))
+    return {"fp_bytes": int(fp_bytes), "q_bytes": int(qb)}
+
+
+def _is_quantizer_param(model, p) -> bool:
+    from .quant.modules import Quantizer
+
+    return any(p is getattr(m, "scale", None) for m in model.modules() if isinstance(m, Quantizer))
+
+
+def evaluate(model: nn.Module, data, limit: int | None = None, progress: bool = True) -> dict[str, float]:
+    from .data.eval import evaluate as _evaluate
+
+    r = _evaluate(model, data, limit=limit, progress=progress)
+    return {"top1": round(r["top1"], 2), "top5": round(r["top5"], 2), "n": r["n"]}
+
+
+# -- save / load --------------------------------------------------------------------------------
+
+def _versions() -> dict[str, str | None]:
+    import torchvision
+
+    def ver(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            return None
+
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        git = None
+    return {"zsq": __version__, "git": git, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "onnx": ver("onnx"), "onnxruntime": ver("onnxruntime"), "python": platform.python_version()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = None, eval_path: str | None = None,
+         overwrite: bool = True) -> Path:
+    """Write ``OUT/qmodel.pt`` then ``OUT/zsq.json`` (last, atomically: a directory without it is incomplete)."""
+    from .quant.modules import QUANT_LAYERS
+
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    info = qmodel.zsq_info
+    result = getattr(qmodel, "zsq_result", {})
+    int_w = {}
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QUANT_LAYERS) and m.wq.bits <= 8:
+            codes = m.wq.int_repr(m.weight.detach())
+            int_w[name] = codes.to(torch.int16 if m.wq.qmax > 127 else torch.int8)
+    layout = qmodel.zsq_layout
+    payload = {
+        "format": "zsq-qmodel-1",
+        "model": {"id": info.id, "preprocess": info.preprocess.to_dict(), "num_classes": info.num_classes},
+        "layout": {"protocol": result.get("protocol", layout.protocol), "w_bits": layout.w_bits,
+                   "a_bits": layout.a_bits, "policy": result.get("policy", {})},
+        "state_dict": {k: v.detach().clone() for k, v in qmodel.state_dict().items()},
+        "int_weights": int_w,
+    }
+    torch_save_atomic(payload, out / "qmodel.pt")
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"id": info.id, "weights_sha256": info.weights_sha256},
+        "recipe": result.get("recipe"),
+        "protocol": result.get("protocol", layout.protocol),
+        "bits": result.get("bits", {"w": layout.w_bits, "a": layout.a_bits}),
+        "budget": result.get("budget"),
+        "seed": result.get("seed"),
+        "synthetic": result.get("synthetic"),
+        "policy": result.get("policy"),
+        "layout": layout.to_dict(),
+        "versions": _versions(),
+        "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads()},
+        "wall_s": result.get("wall_s"),
+        "peak_rss_mb": peak_rss_mb(),
+        "size": result.get("size"),
+        "metrics": {"top1": metrics["top1"], "top5": metrics["top5"]} if metrics else None,
+        "n_eval": metrics.get("n") if metrics else None,
+        "eval_path": str(eval_path) if eval_path else None,
+    }
+    write_json_atomic(out / "zsq.json", doc)
+    return out
+
+
+def load(out: str | os.PathLike) -> nn.Module:
+    """Rebuild a saved quantized model from ``OUT/`` (``weights_only=True``)."""
+    from .models.preprocess import Preprocess
+    from .quant.protocol import apply_protocol
+
+    out = Path(out)
+    f = out / "qmodel.pt"
+    if not (out / "zsq.json").is_file() or not f.is_file():
+        raise DataError(f"{out} is not a finished zsq output (no zsq.json / qmodel.pt)")
+    try:
+        payload = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read {f}: {type(e).__name__}") from None
+    meta = json.loads((out / "zsq.json").read_text())
+    m = payload["model"]
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["preprocess"].items()})
+    fp = load_model(m["id"], preprocess=pre, num_classes=m["num_classes"])
+    lay = payload["layout"]
+    pol = lay.get("policy") or {}
+    policy = LayerPolicy(tuple(pol.get("keep_fp", ())), LayerPolicy.parse_layer_bits(
+        [f"{k}={v}" for k, v in pol.get("layer_bits", {}).items()]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = apply_protocol(fp, PROTOCOLS[lay["protocol"]], lay["w_bits"], lay["a_bits"], policy=policy)
+    sd = payload["state_dict"]
+    missing, unexpected = q.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise DataError(f"{f} does not match the rebuilt model ({len(missing)} missing, {len(unexpected)} unexpected)")
+    q.eval()
+    q.zsq_info = fp.zsq_info
+    q.zsq_result = {k: meta.get(k) for k in ("recipe", "protocol", "bits", "budget", "seed", "synthetic", "policy",
+                                            "wall_s", "size")}
+    return q
+
+
+def list_methods() -> list[dict[str, Any]]:
+    return [r.to_row() for r in RECIPES._items.values()]

@@ -1,0 +1,234 @@
+"""The ``zsq`` command line (typer + rich). Every user error prints one line and exits 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="zsq: zero-shot quantization. Quantize a pretrained model to 8/4/3/2 bits without its training data.",
+)
+console = Console(stderr=True)
+out_console = Console(width=None if sys.stdout.isatty() else 200)
+
+MODEL_HELP = "zoo name (see `zsq zoo`), tv:NAME, timm:NAME or path/to/file.py:factory"
+
+
+def _model(model: str, weights, mean, std, resize, crop, interpolation, input_size=None):
+    from .models import load_model
+    from .models.preprocess import Preprocess, parse_floats
+
+    pre = None
+    if any(v is not None for v in (mean, std, resize, crop, interpolation)):
+        base = None
+        if not (model.startswith(("tv:", "timm:")) or ".py:" in model):
+            from .models.zoo import ZOO
+
+            base = ZOO[model].preprocess
+        base = base or Preprocess()
+        pre = Preprocess(
+            mean=parse_floats(mean, "--mean") if mean else base.mean,
+            std=parse_floats(std, "--std") if std else base.std,
+            resize=resize if resize is not None else base.resize,
+            crop=crop if crop is not None else base.crop,
+            interpolation=interpolation or base.interpolation,
+            input_size=crop or base.input_size,
+        )
+    return load_model(model, weights=weights, preprocess=pre)
+
+
+def _threads(threads: Optional[int]):
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            from .errors import BadValueError
+
+            raise BadValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _check_eval_path(path: Optional[str]):
+    if path is not None and not Path(path).exists():
+        from .errors import DataError
+
+        raise DataError(f"eval data {path} does not exist")
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument("cifar10_resnet20", help=MODEL_HELP),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="method, see `zsq methods`"),
+    out: Path = typer.Option(..., "-o", "--out", help="output directory (qmodel.pt + zsq.json)"),
+    pre: Optional[str] = typer.Option(None, help="synthesis-free pre-step (e.g. dfq); 'none' disables"),
+    synth: Optional[str] = typer.Option(None, help="override the recipe's synthesizer"),
+    quant: Optional[str] = typer.Option(None, help="override the recipe's quantizer"),
+    protocol: Optional[str] = typer.Option(None, help="ptq | qat | fixed | genie-native (default: recipe's native)"),
+    w: int = typer.Option(4, "--w", help="weight bits (2..8 or 16)"),
+    a: int = typer.Option(4, "--a", help="activation bits (2..8 or 16)"),
+    budget: str = typer.Option("default", help="smoke | default | paper"),
+    seed: int = typer.Option(0, help="seed of every random draw"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    synthetic: Optional[str] = typer.Option(None, help="reuse a synthetic set directory"),
+    calib: Optional[str] = typer.Option(None, help="calibrate on REAL images from this folder/tar (baseline)"),
+    calib_n: int = typer.Option(256, "--calib-n", help="number of real calibration images"),
+    eval_path: Optional[str] = typer.Option(None, "--eval", help="evaluate on this folder/tar after quantizing"),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="first N/classes images per class"),
+    keep_fp: List[str] = typer.Option([], "--keep-fp", help="layer name/glob kept in FP (repeatable)"),
+    layer_bits: List[str] = typer.Option([], "--layer-bits", help="NAME=WxAy per-layer bits (repeatable)"),
+    resume: bool = typer.Option(False, help="continue an interrupted run from OUT/.ckpt"),
+    overwrite: bool = typer.Option(False, help="replace a finished result in OUT"),
+    strict: bool = typer.Option(False, help="error on layers zsq cannot quantize instead of keeping them FP"),
+    weights: Optional[str] = typer.Option(None, help="weights file for MODEL"),
+    mean: Optional[str] = typer.Option(None, help="eval normalisation mean, e.g. 0.5,0.5,0.5"),
+    std: Optional[str] = typer.Option(None, help="eval normalisation std"),
+    resize: Optional[int] = typer.Option(None, help="eval resize (short side)"),
+    crop: Optional[int] = typer.Option(None, help="eval centre crop"),
+    interpolation: Optional[str] = typer.Option(None, help="bilinear | bicubic | nearest"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+):
+    """Quantize MODEL with a recipe; write OUT/qmodel.pt and OUT/zsq.json (last)."""
+    from . import api
+    from .spec import LayerPolicy, check_bits
+
+    check_bits(w, "--w"), check_bits(a, "--a")
+    _threads(threads)
+    api.resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget)
+    api.check_output_dir(out, overwrite)
+    _check_eval_path(eval_path)
+    if calib is not None and not Path(calib).exists():
+        from .errors import DataError
+
+        raise DataError(f"--calib data {calib} does not exist")
+    policy = LayerPolicy(tuple(keep_fp), LayerPolicy.parse_layer_bits(layer_bits))
+    m = _model(model, weights, mean, std, resize, crop, interpolation)
+    qmodel = api.quantize(m, recipe, w, a, protocol=protocol, pre=pre, synth=synth, quant=quant, budget=budget,
+                          seed=seed, synthetic=synthetic, calib=calib, calib_n=calib_n, policy=policy,
+                          strict=strict, progress=not quiet, ckpt_dir=out / ".ckpt", resume=resume)
+    metrics = None
+    if eval_path:
+        metrics = api.evaluate(qmodel, eval_path, limit=eval_limit, progress=not quiet)
+    api.save(qmodel, out, metrics=metrics, eval_path=eval_path, overwrite=True)
+    r = qmodel.zsq_result
+    console.print(f"[green]saved[/] {out}  ({r['recipe']['name']}, {r['protocol']}, W{w}A{a}, {r['wall_s']:.1f} s)")
+    if metrics:
+        out_console.print(f"top1 {metrics['top1']:.2f}")
+
+
+@app.command()
+def synthesize(
+    model: str = typer.Argument("cifar10_resnet20", help=MODEL_HELP),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="recipe whose synthesizer to run"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="write the set here (default: ZSQ_CACHE)"),
+    synth: Optional[str] = typer.Option(None, help="override the recipe's synthesizer"),
+    budget: str = typer.Option("default", help="smoke | default | paper"),
+    seed: int = typer.Option(0),
+    n_images: Optional[int] = typer.Option(None, "--n-images", help="override the budget's image count"),
+    threads: Optional[int] = typer.Option(None),
+    weights: Optional[str] = typer.Option(None),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Make a synthetic calibration set (cached; reusable with `quantize --synthetic DIR`)."""
+    from . import api
+    from .synth import synthesize as _synth
+
+    _threads(threads)
+    res = api.resolve(recipe, synth=synth, budget=budget)
+    if not res.synth:
+        from .errors import BadValueError
+
+        raise BadValueError(f"recipe {recipe} has no synthesizer")
+    m = _model(model, weights, None, None, None, None, None)
+    rb = api.RECIPES[res.name].budgets.get(budget, {}) if res.synth == api.RECIPES[res.name].synth else {}
+    overrides = {k: v for k, v in rb.items() if k not in ("quant", "n_images")} or None
+    s = _synth(m, res.synth, budget=budget, seed=seed, n_images=n_images or rb.get("n_images"),
+               out_dir=out, progress=not quiet, overrides=overrides)
+    out_console.print(f"{s.n_images} images in {s.dir} (sha256 {s.sha256[:12]})")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help=MODEL_HELP + ", or a zsq output directory"),
+    data: str = typer.Option(..., "--data", help="ImageFolder directory, .tar of one, or CIFAR-10 batches"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="first N/classes images per class"),
+    threads: Optional[int] = typer.Option(None),
+    weights: Optional[str] = typer.Option(None),
+    mean: Optional[str] = typer.Option(None),
+    std: Optional[str] = typer.Option(None),
+    resize: Optional[int] = typer.Option(None),
+    crop: Optional[int] = typer.Option(None),
+    interpolation: Optional[str] = typer.Option(None),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Print top-1 (and top-5) of a model or a quantized output on a labelled image set."""
+    from . import api
+
+    _threads(threads)
+    _check_eval_path(data)
+    if Path(model).is_dir():
+        m = api.load(model)
+    else:
+        m = _model(model, weights, mean, std, resize, crop, interpolation)
+    r = api.evaluate(m, data, limit=limit, progress=not quiet)
+    out_console.print(f"top1 {r['top1']:.2f}")
+    console.print(f"top5 {r['top5']:.2f}  (n={r['n']})")
+
+
+@app.command()
+def zoo():
+    """List the zoo models."""
+    from .models import zoo_table
+
+    t = Table("name", "dataset", "FP top-1", "eval set", "source", "licence")
+    for r in zoo_table():
+        t.add_row(r["name"], r["dataset"], f"{r['top1']:.2f}" if r["top1"] is not None else "-", r["eval_set"],
+                  r["source"], r["licence"])
+    out_console.print(t)
+
+
+@app.command()
+def methods():
+    """List every recipe: family, PTQ/QAT, paper, native protocol, defaults."""
+    from .api import list_methods
+
+    t = Table("recipe", "family", "type", "protocol", "synth", "quant", "pre", "paper")
+    for r in list_methods():
+        t.add_row(r["name"], r["family"], r["kind"], r["protocol"], r["synth"] or "-", r["quant"], r["pre"] or "-",
+                  r["paper"])
+    out_console.print(t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .errors import ZsqError
+
+    warnings.filterwarnings("default")
+    try:
+        app(args=argv, standalone_mode=False)
+    except ZsqError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted: rerun the same command with --resume to continue")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+    sys.exit(0)

@@ -208,6 +208,54 @@ def methods():
     out_console.print(t)
 
 
+bench_app = typer.Typer(help="Benchmarks: resumable runs -> bench/runs/*.json -> docs/results.md", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("run")
+def bench_run(
+    suite: str = typer.Argument(..., help="suite name (see `zsq bench list`)"),
+    runs_dir: Path = typer.Option(Path("bench/runs"), help="one JSON per finished run"),
+    threads: int = typer.Option(2),
+    only: Optional[str] = typer.Option(None, "--only", help="run only run-ids containing this text"),
+    force: bool = typer.Option(False, help="recompute finished runs"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and exit"),
+):
+    """Run a suite; finished runs (their JSON exists) are skipped, so an interrupted suite resumes."""
+    from .bench.runner import run_suite
+    from .bench.suites import SUITES
+    from .registry import Registry
+
+    reg = Registry("bench suite")
+    for k, v in SUITES.items():
+        reg.add(k, v)
+    runs = reg[suite]()
+    if only:
+        runs = [r for r in runs if only in r.run_id]
+    if dry_run:
+        for r in runs:
+            out_console.print(r.run_id)
+        return
+    run_suite(runs, runs_dir, threads, force)
+
+
+@bench_app.command("report")
+def bench_report(runs_dir: Path = typer.Option(Path("bench/runs")), out: Path = typer.Option(Path("docs/results.md"))):
+    """Regenerate docs/results.md from bench/runs/*.json."""
+    from .bench.report import write
+
+    out_console.print(f"wrote {write(runs_dir, out)}")
+
+
+@bench_app.command("list")
+def bench_list():
+    """List the benchmark suites."""
+    from .bench.suites import SUITES
+
+    for k, v in SUITES.items():
+        out_console.print(f"{k}: {(v.__doc__ or '').strip().splitlines()[0]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     from .errors import ZsqError
 

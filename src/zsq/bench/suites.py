@@ -1,0 +1,37 @@
+"""Named benchmark suites (what runs for docs/results.md)."""
+
+from __future__ import annotations
+
+from .runner import Run
+
+BITS = [(8, 8), (4, 8), (4, 4), (3, 3)]
+PROTOCOLS = ["ptq", "qat", "fixed", "genie-native"]
+
+
+def foundation(seeds=(0, 1, 2)) -> list[Run]:
+    """Issue 4: minmax-noise, zeroq and real-data calibration on ResNet-20 for all four protocols
+    at W8A8/W4A8/W4A4/W3A3 (seed 0), plus 3 seeds of zeroq under ptq at W4A8/W4A4."""
+    runs = []
+    m = "cifar10_resnet20"
+    for proto in PROTOCOLS:
+        for w, a in BITS:
+            runs.append(Run(m, "minmax-noise", proto, w, a))
+            runs.append(Run(m, "zeroq", proto, w, a))
+            runs.append(Run(m, "minmax-noise", proto, w, a, calib="cifar10-jpeg/train.tar", calib_n=256))
+    for s in seeds[1:]:
+        for w, a in [(4, 8), (4, 4)]:
+            runs.append(Run(m, "zeroq", "ptq", w, a, seed=s))
+    return runs
+
+
+def models(seeds=(0,)) -> list[Run]:
+    """ResNet-32 and EfficientNet-Lite0 rows of the foundation recipes (ptq, seed 0)."""
+    runs = []
+    for w, a in BITS:
+        for r in ("minmax-noise", "zeroq"):
+            runs.append(Run("cifar10_resnet32", r, "ptq", w, a))
+            runs.append(Run("efficientnet_lite0", r, "ptq", w, a, eval="imagenet-sample/val256.tar"))
+    return runs
+
+
+SUITES = {"foundation": foundation, "models": models}

@@ -1,0 +1,262 @@
+"""The model zoo and ``load_model``: zoo names, ``tv:NAME``, ``timm:NAME``, ``path/file.py:factory``.
+
+Every loaded model carries ``model.zsq_info`` (:class:`ModelInfo`): its id, weights SHA-256 and
+evaluation preprocessing. Weights are always read with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field, asdict, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import BadValueError, UnknownNameError, WeightsError, ZsqError
+from ..paths import sha256_file
+from ..registry import Registry
+from .cifar_resnet import cifar_resnet, convert_akamaster_state_dict
+from .fetch import find_weights
+from .preprocess import CIFAR10, IMAGENET_TV, Preprocess
+
+
+@dataclass
+class ModelEntry:
+    """One zoo model: how to build it, where its weights come from, how to evaluate it."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    dataset: str
+    top1: float | None  # FP top-1 measured here on the dataset named in `eval_set`
+    eval_set: str
+    source: str
+    licence: str
+    preprocess: Preprocess
+    num_classes: int
+    relpath: str | None = None  # under ZSQ_HOME / ZSQ_CACHE
+    url: str | None = None
+    sha256: str | None = None
+    bundled: str | None = None  # file name under zsq/models/weights
+    convert: Callable[[dict], dict] = lambda sd: sd
+    load_weights: Callable[[], tuple[dict, str]] | None = None  # custom (state_dict, sha256) loader
+
+
+@dataclass
+class ModelInfo:
+    id: str
+    weights_sha256: str | None
+    preprocess: Preprocess
+    num_classes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self):
+        d = asdict(self)
+        d["preprocess"] = self.preprocess.to_dict()
+        return d
+
+
+ZOO: Registry[ModelEntry] = Registry("model")
+
+_AKA = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/resnet{d}-{p}.th"
+_AKA_SHA = {
+    20: ("12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8", 81.03),
+    32: ("d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850", 82.56),
+    44: ("014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4", None),
+    56: ("4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367", None),
+}
+for _d, (_sha, _top1) in _AKA_SHA.items():
+    ZOO.add(
+        f"cifar10_resnet{_d}",
+        ModelEntry(
+            name=f"cifar10_resnet{_d}",
+            build=(lambda d=_d: cifar_resnet(d)),
+            dataset="CIFAR-10",
+            top1=_top1,
+            eval_set="JPEG-CIFAR-10 test (cifar10-jpeg/test.tar)",
+            source="github.com/akamaster/pytorch_resnet_cifar10",
+            licence="BSD-2-Clause",
+            preprocess=CIFAR10,
+            num_classes=10,
+            relpath=f"cifar10-resnet/resnet{_d}.th",
+            url=_AKA.format(d=_d, p=_sha[:8]),
+            sha256=_sha,
+            bundled="resnet20.th" if _d == 20 else None,
+            convert=convert_akamaster_state_dict,
+        ),
+    )
+
+DEFAULT_MODEL = "cifar10_resnet20"
+
+
+def _read_state_dict(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise WeightsError(f"cannot read weights {path}: {type(e).__name__} (corrupt or not a torch file)") from None
+    if not isinstance(sd, dict):
+        raise WeightsError(f"weights file {path} holds a {type(sd).__name__}, expected a state_dict")
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    return sd
+
+
+def apply_state_dict(model: nn.Module, sd: dict, what: str) -> None:
+    """Load ``sd`` strictly (BN ``num_batches_tracked`` counters may be absent) or explain the mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    bad_shape = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad_shape:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if bad_shape:
+            k = bad_shape[0]
+            detail.append(f"{len(bad_shape)} of wrong shape (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
+        raise WeightsError(f"{what} does not fit this architecture: {'; '.join(detail)}; is it for another model?")
+    model.load_state_dict(sd, strict=False)
+
+
+def _load_zoo(name: str, weights: str | None) -> tuple[nn.Module, ModelEntry, str | None]:
+    entry = ZOO[name]
+    model = entry.build()
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"weights file {weights} does not exist")
+        sha = sha256_file(path)
+        apply_state_dict(model, entry.convert(_read_state_dict(path)), f"weights file {weights}")
+    elif entry.load_weights is not None:
+        sd, sha = entry.load_weights()
+        apply_state_dict(model, entry.convert(sd), f"{name} weights")
+    else:
+        path = find_weights(entry.relpath, entry.url, entry.sha256, entry.bundled)
+        sha = entry.sha256 or sha256_file(path)
+        apply_state_dict(model, entry.convert(_read_state_dict(path)), f"weights file {path}")
+    return model, entry, sha
+
+
+def _load_torchvision(name: str, weights: str | None) -> tuple[nn.Module, str | None]:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise UnknownNameError("torchvision model", name, torchvision.models.list_models())
+    if weights:
+        model = torchvision.models.get_model(name, weights=None)
+        apply_state_dict(model, _read_state_dict(Path(weights)), f"weights file {weights}")
+        return model, sha256_file(weights)
+    # weights already in the local torch hub cache (no download under offline rules)
+    wenum = torchvision.models.get_model_weights(name).DEFAULT
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(wenum.url).name
+    if not hub.is_file():
+        from ..paths import offline
+
+        if offline():
+            raise WeightsError(f"tv:{name} weights not in the torch cache ({hub}) and offline: pass --weights FILE")
+    model = torchvision.models.get_model(name, weights=wenum)
+    return model, sha256_file(hub) if hub.is_file() else None
+
+
+def _load_timm(name: str, weights: str | None) -> tuple[nn.Module, str | None]:
+    try:
+        import timm
+    except ImportError:
+        raise ZsqError("timm models need the timm extra: pip install 'zsq[timm]'") from None
+    if not timm.is_model(name):
+        raise UnknownNameError("timm model", name, timm.list_models())
+    if weights:
+        model = timm.create_model(name, pretrained=False)
+        apply_state_dict(model, _read_state_dict(Path(weights)), f"weights file {weights}")
+        return model, sha256_file(weights)
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as e:  # noqa: BLE001 - hub errors vary
+        raise WeightsError(f"timm:{name} weights unavailable ({type(e).__name__}); pass --weights FILE") from None
+    return model, None
+
+
+def _load_file(spec: str, weights: str | None) -> tuple[nn.Module, str | None]:
+    path_s, _, factory = spec.rpartition(":")
+    path = Path(path_s)
+    if not path.is_file():
+        raise ZsqError(f"model file {path_s} does not exist (MODEL form is path/to/file.py:factory)")
+    mod_name = f"zsq_user_{abs(hash(str(path.resolve())))}"
+    spec_ = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec_)
+    sys.modules[mod_name] = module
+    try:
+        spec_.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - user code
+        raise ZsqError(f"importing {path_s} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        raise ZsqError(f"{path_s} has no function '{factory}'")
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise ZsqError(f"{path_s}:{factory} returned {type(model).__name__}, not an nn.Module")
+    if weights:
+        if not Path(weights).is_file():
+            raise WeightsError(f"weights file {weights} does not exist")
+        apply_state_dict(model, _read_state_dict(Path(weights)), f"weights file {weights}")
+        return model, sha256_file(weights)
+    return model, None
+
+
+def load_model(
+    spec: str | nn.Module = DEFAULT_MODEL,
+    weights: str | None = None,
+    preprocess: Preprocess | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
+    """Load a model in eval mode with ``model.zsq_info`` attached.
+
+    ``spec`` is a zoo name, ``tv:NAME``, ``timm:NAME``, ``path/file.py:factory`` or an ``nn.Module``.
+    """
+    if isinstance(spec, nn.Module):
+        model, mid, sha, pre, nc = spec, f"module:{type(spec).__name__}", None, preprocess or CIFAR10, num_classes
+    elif spec.startswith("tv:"):
+        model, sha = _load_torchvision(spec[3:], weights)
+        mid, pre, nc = spec, preprocess or IMAGENET_TV, num_classes or 1000
+    elif spec.startswith("timm:"):
+        model, sha = _load_timm(spec[5:], weights)
+        mid, nc = spec, num_classes or 1000
+        if preprocess is None:
+            cfg = getattr(model, "pretrained_cfg", {}) or {}
+            size = int(cfg.get("input_size", (3, 224, 224))[-1])
+            preprocess = Preprocess(
+                mean=tuple(cfg.get("mean", IMAGENET_TV.mean)), std=tuple(cfg.get("std", IMAGENET_TV.std)),
+                resize=int(round(size / cfg.get("crop_pct", 0.875))), crop=size,
+                interpolation=cfg.get("interpolation", "bilinear") if cfg.get("interpolation") in
+                ("bilinear", "bicubic", "nearest") else "bilinear", input_size=size,
+            )
+        pre = preprocess
+    elif ".py:" in spec:
+        model, sha = _load_file(spec, weights)
+        mid, pre, nc = spec, preprocess or CIFAR10, num_classes
+    else:
+        model, entry, sha = _load_zoo(spec, weights)
+        mid, nc = spec, entry.num_classes
+        pre = preprocess or entry.preprocess
+    if nc is None:
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        nc = last[-1].out_features if last else 0
+    model.eval()
+    model.zsq_info = ModelInfo(id=mid, weights_sha256=sha, preprocess=pre, num_classes=nc)
+    return model
+
+
+def zoo_table() -> list[dict[str, Any]]:
+    return [
+        {"name": e.name, "dataset": e.dataset, "top1": e.top1, "eval_set": e.eval_set, "source": e.source,
+         "licence": e.licence}
+        for e in ZOO._items.values()
+    ]

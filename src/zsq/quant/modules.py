@@ -3,6 +3,8 @@
 A :class:`Quantizer` fake-quantizes a tensor with per-tensor or per-channel (scale, zero_point).
 Its ``mode`` is ``"quant"`` (fake-quantize), ``"observe"`` (pass through, collect the range) or
 ``"off"`` (pass through). ``make_learnable()`` turns the step into an LSQ parameter.
+``drop_prob`` (QDrop, Wei et al. 2022): in training mode only, each element keeps its FP value with
+this probability instead of being quantized (default 0: no effect; eval mode is never affected).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Quantizer(nn.Module):
         self.qmin, self.qmax = 0, 2**bits - 1
         self.mode = "quant"
         self.lsq_grad_scale = False  # LSQ gradient scaling 1/sqrt(N * qmax); Genie/BRECQ do not use it
+        self.drop_prob = 0.0  # QDrop: probability of passing an element through unquantized (train mode only)
         n = channels if per_channel else 1
         self.register_buffer("scale", torch.ones(n))
         self.register_buffer("zero_point", torch.zeros(n))
@@ -102,9 +105,20 @@ class Quantizer(nn.Module):
             self.observer.update(x)
             return x
         s = self.scale
+        if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)) and x.dtype == torch.float32:
+            # no gradient needed: torch's fused kernel (same integer grid, one pass over memory)
+            zp = self.zero_point.round().to(torch.int32)
+            if self.per_channel:
+                return torch.fake_quantize_per_channel_affine(x, s.detach().float(), zp, self.ch_axis,
+                                                              self.qmin, self.qmax)
+            return torch.fake_quantize_per_tensor_affine(x, s.detach().reshape(()).float(), zp.reshape(()),
+                                                         self.qmin, self.qmax)
         if self.lsq_grad_scale and isinstance(s, nn.Parameter):
             s = grad_scale(s, 1.0 / math.sqrt(x.numel() / s.numel() * self.qmax))
-        return fake_quant(x, self._shape(x, s), self._shape(x, self.zero_point), self.qmin, self.qmax)
+        out = fake_quant(x, self._shape(x, s), self._shape(x, self.zero_point), self.qmin, self.qmax)
+        if self.training and self.drop_prob > 0.0:
+            out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
+        return out
 
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:

@@ -237,6 +237,17 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _weight_codes(wq, w: torch.Tensor) -> torch.Tensor:
+    """The integer codes of the weights the model computes with: read back from the quantizer's own
+    output, so ``(codes - z) * s`` equals ``wq(w)`` whichever rounding its forward uses
+    (``round(w / s + z)`` with autograd, torch's fused ``round(w * (1 / s)) + z`` without; they
+    differ by one step on .5 ties, and so may ``Quantizer.int_repr``)."""
+    with torch.no_grad():
+        s, z = wq._shape(w, wq.scale.detach()), wq._shape(w, wq.zero_point)
+        fq = wq(w) if wq.mode == "quant" else w
+        return torch.clamp(torch.round(fq / s) + z, wq.qmin, wq.qmax)
+
+
 def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = None, eval_path: str | None = None,
          overwrite: bool = True) -> Path:
     """Write ``OUT/qmodel.pt`` then ``OUT/zsq.json`` (last, atomically: a directory without it is incomplete)."""
@@ -250,7 +261,7 @@ def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = No
     int_w = {}
     for name, m in qmodel.named_modules():
         if isinstance(m, QUANT_LAYERS) and m.wq.bits <= 8:
-            codes = m.wq.int_repr(m.weight.detach())
+            codes = _weight_codes(m.wq, m.weight.detach())
             int_w[name] = codes.to(torch.int16 if m.wq.qmax > 127 else torch.int8)
     layout = qmodel.zsq_layout
     payload = {
@@ -258,7 +269,9 @@ def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = No
         "model": {"id": info.id, "preprocess": info.preprocess.to_dict(), "num_classes": info.num_classes},
         "layout": {"protocol": result.get("protocol", layout.protocol), "w_bits": layout.w_bits,
                    "a_bits": layout.a_bits, "policy": result.get("policy", {})},
-        "state_dict": {k: v.detach().clone() for k, v in qmodel.state_dict().items()},
+        # quantizers keep their configuration as ``_extra_state`` (plain dicts), not tensors
+        "state_dict": {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                       for k, v in qmodel.state_dict().items()},
         "int_weights": int_w,
     }
     torch_save_atomic(payload, out / "qmodel.pt")

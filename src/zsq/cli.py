@@ -65,6 +65,19 @@ def _check_eval_path(path: Optional[str]):
         raise DataError(f"eval data {path} does not exist")
 
 
+def _check_policy(model, policy) -> None:
+    """--keep-fp / --layer-bits patterns that match no Conv2d/Linear layer are an error (a typo would do nothing)."""
+    from torch import nn
+
+    names = [n for n, mod in model.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    bad = policy.unmatched(names)
+    if bad:
+        from .errors import BadValueError
+
+        raise BadValueError(f"--keep-fp/--layer-bits pattern(s) match no layer: {', '.join(bad)} "
+                            f"(layers are e.g. {', '.join(names[:3])})")
+
+
 @app.command()
 def quantize(
     model: str = typer.Argument("cifar10_resnet20", help=MODEL_HELP),
@@ -104,7 +117,8 @@ def quantize(
     check_bits(w, "--w"), check_bits(a, "--a")
     _threads(threads)
     api.resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget)
-    api.check_output_dir(out, overwrite)
+    if not overwrite:
+        api.check_output_dir(out, False)
     _check_eval_path(eval_path)
     if calib is not None and not Path(calib).exists():
         from .errors import DataError
@@ -112,6 +126,14 @@ def quantize(
         raise DataError(f"--calib data {calib} does not exist")
     policy = LayerPolicy(tuple(keep_fp), LayerPolicy.parse_layer_bits(layer_bits))
     m = _model(model, weights, mean, std, resize, crop, interpolation)
+    # every user error is found before the long part (synthesis, quantization) and before an old
+    # result in OUT is retired (check_output_dir with --overwrite removes its zsq.json)
+    _check_policy(m, policy)
+    if eval_path:
+        from .data.eval import open_dataset
+
+        open_dataset(eval_path, m.zsq_info.preprocess, limit=eval_limit)  # layout and --eval-limit
+    api.check_output_dir(out, overwrite)
     qmodel = api.quantize(m, recipe, w, a, protocol=protocol, pre=pre, synth=synth, quant=quant, budget=budget,
                           seed=seed, synthetic=synthetic, calib=calib, calib_n=calib_n, policy=policy,
                           strict=strict, progress=not quiet, ckpt_dir=out / ".ckpt", resume=resume)
@@ -256,14 +278,31 @@ def bench_list():
         out_console.print(f"{k}: {(v.__doc__ or '').strip().splitlines()[0]}")
 
 
+def _click_error_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage-error types, abort types) of click and of typer's vendored copy (typer >= 0.2x has no click)."""
+    usage, abort = [], []
+    for mod in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            m = __import__(mod, fromlist=["_"])
+        except ImportError:
+            continue
+        usage += [m.ClickException] if hasattr(m, "ClickException") else []
+        abort += [m.Abort] if hasattr(m, "Abort") else []
+    return tuple(usage), tuple(abort)
+
+
 def main(argv: list[str] | None = None) -> None:
+    from rich.markup import escape
+
     from .errors import ZsqError
 
     warnings.filterwarnings("default")
     try:
-        app(args=argv, standalone_mode=False)
+        # typer >= 0.2x turns Ctrl-C (and typer.Exit) into a returned exit code when not standalone
+        rc = app(args=argv, standalone_mode=False)
     except ZsqError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        # one line, whatever the terminal width; the message is text, not rich markup
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted: rerun the same command with --resume to continue")
@@ -271,12 +310,16 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        usage, abort = _click_error_types()
+        if usage and isinstance(e, usage):
             e.show()
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if abort and isinstance(e, abort):  # click turns Ctrl-C into Abort
+            console.print("interrupted: rerun the same command with --resume to continue")
             sys.exit(130)
         raise
+    if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
+        if rc == 130:
+            console.print("interrupted: rerun the same command with --resume to continue")
+        sys.exit(rc)
     sys.exit(0)

@@ -28,14 +28,19 @@ def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Fake-quantize ``x``; ``scale``/``zero_point`` broadcast against ``x`` (reshape per channel first)."""
-    q = round_ste(torch.clamp(x / scale + zero_point, qmin, qmax))
-    return (q - zero_point) * scale
+    """Fake-quantize ``x``; ``scale``/``zero_point`` broadcast against ``x`` (reshape per channel first).
+
+    Computed as ``s * round(clamp(x * (1/s), qmin - z, qmax - z))``: bit-identical to torch's fused
+    ``fake_quantize_per_*_affine`` kernels (``round(x * inv_s) + z``, clamped), which the quantizer
+    uses when no gradient is needed, so training-time and inference-time forwards agree exactly.
+    """
+    q = round_ste(torch.clamp(x * (1.0 / scale), qmin - zero_point, qmax - zero_point))
+    return q * scale
 
 
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """The integer codes of ``x`` (no gradient), as the deployed model stores them."""
-    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, qmin, qmax)
 
 
 def qparams_from_range(

@@ -123,7 +123,7 @@ def quantize(
     elif not hasattr(model, "zsq_info"):
         model = load_model(model)
     res = resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget, hparams=hparams)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fp = model
     if res.pre:
         fp = PRE_STEPS[res.pre](_copy(model), res.hparams)
@@ -150,6 +150,7 @@ def quantize(
     torch.manual_seed(seed)
     qmodel = QUANTIZERS[res.quant](ctx)
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     qmodel.eval()
     qmodel.zsq_info = model.zsq_info
     qmodel.zsq_result = {
@@ -162,6 +163,7 @@ def quantize(
         "policy": {"keep_fp": list(ctx.policy.keep_fp),
                    "layer_bits": {k: f"W{w}A{a}" for k, (w, a) in ctx.policy.layer_bits.items()}},
         "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
         "size": model_size(model, qmodel),
     }
     return qmodel
@@ -289,6 +291,7 @@ def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = No
         "versions": _versions(),
         "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads()},
         "wall_s": result.get("wall_s"),
+        "cpu_s": result.get("cpu_s"),  # CPU seconds of all threads: robust to a shared machine
         "peak_rss_mb": peak_rss_mb(),
         "size": result.get("size"),
         "metrics": {"top1": metrics["top1"], "top5": metrics["top5"]} if metrics else None,

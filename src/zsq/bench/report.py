@@ -14,7 +14,10 @@ Every number is a real run of `python -m zsq quantize ...` (the command is in ea
 machine named below; "JPEG-CIFAR-10" is the 10,000-image `cifar10-jpeg/test.tar` (FP ResNet-20:
 81.03, ResNet-32: 82.56). Wall time = synthesis + quantization (evaluation excluded); a synthetic
 set is cached and reused by later bit settings of the same (model, recipe, budget, seed), so the
-first setting carries the synthesis time (column "synth"). Peak RSS is that of the whole process.
+first setting carries the synthesis time. "CPU s" is the CPU time of all threads for the same span,
+and "load" the machine's 1-minute load average when the run started: on a shared 2-core machine
+(load > 2) wall time is inflated and CPU s / threads is the better estimate of an idle run. Peak
+RSS is that of the whole process.
 Protocols are defined in `../shared/docs/benchmarks.md` and `zsq.spec.PROTOCOLS`.
 """
 
@@ -64,15 +67,16 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
             lines.append(f"| {label} | " + " | ".join(_fmt(groups[key][label].get(c, [])) for c in cols) + " |")
         lines.append("")
     lines += ["## Every run", "",
-              "| model | recipe | protocol | bits | budget | seed | top-1 | top-5 | wall s | synth | images | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | recipe | protocol | bits | budget | seed | top-1 | top-5 | wall s | CPU s | load | data | images | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(recs, key=lambda r: r["run_id"]):
         run, z = r["run"], r["zsq"]
         m = z.get("metrics") or {}
         syn = z.get("synthetic") or {}
         label = "calib-real" if run.get("calib") else run["recipe"]
         lines.append(f"| {run['model']} | {label} | {run['protocol']} | W{run['w']}A{run['a']} | {run['budget']} | "
-                     f"{run['seed']} | {m.get('top1', '—')} | {m.get('top5', '—')} | {z.get('wall_s')} | "
+                     f"{run['seed']} | {m.get('top1', '—')} | {m.get('top5', '—')} | {z.get('wall_s')} | {z.get('cpu_s', '—')} | "
+                     f"{r.get('load_avg', '—')} | "
                      f"{syn.get('kind', '—')}{' (cached)' if syn.get('cached') else ''} | {syn.get('n_images')} | "
                      f"{z.get('peak_rss_mb')} |")
     lines.append("")

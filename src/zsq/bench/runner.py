@@ -74,6 +74,7 @@ def run_one(run: Run, runs_dir: Path, threads: int = 2, force: bool = False) -> 
         cmd += ["--eval-limit", str(run.eval_limit)]
     if run.calib:
         cmd += ["--calib", _asset(run.calib), "--calib-n", str(run.calib_n)]
+    load = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     total = time.perf_counter() - t0
@@ -84,7 +85,8 @@ def run_one(run: Run, runs_dir: Path, threads: int = 2, force: bool = False) -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rec = {"run": asdict(run), "run_id": run.run_id, "command": " ".join(cmd[2:]).replace(str(tmp / "out"), "OUT"),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "process_wall_s": round(total, 1), "zsq": z}
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "process_wall_s": round(total, 1), "load_avg": load,
+           "zsq": z}
     write_json_atomic(out_json, rec)
     return rec
 

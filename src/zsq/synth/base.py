@@ -1,0 +1,513 @@
+"""The synthesizer interface and the runner that turns a synthesizer into a cached synthetic set.
+
+A synthesizer is a small class with a ``name``, a config dataclass (its hyperparameters; the
+dataclass defaults are the paper's, ``PRESETS`` holds the ``smoke`` / ``default`` budget overrides)
+and one method, :meth:`Synthesizer.make_batch`, that makes global batch ``k`` from a
+``torch.Generator`` seeded for that batch alone. :func:`synthesize` runs it batch by batch, writes
+each finished batch as a checksummed shard under ``ZSQ_CACHE/synthetic/<key>/`` and resumes /
+reuses what is already there::
+
+    model = zsq.models.zoo.load_model("cifar10_resnet20")
+    data = synthesize(model, "zeroq", budget="default", seed=0)
+    data.images.shape  # (256, 3, 32, 32)
+
+Batch ``k``'s seed is derived from ``(seed, k)`` only (:func:`batch_seed`), so batch ``k`` is the
+same tensor whether it is made alone (``batches=[k]``, e.g. by one ``torch.distributed`` rank) or
+among others, given the same machine, thread count and library versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..data.shards import (
+    META, SCHEMA_VERSION, SyntheticSet, combined_sha256, shard_name, sidecar_path, synthetic_root, write_meta,
+    write_shard,
+)
+from ..errors import BadValueError, DataError, OutputExistsError
+from ..paths import sha256_file, write_json_atomic
+from ..registry import Registry
+from ..spec import BUDGETS, check_budget
+
+PRECISIONS = ("fp32", "bf16")
+
+#: ``step(iteration, total_iterations, loss)``: called by iterative synthesizers after each step.
+StepCallback = Callable[[int, int, float], None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class SynthConfig:
+    """Hyperparameters every synthesizer has. Subclasses add theirs (defaults = the paper's).
+
+    ``PRESETS[budget]`` are the overrides that budget applies on top of the dataclass defaults.
+    ``precision`` (``fp32``/``bf16``: bf16 autocast for the forward only; images, optimiser state and
+    the loss reductions stay fp32) and ``channels_last`` are speed switches; they are part of the
+    cache key since they change bits. Default bf16 + channels_last: measured on ResNet-20 pixel
+    optimisation (BNS loss, input gradients only, CPU time per iteration, 1 thread, AVX-512 bf16)
+    it is 1.9x faster than fp32 at batch 256 and 1.5x at batch 32, with the same loss trajectory
+    (ZeroQ 500 iterations: final BNS 5.7 vs 5.4 in fp32).
+    """
+
+    n_images: int = 256
+    batch_size: int = 256
+    precision: str = "bf16"
+    channels_last: bool = True
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __post_init__(self):
+        if int(self.n_images) < 1:
+            raise BadValueError(f"n_images must be >= 1, got {self.n_images}")
+        if int(self.batch_size) < 1:
+            raise BadValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise BadValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+
+    @classmethod
+    def for_budget(cls, budget: str = "default", **overrides: Any):
+        """The config of ``budget`` with ``overrides`` (field name -> value) applied on top."""
+        check_budget(budget)
+        names = {f.name: f for f in fields(cls)}
+        unknown = [k for k in overrides if k not in names]
+        if unknown:
+            k = unknown[0]
+            close = difflib.get_close_matches(k, names, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else f"choose from: {', '.join(names)}"
+            raise BadValueError(f"{cls.__name__} has no setting '{k}': {hint}")
+        base = cls()
+        values = {**cls.PRESETS.get(budget, {}), **overrides}
+        return dataclasses.replace(base, **{k: _coerce(getattr(base, k), v, k) for k, v in values.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(self.n_images / self.batch_size)
+
+
+def _coerce(default: Any, value: Any, name: str) -> Any:
+    """Turn CLI strings into the type of the field's default (bool / int / float)."""
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise BadValueError(f"setting {name} expects a {type(default).__name__}, got '{value}'") from None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# the interface
+# ---------------------------------------------------------------------------------------------------
+class Synthesizer:
+    """Base class: subclasses set ``name`` and ``Config`` and implement :meth:`make_batch`."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[SynthConfig]] = SynthConfig
+
+    def __init__(self, config: SynthConfig | None = None):
+        self.config = config if config is not None else self.Config.for_budget("default")
+
+    @classmethod
+    def from_budget(cls, budget: str = "default", **overrides: Any) -> Synthesizer:
+        return cls(cls.Config.for_budget(budget, **overrides))
+
+    def make_batch(
+        self,
+        model: nn.Module,
+        batch_index: int,
+        generator: torch.Generator,
+        *,
+        batch_size: int,
+        image_shape: tuple[int, int, int],
+        step: StepCallback | None = None,
+    ) -> Tensor | dict[str, Tensor]:
+        """Make global batch ``batch_index``: images (B, C, H, W), float32, normalised input space.
+
+        Every random draw must use ``generator`` (seeded for this batch only). May return a dict
+        of tensors with an ``"images"`` entry (e.g. plus ``"labels"``). ``model`` arrives in eval
+        mode with ``requires_grad=False`` parameters (and channels_last when configured).
+        """
+        raise NotImplementedError
+
+    # helpers for subclasses ------------------------------------------------------------------------
+    def autocast(self, device: torch.device | str = "cpu"):
+        """bf16 autocast for the forward pass when ``config.precision == 'bf16'``."""
+        dev = torch.device(device).type
+        if self.config.precision == "bf16":
+            return torch.autocast(dev, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.config.channels_last else torch.contiguous_format
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+SYNTHESIZERS: Registry[type[Synthesizer]] = Registry("synthesizer")
+
+
+def get_synthesizer(
+    synth: str | Synthesizer | type[Synthesizer], budget: str = "default", overrides: dict[str, Any] | None = None,
+) -> Synthesizer:
+    """A synthesizer instance from a registered name, a class or an instance (+ budget / overrides)."""
+    overrides = dict(overrides or {})
+    if isinstance(synth, Synthesizer):
+        if overrides:
+            return type(synth)(dataclasses.replace(synth.config, **{
+                k: _coerce(getattr(synth.config, k), v, k) for k, v in overrides.items()}))
+        return synth
+    cls = SYNTHESIZERS[synth] if isinstance(synth, str) else synth
+    return cls.from_budget(budget, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------
+# seeds, model preparation, fingerprints
+# ---------------------------------------------------------------------------------------------------
+def batch_seed(seed: int, batch_index: int) -> int:
+    """A 63-bit seed for global batch ``batch_index`` of run ``seed`` (independent of other batches)."""
+    h = hashlib.sha256(f"zsq-synth/{int(seed)}/{int(batch_index)}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def batch_generator(seed: int, batch_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(batch_seed(seed, batch_index))
+
+
+@contextlib.contextmanager
+def prepared(model: nn.Module, channels_last: bool = False) -> Iterator[nn.Module]:
+    """Eval mode, frozen parameters (and channels_last) during synthesis; everything restored after."""
+    was_training = {m: m.training for m in model.modules()}
+    grad = [(p, p.requires_grad) for p in model.parameters()]
+    # 4-D tensors that were in the default layout: (module, attribute kind, name)
+    plain: list[tuple[nn.Module, str, str]] = []
+    if channels_last:
+        for mod in model.modules():
+            for kind, store in (("p", mod._parameters), ("b", mod._buffers)):
+                for name, t in store.items():
+                    if t is not None and t.dim() == 4 and t.is_contiguous():
+                        plain.append((mod, kind, name))
+    model.eval()
+    for p, _ in grad:
+        p.requires_grad_(False)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        for m, tr in was_training.items():
+            m.training = tr
+        for p, rg in grad:
+            p.requires_grad_(rg)
+        for mod, kind, name in plain:
+            if kind == "p":
+                p = mod._parameters[name]
+                if p is not None and not p.is_contiguous():
+                    p.data = p.data.contiguous()
+            else:
+                b = mod._buffers[name]
+                if b is not None and not b.is_contiguous():
+                    mod._buffers[name] = b.contiguous()
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """``{"id", "weights_sha256"}`` from ``model.zsq_info``; hashes the state_dict when unknown."""
+    info = getattr(model, "zsq_info", None)
+    mid = getattr(info, "id", None) or f"module:{type(model).__name__}"
+    sha = getattr(info, "weights_sha256", None)
+    if not sha:
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+            h.update(v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        sha = "state_dict:" + h.hexdigest()
+    return {"id": mid, "weights_sha256": sha}
+
+
+def _image_shape(model: nn.Module, image_size: int | None) -> tuple[int, int, int]:
+    if image_size is None:
+        info = getattr(model, "zsq_info", None)
+        image_size = getattr(getattr(info, "preprocess", None), "input_size", None)
+        if image_size is None:
+            raise BadValueError("the model carries no input size (load it with zsq's load_model, "
+                                "or pass image_size=)")
+    return (3, int(image_size), int(image_size))
+
+
+def synthetic_key(fingerprint: dict[str, Any], synth: Synthesizer, budget: str, seed: int,
+                  image_shape: tuple[int, int, int]) -> str:
+    """``<synth>-<hash>``: hash of model (id + weights), synthesizer + resolved config, budget, seed, n."""
+    payload = {
+        "model": fingerprint, "synth": synth.name, "config": synth.config.to_dict(), "budget": budget,
+        "seed": int(seed), "n_images": synth.config.n_images, "image_shape": list(image_shape),
+    }
+    h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"{synth.name}-{h[:24]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the runner
+# ---------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _finished_shard(d: Path, index: int, key: str, own_dir: bool) -> dict[str, Any] | None:
+    """The sidecar of shard ``index`` if the shard is there and matches its checksum, else ``None``."""
+    pt = d / shard_name(index)
+    side = _read_json(sidecar_path(pt)) if pt.is_file() else None
+    if side is None:
+        return None
+    if side.get("key") != key:
+        if own_dir:
+            raise OutputExistsError(f"{d} holds synthetic data made with other settings; "
+                                    "choose another output directory or delete it")
+        return None
+    if sha256_file(pt) != side.get("sha256"):
+        warnings.warn(f"synthetic shard {pt} fails its checksum; making it again", stacklevel=3)
+        return None
+    return side
+
+
+def _batch_indices(batches: Iterable[int] | None, n_batches: int) -> list[int]:
+    if batches is None:
+        return list(range(n_batches))
+    out = sorted({int(b) for b in batches})
+    bad = [b for b in out if not 0 <= b < n_batches]
+    if bad:
+        raise BadValueError(f"batch index {bad[0]} out of range: this set has {n_batches} batches")
+    return out
+
+
+class _Progress:
+    """A rich progress display: one bar over batches, one over the current batch's iterations."""
+
+    def __init__(self, enabled: bool, title: str, n_batches: int):
+        self.enabled = enabled
+        self.p = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.p = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            )
+            self.overall = self.p.add_task(title, total=n_batches, loss="-")
+        self.batch_task = None
+
+    def __enter__(self):
+        if self.p is not None:
+            self.p.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.p is not None:
+            self.p.stop()
+
+    def skip(self, n: int) -> None:
+        if self.p is not None and n:
+            self.p.advance(self.overall, n)
+
+    def start_batch(self, index: int) -> None:
+        if self.p is not None:
+            self.batch_task = self.p.add_task(f"  batch {index}", total=None, loss="-")
+
+    def step(self, it: int, total: int, loss: float) -> None:
+        if self.p is not None and self.batch_task is not None:
+            self.p.update(self.batch_task, completed=it + 1, total=total, loss=f"{loss:.4g}")
+
+    def end_batch(self, loss: float | None) -> None:
+        if self.p is not None:
+            if self.batch_task is not None:
+                self.p.remove_task(self.batch_task)
+                self.batch_task = None
+            self.p.update(self.overall, advance=1, loss="-" if loss is None else f"{loss:.4g}")
+
+
+def synthesize(
+    model: nn.Module,
+    synth: str | Synthesizer | type[Synthesizer] = "zeroq",
+    budget: str = "default",
+    seed: int = 0,
+    n_images: int | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    overrides: dict[str, Any] | None = None,
+    *,
+    batches: Iterable[int] | None = None,
+    image_size: int | None = None,
+    on_shard: Callable[[int, Path], None] | None = None,
+) -> SyntheticSet:
+    """Make (or reuse, or resume) the synthetic set of ``synth`` for ``model``.
+
+    Args:
+        model: the FP network (``load_model`` result); restored to its mode / grad flags after.
+        synth: a registered synthesizer name, class or instance.
+        budget: ``smoke`` | ``default`` | ``paper`` preset of the synthesizer's config.
+        seed: run seed; batch ``k`` uses ``batch_seed(seed, k)``.
+        n_images: overrides the budget's ``n_images``.
+        out_dir: write here instead of ``ZSQ_CACHE/synthetic/<key>/`` (refused if it holds a set
+            made with other settings).
+        progress: show a rich progress bar (batches, and iterations with the running loss).
+        overrides: config field -> value on top of the budget preset.
+        batches: make only these global batch indices (one ``torch.distributed`` rank's share);
+            the result is incomplete (``.complete`` False) until every shard exists.
+        image_size: spatial size when the model carries no ``zsq_info``.
+        on_shard: called as ``on_shard(index, path)`` after each newly written shard.
+
+    Returns the :class:`~zsq.data.shards.SyntheticSet`. Finished shards (checksums verified) are
+    never made again, so re-running the same call resumes an interrupted run and returns at once
+    when the set is complete.
+    """
+    t_start = time.perf_counter()
+    check_budget(budget)
+    ov = dict(overrides or {})
+    if n_images is not None:
+        ov["n_images"] = int(n_images)
+    synthesizer = get_synthesizer(synth, budget, ov)
+    cfg = synthesizer.config
+    shape = _image_shape(model, image_size)
+    fp = model_fingerprint(model)
+    key = synthetic_key(fp, synthesizer, budget, seed, shape)
+    own_dir = out_dir is not None
+    d = Path(out_dir) if own_dir else synthetic_root() / key
+    n_batches = cfg.n_batches
+    wanted = _batch_indices(batches, n_batches)
+
+    meta = _read_json(d / META) if (d / META).is_file() else None
+    if meta is not None:
+        if meta.get("key") != key:
+            raise OutputExistsError(f"{d} holds a synthetic set made with other settings; "
+                                    "choose another output directory or delete it")
+        try:
+            return SyntheticSet.load(d)
+        except DataError as e:
+            warnings.warn(f"{e}; repairing the set", stacklevel=2)
+            (d / META).unlink(missing_ok=True)
+
+    d.mkdir(parents=True, exist_ok=True)
+    done: dict[int, dict[str, Any]] = {}
+    todo: list[int] = []
+    for k in wanted:
+        side = _finished_shard(d, k, key, own_dir)
+        if side is None:
+            todo.append(k)
+        else:
+            done[k] = side
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    title = f"{synthesizer.name} ({budget}, seed {seed})"
+    with prepared(model, cfg.channels_last), _Progress(progress, title, len(wanted)) as bar:
+        bar.skip(len(wanted) - len(todo))
+        for k in todo:
+            n_k = min(cfg.batch_size, cfg.n_images - k * cfg.batch_size)
+            rec: dict[str, float] = {}
+
+            def step(it: int, total: int, loss: float, _rec=rec) -> None:
+                _rec.setdefault("first", float(loss))
+                _rec["last"] = float(loss)
+                bar.step(it, total, loss)
+
+            bar.start_batch(k)
+            t0 = time.perf_counter()
+            out = synthesizer.make_batch(model, k, batch_generator(seed, k, device), batch_size=n_k,
+                                         image_shape=shape, step=step)
+            wall = time.perf_counter() - t0
+            tensors = dict(out) if isinstance(out, dict) else {"images": out}
+            imgs = tensors.get("images")
+            if not isinstance(imgs, Tensor) or tuple(imgs.shape) != (n_k, *shape):
+                got = tuple(imgs.shape) if isinstance(imgs, Tensor) else type(imgs).__name__
+                raise RuntimeError(f"{synthesizer.name}.make_batch returned images {got}, expected {(n_k, *shape)}")
+            tensors["images"] = imgs.detach().float()
+            pt = d / shard_name(k)
+            sha = write_shard(pt, tensors)
+            side = {
+                "index": k, "file": pt.name, "sha256": sha, "n": n_k, "wall_s": round(wall, 4),
+                "loss_first": rec.get("first"), "loss_last": rec.get("last"),
+                "batch_seed": batch_seed(seed, k), "key": key,
+            }
+            write_json_atomic(sidecar_path(pt), side)
+            done[k] = side
+            bar.end_batch(side["loss_last"])
+            if on_shard is not None:
+                on_shard(k, pt)
+
+    # other processes may have written the remaining shards
+    all_sides: dict[int, dict[str, Any]] = dict(done)
+    for k in range(n_batches):
+        if k not in all_sides:
+            side = _finished_shard(d, k, key, own_dir)
+            if side is not None:
+                all_sides[k] = side
+    shards = [
+        {kk: all_sides[k][kk] for kk in ("index", "file", "sha256", "n", "wall_s", "loss_first", "loss_last")}
+        for k in sorted(all_sides)
+    ]
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "key": key,
+        "model": fp,
+        "synth": synthesizer.name,
+        "config": cfg.to_dict(),
+        "budget": budget,
+        "seed": int(seed),
+        "n_images": cfg.n_images,
+        "batch_size": cfg.batch_size,
+        "n_shards": n_batches,
+        "image_shape": list(shape),
+        "shards": shards,
+    }
+    if len(all_sides) < n_batches:
+        mine = [s for s in shards if s["index"] in set(wanted)]
+        return SyntheticSet(dir=d, meta=meta, shards=mine, complete=False)
+    import zsq
+
+    meta.update({
+        "sha256": combined_sha256([s["sha256"] for s in shards]),
+        "wall_s": round(sum(float(s["wall_s"]) for s in shards), 3),
+        "this_call_s": round(time.perf_counter() - t_start, 3),
+        "threads": torch.get_num_threads(),
+        "versions": {"zsq": getattr(zsq, "__version__", None), "torch": torch.__version__},
+    })
+    write_meta(d, meta)
+    return SyntheticSet(dir=d, meta=meta, shards=shards, complete=True)
+
+
+__all__ = [
+    "BUDGETS", "PRECISIONS", "SYNTHESIZERS", "StepCallback", "SynthConfig", "Synthesizer", "SyntheticSet",
+    "batch_generator", "batch_seed", "get_synthesizer", "model_fingerprint", "prepared", "synthesize",
+    "synthetic_key",
+]

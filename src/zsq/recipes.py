@@ -108,3 +108,80 @@ _add(Recipe(
          "[code: amirgholami/ZeroQ]. Native protocol = the official code's placement (every layer "
          "quantized, activations after every ReLU, BN unfolded), i.e. zsq's `qat` layout."),
 ))
+
+
+# -- block reconstruction (issue 5): AdaRound, BRECQ, QDrop, Genie-M; the genie / brecq / qdrop recipes --------
+
+def _reconstruction_quantizer(method: str, doc: str) -> Callable[[QuantContext], nn.Module]:
+    def run(ctx: QuantContext) -> nn.Module:
+        from .ptq.reconstruct import quantize_reconstruct
+
+        return quantize_reconstruct(ctx, method)
+
+    run.__name__ = f"quant_{method.replace('-', '_')}"
+    run.__doc__ = doc
+    return QUANTIZERS.add(method, run)
+
+
+_reconstruction_quantizer("adaround", (
+    "AdaRound (Nagel et al., ICML 2020), layer by layer: learnt rounding (rectified sigmoid, regulariser "
+    "weight 0.01, beta 20->2 after 20% warm-up, Adam 1e-3), fixed per-channel L_p steps, quantized inputs; "
+    "activation ranges by sequential L_p search afterwards. hparams: ReconConfig fields (iters, batch_size ...)."))
+_reconstruction_quantizer("brecq", (
+    "BRECQ (Li et al., ICLR 2021) [code: yhhhli/BRECQ]: block by block, stage 1 AdaRound weights (act quant "
+    "off, weight 0.01, iters per block), stage 2 LSQ activation steps (iters_a = 5000, lr_a = 4e-4); inputs "
+    "from the quantized model; plain output MSE (no Fisher: no labels)."))
+_reconstruction_quantizer("qdrop", (
+    "QDrop (Wei et al., ICLR 2022) [code: wimh966/QDrop]: block by block, AdaRound weights (weight 0.01, Adam 1e-3) "
+    "and LSQ activation steps (lr 4e-5, cosine) jointly, with the block input an elementwise 50/50 mix of FP "
+    "and quantized inputs and every activation quantizer dropping quantization with probability 0.5."))
+_reconstruction_quantizer("genie-m", (
+    "Genie-M (Jeon et al., CVPR 2023) [code: SamsungLabs/Genie reconstruct.py]: QDrop's block reconstruction "
+    "plus the weight step learnt jointly with the rounding (Adam 1e-4, cosine; floor fixed at the initial step), "
+    "rounding loss weight 1.0, activation steps lr 4e-5, rounding lr 1e-3."))
+
+# Budgets of the reconstruction recipes (quantizer side; the synthesizer's own presets size the data):
+#   paper   = the papers' defaults: 20,000 steps per block, batch 32 (Genie-D: 1,024 images x 4,000 iters)
+#   default = sized for 2 CPU cores: synthesis + the first bit setting of ResNet-20 within 800 s
+#   smoke   = seconds, for CI
+_RECON_BUDGETS = {
+    "smoke": {"quant": {"iters": 20, "batch_size": 16}},
+    "default": {"quant": {"iters": 2000, "precision": "fp32"}},
+    "paper": {"quant": {"iters": 20000}},
+}
+
+_add(Recipe(
+    name="genie", family="noise-optimization", kind="PTQ",
+    paper="Genie: Show Me the Data for Quantization (Jeon, Lee, Kim; CVPR 2023)",
+    protocol="genie-native", synth="genie", quant="genie-m",
+    hparams={"w_observer": "mse", "a_observer": "mse"},
+    budgets=_RECON_BUDGETS,
+    doc=("Genie-D data (a fresh generator + latents per batch of 128, Genie's BNS loss with swing convolution; "
+         "1,024 images x 4,000 iterations in the paper) and Genie-M reconstruction (QDrop + AdaRound + learnt "
+         "weight steps, 20,000 steps per block) [code: SamsungLabs/Genie]. Native protocol = the official code's "
+         "convention (genie-native: BN unfolded, quantizers at layer inputs, shortcuts quantized); publish `ptq` "
+         "numbers beside it. default budget: 256 images x 500 iterations, 2,000 steps per block."),
+))
+_add(Recipe(
+    name="brecq", family="reconstruction", kind="PTQ",
+    paper="BRECQ: Pushing the Limit of Post-Training Quantization by Block Reconstruction (Li et al., ICLR 2021)",
+    protocol="ptq", synth="genie", quant="brecq",
+    hparams={"w_observer": "mse", "a_observer": "mse"},
+    budgets={**_RECON_BUDGETS, "smoke": {"quant": {"iters": 20, "batch_size": 16, "iters_a": 10}},
+             "default": {"quant": {"iters": 2000, "iters_a": 500, "precision": "fp32"}}},
+    doc=("BRECQ's sequential block reconstruction (weights, then activation steps) on zero-shot data. The "
+         "synthesizer is Genie-D (the Genie paper's zero-shot BRECQ baseline uses distilled data; Genie-D is the "
+         "strongest BNS synthesizer here); override with --synth. paper: 20,000 + 5,000 steps per block."),
+))
+_add(Recipe(
+    name="qdrop", family="reconstruction", kind="PTQ",
+    paper="QDrop: Randomly Dropping Quantization for Extremely Low-bit Post-Training Quantization (Wei et al., ICLR 2022)",
+    protocol="ptq", synth="genie", quant="qdrop",
+    hparams={"w_observer": "mse", "a_observer": "mse"},
+    budgets=_RECON_BUDGETS,
+    doc=("QDrop's joint block reconstruction with random quantization dropping on Genie-D data (override with "
+         "--synth). paper: 20,000 steps per block, batch 32, 1,024 images."),
+))
+
+from .synth import genie as _genie  # noqa: E402,F401  (registers the "genie" synthesizer)
+from .ptq import datafree as _datafree  # noqa: E402,F401  (registers dfq / squant / udfc)

@@ -105,7 +105,9 @@ class Quantizer(nn.Module):
             self.observer.update(x)
             return x
         s = self.scale
-        if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)) and x.dtype == torch.float32:
+        dropping = self.training and self.drop_prob > 0.0
+        if (not dropping and not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad))
+                and x.dtype == torch.float32):
             # no gradient needed: torch's fused kernel (same integer grid, one pass over memory)
             zp = self.zero_point.round().to(torch.int32)
             if self.per_channel:
@@ -116,7 +118,7 @@ class Quantizer(nn.Module):
         if self.lsq_grad_scale and isinstance(s, nn.Parameter):
             s = grad_scale(s, 1.0 / math.sqrt(x.numel() / s.numel() * self.qmax))
         out = fake_quant(x, self._shape(x, s), self._shape(x, self.zero_point), self.qmin, self.qmax)
-        if self.training and self.drop_prob > 0.0:
+        if dropping:
             out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
         return out
 

@@ -1,0 +1,748 @@
+"""Block reconstruction: AdaRound, BRECQ, QDrop and Genie-M on one engine (methods.md C.6, A.3).
+
+The quantized model (any protocol layout from :func:`zsq.quant.protocol.apply_protocol`) is
+reconstructed **unit by unit in network order**. A unit is a residual block
+(:func:`zsq.quant.graph.is_block`) or, where there is none, a lone Conv2d/Linear
+(``granularity="layer"`` makes every layer its own unit: AdaRound). For unit ``j``:
+
+1. cache, over the calibration images, the FP model's input ``x`` and output ``y`` of the unit and
+   the quantized model's input ``x_q`` (the earlier units already reconstructed; forwards stop at the
+   unit, teacher passes run under ``torch.inference_mode``);
+2. initialise the activation quantizers the unit owns (L_p search, p = 2.4, on ``x_q``, in forward
+   order, each seeing the earlier ones quantized), swap its layers' weight quantizers for
+   :class:`~zsq.quant.adaround.AdaRoundQuantizer` (floor fixed, rounding logits learnt; optionally a
+   learnt step: Genie-M);
+3. minimise ``sum_c (unit(x_in) - y)^2`` (mean over batch and positions) + ``round_weight *
+   sum(1 - |2h - 1|^beta)`` with ``beta`` annealed 20 -> 2 after a 20% warm-up. QDrop: ``x_in`` is
+   an elementwise random mix of ``x_q`` and ``x`` and every owned activation quantizer passes each
+   element through unquantized with probability ``drop_prob`` (training only);
+4. hard-round, bake the rounded weights into ``layer.weight`` and the learnt steps into the plain
+   quantizers: the model is again zsq's standard structure (``zsq.save`` / ``zsq.load`` work).
+
+**Which activation quantizers a unit owns.** A quantizer inside the unit whose output stays inside
+is the unit's. A quantizer on a unit boundary belongs, in ``output`` layouts (``ptq``, BRECQ: the
+quantizer sits at the producer's output), to the unit that produces the tensor, and in ``input``
+layouts (``genie-native``: the quantizer sits at the consumer's input, shared by the residual
+shortcut) to the unit that consumes it; with no such unit, to the other one. A quantizer owned by
+the consumer but attached outside it (the previous block's output hook) is applied by the engine at
+the unit's input, so ``x_q`` is taken before it, as in Genie's code. Quantizers owned by no unit are
+range-calibrated (sequentially) when the forward reaches them. Until its owner starts, a quantizer is
+``off`` (the later part of the network is FP while earlier units are reconstructed, as in Genie).
+
+**Determinism and resume.** Every random draw of step ``t`` of unit ``u`` in pass ``p`` comes from
+the global RNG re-seeded with a hash of ``(seed, p, u, t)``, so a run continued from a checkpoint
+draws exactly what the uninterrupted run drew. ``ckpt_dir/recon.pt`` is rewritten atomically after
+every unit (the model state) and every ``ckpt_every_s`` seconds, on Ctrl-C and at ``stop_at``
+inside a unit (plus the unit's trainable tensors and optimizer states); ``resume=True`` skips the
+finished units and continues the unfinished one from its step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BadValueError
+from ..paths import torch_save_atomic
+from ..quant.adaround import AdaRoundQuantizer
+from ..quant.graph import is_block
+from ..quant.modules import QUANT_LAYERS, Quantizer
+
+CKPT_NAME = "recon.pt"
+CKPT_FORMAT = "zsq-recon-1"
+
+
+@dataclass
+class ReconConfig:
+    """One reconstruction pass over every unit. Defaults = Genie-M [code: SamsungLabs/Genie reconstruct.py].
+
+    ``iters``: optimisation steps per unit, ``batch_size`` images per step.
+    ``learn_weights``: AdaRound the weights (``lr_round`` Adam on the rounding logits,
+    ``round_weight`` times the regulariser, ``b_range`` annealed after ``warmup`` x iters).
+    ``lr_w_scale``: Adam lr of the weight steps (cosine to 0; 0 = fixed step, AdaRound/BRECQ/QDrop).
+    ``act_quant``: activation quantizers active in this pass; ``lr_a_scale``: their LSQ Adam lr
+    (cosine to 0; 0 = ranges calibrated, not learnt).
+    ``drop_prob``: QDrop inside the owned activation quantizers; ``input_mix``: probability that an
+    element of the unit's input comes from ``x_q`` rather than ``x`` (QDrop 0.5; 1 = quantized input
+    only, BRECQ).
+    ``granularity``: ``block`` (residual blocks, lone layers elsewhere) or ``layer``.
+    ``skip_first``: leave the first layer out of reconstruction (BRECQ/``ptq`` convention).
+    ``precision``: ``fp32`` | ``bf16`` (autocast of the unit forward during optimisation);
+    ``channels_last``: NHWC memory format for the cached tensors and the unit.
+    A skipped unit (``skip_first``, or not in the engine's ``only``) learns nothing: its weights keep
+    their initial grid and its activation quantizers are only range-initialised.
+    """
+
+    iters: int = 20000
+    batch_size: int = 32
+    learn_weights: bool = True
+    round_weight: float = 1.0
+    b_range: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    lr_round: float = 1e-3
+    lr_w_scale: float = 1e-4
+    act_quant: bool = True
+    lr_a_scale: float = 4e-5
+    drop_prob: float = 0.5
+    input_mix: float = 0.5
+    granularity: str = "block"
+    skip_first: bool = False
+    a_observer: str = "mse"
+    a_init_images: int = 32  # Genie initialises each quantizer on its first batch of 32
+    precision: str = "fp32"
+    channels_last: bool = False
+    cache_batch: int = 256
+
+    def __post_init__(self):
+        if self.granularity not in ("block", "layer"):
+            raise BadValueError(f"granularity must be block or layer, got '{self.granularity}'")
+        if self.precision not in ("fp32", "bf16"):
+            raise BadValueError(f"precision must be fp32 or bf16, got '{self.precision}'")
+        if int(self.iters) < 0 or int(self.batch_size) < 1:
+            raise BadValueError(f"iters must be >= 0 and batch_size >= 1, got {self.iters}, {self.batch_size}")
+        self.b_range = tuple(float(b) for b in self.b_range)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["b_range"] = list(self.b_range)
+        return d
+
+
+class ReconInterrupted(Exception):
+    """Raised at ``stop_at`` (tests) after the checkpoint is written."""
+
+
+class _Stop(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# units and ownership
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Unit:
+    name: str
+    module: nn.Module
+    layers: list[tuple[str, nn.Module]]  # quantized layers inside (name relative to the model)
+    owned: list[tuple[str, Quantizer]] = field(default_factory=list)  # activation quantizers, forward order
+    inputs: list[tuple[str, Quantizer]] = field(default_factory=list)  # owned, applied at the unit input
+    skip: bool = False
+
+
+def _act_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer) and not n.endswith("wq")]
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def find_units(model: nn.Module, example: torch.Tensor, granularity: str = "block", placement: str = "output",
+               skip_first: bool = False) -> tuple[list[Unit], list[tuple[str, Quantizer]]]:
+    """The reconstruction units in forward order and the activation quantizers no unit owns."""
+    cands: list[str] = []
+    for name, m in model.named_modules():
+        if not name or any(_inside(name, c) for c in cands):
+            continue
+        if granularity == "block" and is_block(m) and any(isinstance(x, QUANT_LAYERS) for x in m.modules()):
+            cands.append(name)
+        elif isinstance(m, QUANT_LAYERS):
+            cands.append(name)
+    mods = {n: model.get_submodule(n) for n in cands}
+    aqs = _act_quantizers(model)
+
+    events: list[tuple[str, str]] = []  # forward order of unit starts and quantizer calls
+    unit_in: dict[str, int] = {}
+    unit_out: dict[str, int] = {}
+    q_out: dict[str, int] = {}
+    keep = []
+    hooks = []
+    for n, m in mods.items():
+        def pre(mod, args, n=n):
+            events.append(("unit", n))
+            if args and isinstance(args[0], torch.Tensor):
+                unit_in.setdefault(n, id(args[0]))
+                keep.append(args[0])
+
+        def post(mod, args, out, n=n):
+            if isinstance(out, torch.Tensor):
+                unit_out.setdefault(n, id(out))
+                keep.append(out)
+        hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    for n, q in aqs:
+        def qhook(mod, args, out, n=n):
+            events.append(("q", n))
+            q_out.setdefault(n, id(out))
+            keep.append(out)
+        hooks.append(q.register_forward_hook(qhook))
+    modes = {n: q.mode for n, q in aqs}
+    for _, q in aqs:
+        q.mode = "off"
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, q in aqs:
+            q.mode = modes[n]
+
+    order: list[str] = []
+    for kind, n in events:
+        if kind == "unit" and n not in order:
+            order.append(n)
+    order += [n for n in cands if n not in order]  # never called: left at the end (not reconstructed)
+    units = [Unit(n, mods[n], [(n if not ln else f"{n}.{ln}", lm) for ln, lm in mods[n].named_modules()
+                               if isinstance(lm, QUANT_LAYERS)]) for n in order]
+    by_name = {u.name: u for u in units}
+    if skip_first and units and not is_block(units[0].module):
+        units[0].skip = True
+
+    orphans = []
+    first_call = {}
+    for i, (kind, n) in enumerate(events):
+        first_call.setdefault((kind, n), i)
+    for qn, q in sorted(aqs, key=lambda t: first_call.get(("q", t[0]), 1 << 30)):
+        container = next((u for u in units if _inside(qn, u.name)), None)
+        oid = q_out.get(qn)
+        consumer = next((by_name[n] for n in order if oid is not None and unit_in.get(n) == oid), None)
+        if container is not None and (oid is None or unit_out.get(container.name) != oid):
+            owner = container  # internal to the unit
+        elif placement == "input":
+            owner = consumer or container
+        else:
+            owner = container or consumer
+        if owner is None:
+            orphans.append((qn, q))
+            continue
+        owner.owned.append((qn, q))
+        if not _inside(qn, owner.name):
+            owner.inputs.append((qn, q))
+    return units, orphans
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def step_seed(seed: int, pass_idx: int, unit_idx: int, step: int) -> int:
+    h = hashlib.sha256(f"zsq-recon/{int(seed)}/{pass_idx}/{unit_idx}/{step}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _beta(count: int, iters: int, warmup: float, b_range: tuple[float, float]) -> float:
+    """Genie/QDrop LinearTempDecay (``count`` is 1-based)."""
+    start = warmup * iters
+    if count < start:
+        return b_range[0]
+    rel = (count - start) / max(iters - start, 1e-12)
+    return b_range[1] + (b_range[0] - b_range[1]) * max(0.0, 1.0 - rel)
+
+
+def _cosine(base: float, i: int, total: int) -> float:
+    return base * 0.5 * (1.0 + math.cos(math.pi * i / max(total, 1)))
+
+
+def _to_buffer(q: nn.Module) -> None:
+    """A learnt step (nn.Parameter) back to a plain buffer (zsq's standard structure)."""
+    if isinstance(getattr(q, "scale", None), nn.Parameter):
+        s = q.scale.detach().clone()
+        del q.scale
+        q.register_buffer("scale", s)
+
+
+def _state(model: nn.Module) -> dict[str, Any]:
+    """A detached copy of the state dict (tensors cloned; quantizer extra states copied)."""
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in model.state_dict().items()}
+
+
+def _fingerprint(images: torch.Tensor, passes: list[ReconConfig], seed: int, extra: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"passes": [p.to_dict() for p in passes], "seed": int(seed), **extra},
+                        sort_keys=True, default=str).encode())
+    x = images.detach().float().contiguous().cpu()
+    h.update(x.numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Bar:
+    """rich progress: one bar per unit with its running loss (stderr)."""
+
+    def __init__(self, enabled: bool):
+        self.p = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                              console=Console(stderr=True))
+        self.task = None
+
+    def __enter__(self):
+        if self.p is not None:
+            self.p.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.p is not None:
+            self.p.stop()
+
+    def start(self, desc: str, total: int, done: int = 0):
+        if self.p is not None:
+            self.task = self.p.add_task(desc, total=max(total, 1), completed=done, loss="-")
+
+    def update(self, done: int, loss: float | None):
+        if self.p is not None and self.task is not None:
+            self.p.update(self.task, completed=done, loss="-" if loss is None else f"{loss:.4g}")
+
+    def finish(self, loss: float | None):
+        if self.p is not None and self.task is not None:
+            self.p.update(self.task, completed=self.p.tasks[-1].total, loss="-" if loss is None else f"{loss:.4g}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the engine
+# --------------------------------------------------------------------------------------------------
+class Reconstructor:
+    """Runs ``passes`` (a list of :class:`ReconConfig`) over the units of ``qmodel`` in place.
+
+    ``qmodel`` must come straight from ``apply_protocol`` (weights at their initial grid, activation
+    quantizers not yet calibrated); the FP teacher is a copy of it with every quantizer off, so its
+    structure (folded BN or not) is the same.
+    """
+
+    def __init__(self, qmodel: nn.Module, images: torch.Tensor, passes: list[ReconConfig], *, seed: int = 0,
+                 placement: str | None = None, progress: bool = True, ckpt_dir: str | Path | None = None,
+                 resume: bool = False, ckpt_every_s: float = 120.0,
+                 stop_at: tuple[int, int, int] | None = None, only: list[str] | None = None):
+        if images is None or images.dim() != 4 or images.shape[0] < 1:
+            raise BadValueError("block reconstruction needs calibration images (a synthesizer, --synthetic or --calib)")
+        if not passes:
+            raise BadValueError("no reconstruction pass given")
+        self.q = qmodel
+        self.images = images.detach().float()
+        self.passes = passes
+        self.seed = int(seed)
+        layout = getattr(qmodel, "zsq_layout", None)
+        self.placement = placement or _placement(layout)
+        self.progress = progress
+        self.ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir else None
+        self.resume = resume
+        self.ckpt_every_s = float(ckpt_every_s)
+        self.stop_at = tuple(stop_at) if stop_at is not None else None
+        self.stats: list[dict[str, Any]] = []
+        self.steps_run = 0
+        self.only = set(only) if only is not None else None
+
+        for _, q in _act_quantizers(qmodel):
+            q.mode = "off"
+            q.initialized = False
+        self.teacher = copy.deepcopy(qmodel)
+        for m in self.teacher.modules():
+            if isinstance(m, Quantizer):
+                m.mode = "off"
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+        self.q.eval()
+        self._grad_flags = [(p, p.requires_grad) for p in qmodel.parameters()]
+        for p in qmodel.parameters():  # only what a unit learns gets gradients
+            p.requires_grad_(False)
+        self.fingerprint = _fingerprint(self.images, passes, self.seed,
+                                        {"placement": self.placement,
+                                         "layout": layout.to_dict() if layout is not None else None})
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _save(self, done: list[list[int]], partial: dict | None) -> None:
+        if self.ckpt is None:
+            return
+        torch_save_atomic({"format": CKPT_FORMAT, "fingerprint": self.fingerprint, "done": done,
+                           "model": _state(self.q)
+                           if partial is None else self._boundary_state,
+                           "partial": partial, "stats": self.stats}, self.ckpt)
+
+    def _load(self) -> dict | None:
+        if self.ckpt is None or not self.resume or not self.ckpt.is_file():
+            return None
+        try:
+            ck = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise BadValueError(f"cannot read the reconstruction checkpoint {self.ckpt} ({type(e).__name__}); "
+                                "delete it or run without --resume") from None
+        if ck.get("format") != CKPT_FORMAT or ck.get("fingerprint") != self.fingerprint:
+            raise BadValueError(f"{self.ckpt} was written by a run with other settings or data; "
+                                "delete it or run without --resume")
+        return ck
+
+    # -- caching -------------------------------------------------------------------------------------
+    def _run_to(self, model: nn.Module, unit_mod: nn.Module, x: torch.Tensor, want_out: bool):
+        box = {}
+        if want_out:
+            def hook(mod, args, out):
+                box["in"], box["out"] = args[0], out
+                raise _Stop
+            h = unit_mod.register_forward_hook(hook)
+        else:
+            def hook(mod, args):
+                box["in"] = args[0]
+                raise _Stop
+            h = unit_mod.register_forward_pre_hook(hook)
+        try:
+            model(x)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        return box
+
+    def _cache(self, unit: Unit, cfg: ReconConfig):
+        t_mod = self.teacher.get_submodule(unit.name)
+        xs, ys, xqs = [], [], []
+        with torch.inference_mode():
+            for b in torch.split(self.images, cfg.cache_batch):
+                r = self._run_to(self.teacher, t_mod, b, True)
+                xs.append(r["in"].float())
+                ys.append(r["out"].float())
+                xqs.append(self._run_to(self.q, unit.module, b, False)["in"].float())
+        fmt = torch.channels_last if (cfg.channels_last and xs[0].dim() == 4) else torch.contiguous_format
+        cat = lambda ts: torch.cat(ts).contiguous(memory_format=fmt) if ts[0].dim() == 4 else torch.cat(ts)  # noqa: E731
+        return cat(xs).clone(), cat(ys).clone(), cat(xqs).clone()
+
+    def _unit_forward(self, unit: Unit, x: torch.Tensor) -> torch.Tensor:
+        for _, q in unit.inputs:
+            x = q(x)
+        return unit.module(x)
+
+    @torch.no_grad()
+    def _init_acts(self, unit: Unit, xq: torch.Tensor, cfg: ReconConfig) -> None:
+        todo = [(n, q) for n, q in unit.owned if not q.initialized]
+        if not todo:
+            return
+        sample = xq[: cfg.a_init_images]
+        for _, q in todo:  # forward order; each sees the earlier ones quantized
+            q.start_observing(cfg.a_observer)
+            for b in torch.split(sample, cfg.cache_batch):
+                self._unit_forward(unit, b)
+            q.finish_observing()
+
+    @torch.no_grad()
+    def _init_orphans(self, before: Unit | None, cfg: ReconConfig) -> None:
+        todo = [(n, q) for n, q in self._orphans if not q.initialized and
+                (before is None or self._q_order.get(n, 1 << 30) < self._u_order[before.name])]
+        if not todo or not cfg.act_quant:
+            return
+        sample = self.images[: cfg.a_init_images]
+        for _, q in todo:
+            q.start_observing(cfg.a_observer)
+            with torch.inference_mode():
+                for b in torch.split(sample, cfg.cache_batch):
+                    if before is None:
+                        self.q(b)
+                    else:
+                        self._run_to(self.q, before.module, b, False)
+            q.finish_observing()
+
+    # -- one unit --------------------------------------------------------------------------------------
+    def _train_unit(self, pi: int, ui: int, unit: Unit, cfg: ReconConfig, done: list, partial: dict | None,
+                    bar: _Bar) -> None:
+        t0 = time.perf_counter()
+        self._boundary_state = _state(self.q)
+        x, y, xq = self._cache(unit, cfg)
+        if cfg.act_quant:
+            self._init_acts(unit, xq, cfg)
+        learn_w = cfg.learn_weights and not unit.skip
+        learn_a = cfg.act_quant and cfg.lr_a_scale > 0 and not unit.skip
+        ada: list[tuple[nn.Module, Quantizer, AdaRoundQuantizer]] = []
+        if learn_w:
+            for _, layer in unit.layers:
+                wq = layer.wq
+                a = AdaRoundQuantizer.from_quantizer(wq, layer.weight, learn_scale=cfg.lr_w_scale > 0)
+                layer.wq = a
+                ada.append((layer, wq, a))
+        a_params = [q.make_learnable() for _, q in unit.owned] if learn_a else []
+        for _, q in unit.owned:
+            q.drop_prob = cfg.drop_prob if cfg.act_quant else 0.0
+            q.train(True)
+        iters = int(cfg.iters) if (ada or a_params) else 0
+        opt_round = torch.optim.Adam([a.v for *_, a in ada], lr=cfg.lr_round) if ada else None
+        w_scales = [a.scale for *_, a in ada if isinstance(a.scale, nn.Parameter)]
+        groups = []
+        if w_scales:
+            groups.append({"params": w_scales, "lr": cfg.lr_w_scale, "base": cfg.lr_w_scale})
+        if a_params:
+            groups.append({"params": a_params, "lr": cfg.lr_a_scale, "base": cfg.lr_a_scale})
+        opt_scale = torch.optim.Adam(groups) if groups else None
+        start = 0
+        if partial is not None:
+            start = int(partial["step"])
+            for (*_, a), v in zip(ada, partial["v"]):
+                a.v.data.copy_(v)
+            for (*_, a), s in zip(ada, partial["w_scale"]):
+                a.scale.data.copy_(s)
+            for (_, q), s in zip(unit.owned, partial["a_scale"]):
+                q.scale.data.copy_(s)
+            if opt_round is not None:
+                opt_round.load_state_dict(partial["opt_round"])
+            if opt_scale is not None:
+                opt_scale.load_state_dict(partial["opt_scale"])
+
+        def snapshot(step):
+            return {"pass": pi, "unit": ui, "step": step,
+                    "v": [a.v.detach().clone() for *_, a in ada],
+                    "w_scale": [a.scale.detach().clone() for *_, a in ada],
+                    "a_scale": [q.scale.detach().clone() for _, q in unit.owned],
+                    "opt_round": opt_round.state_dict() if opt_round is not None else None,
+                    "opt_scale": opt_scale.state_dict() if opt_scale is not None else None}
+
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.channels_last:
+            unit.module.to(memory_format=torch.channels_last)
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16"
+                    else contextlib.nullcontext())
+        n = x.shape[0]
+        bs = min(cfg.batch_size, n)
+        label = f"{'' if len(self.passes) == 1 else f'pass {pi + 1} '}{unit.name}"
+        bar.start(label, iters, start)
+        last_save = t_loop = time.perf_counter()
+        first_loss = last_loss = None
+        completed = start
+        try:
+            for step in range(start, iters):
+                torch.manual_seed(step_seed(self.seed, pi, ui, step))
+                idx = torch.randint(0, n, (bs,))
+                xi, yi = x[idx], y[idx]
+                if cfg.input_mix >= 1.0:
+                    xin = xq[idx]
+                elif cfg.input_mix <= 0.0:
+                    xin = xi
+                else:
+                    xqi = xq[idx]
+                    xin = torch.where(torch.rand_like(xqi) < cfg.input_mix, xqi, xi)
+                if xin.dim() == 4:
+                    xin = xin.contiguous(memory_format=fmt)
+                count = step + 1
+                for g in (opt_scale.param_groups if opt_scale is not None else []):
+                    g["lr"] = _cosine(g["base"], step, iters)
+                with autocast:
+                    out = self._unit_forward(unit, xin)
+                rec = (out.float() - yi).pow(2).sum(1).mean()
+                loss = rec
+                if ada and count >= cfg.warmup * iters:
+                    beta = _beta(count, iters, cfg.warmup, cfg.b_range)
+                    loss = loss + cfg.round_weight * sum(a.regularizer(beta) for *_, a in ada)
+                if opt_round is not None:
+                    opt_round.zero_grad(set_to_none=True)
+                if opt_scale is not None:
+                    opt_scale.zero_grad(set_to_none=True)
+                loss.backward()
+                if opt_round is not None:
+                    opt_round.step()
+                if opt_scale is not None:
+                    opt_scale.step()
+                self.steps_run += 1
+                completed = count
+                if step == start or count % 50 == 0 or count == iters:
+                    last_loss = float(rec.detach())
+                    if first_loss is None and step == 0:
+                        first_loss = last_loss
+                    bar.update(count, last_loss)
+                if self.stop_at is not None and self.stop_at == (pi, ui, count):
+                    self._save(done, snapshot(count))
+                    raise ReconInterrupted(f"stopped at pass {pi} unit {ui} step {count}")
+                if self.ckpt is not None and time.perf_counter() - last_save > self.ckpt_every_s and count < iters:
+                    self._save(done, snapshot(count))
+                    last_save = time.perf_counter()
+        except KeyboardInterrupt:
+            self._save(done, snapshot(completed))  # an interrupted step is redone on resume
+            raise
+        loop_s = time.perf_counter() - t_loop
+        # finish: hard rounding baked in, steps back to buffers, QDrop off
+        for layer, wq, a in ada:
+            a.bake(layer, wq)
+            layer.wq = wq
+        for _, q in unit.owned:
+            _to_buffer(q)
+            q.drop_prob = 0.0
+            q.train(False)
+        if cfg.channels_last:
+            unit.module.to(memory_format=torch.contiguous_format)
+        held = self._heldout_loss(unit, x, y, xq) if iters else None
+        bar.finish(last_loss)
+        self.stats.append({"pass": pi, "unit": unit.name, "iters": iters, "skipped": unit.skip,
+                           "loss_first": first_loss, "loss_last": last_loss, "mse_xq": held,
+                           "wall_s": round(time.perf_counter() - t0, 3), "loop_s": round(loop_s, 3)})
+
+    @torch.no_grad()
+    def _heldout_loss(self, unit: Unit, x, y, xq) -> float:
+        k = min(256, xq.shape[0])
+        out = self._unit_forward(unit, xq[:k].contiguous())
+        return float((out.float() - y[:k]).pow(2).sum(1).mean())
+
+    # -- all units -------------------------------------------------------------------------------------
+    def run(self) -> nn.Module:
+        example = self.images[:2]
+        cfg0 = self.passes[0]
+        units, orphans = find_units(self.q, example, cfg0.granularity, self.placement, cfg0.skip_first)
+        self.units, self._orphans = units, orphans
+        if self.only is not None:
+            unknown = self.only - {u.name for u in units}
+            if unknown:
+                raise BadValueError(f"no reconstruction unit named {', '.join(sorted(unknown))} "
+                                    f"(units: {', '.join(u.name for u in units)})")
+            for u in units:
+                u.skip = u.skip or u.name not in self.only
+        ev: dict[tuple[str, str], int] = {}
+
+        def mark(key):
+            def hook(*_):
+                ev.setdefault(key, len(ev))  # returns None: the hook must not replace inputs/outputs
+            return hook
+
+        hooks = [u.module.register_forward_pre_hook(mark(("u", u.name))) for u in units]
+        hooks += [q.register_forward_hook(mark(("q", n))) for n, q in orphans]
+        with torch.inference_mode():
+            self.q(example)
+        for h in hooks:
+            h.remove()
+        self._u_order = {u.name: ev.get(("u", u.name), 1 << 30) for u in units}
+        self._q_order = {n: ev.get(("q", n), 1 << 30) for n, _ in orphans}
+
+        done: list[list[int]] = []
+        partial = None
+        ck = self._load()
+        if ck is not None:
+            self.q.load_state_dict(ck["model"])
+            done = [list(d) for d in ck["done"]]
+            partial = ck["partial"]
+            self.stats = list(ck.get("stats") or [])
+        done_set = {tuple(d) for d in done}
+        with _Bar(self.progress) as bar:
+            for pi, cfg in enumerate(self.passes):
+                if pi > 0 and cfg.granularity != self.passes[pi - 1].granularity:
+                    raise BadValueError("all passes of one reconstruction must share the granularity")
+                for ui, unit in enumerate(units):
+                    if (pi, ui) in done_set:
+                        continue
+                    if not cfg.act_quant:
+                        for _, q in _act_quantizers(self.q):
+                            q.mode = "off"
+                    self._init_orphans(unit, cfg)
+                    p = partial if partial is not None and (partial["pass"], partial["unit"]) == (pi, ui) else None
+                    self._train_unit(pi, ui, unit, cfg, done, p, bar)
+                    partial = None
+                    done.append([pi, ui])
+                    done_set.add((pi, ui))
+                    self._save(done, None)
+                self._init_orphans(None, cfg)
+        for _, q in _act_quantizers(self.q):
+            if not q.initialized:  # act_quant off in every pass: calibrate at the end
+                q.mode = "off"
+        self.q.eval()
+        for p, rg in self._grad_flags:
+            p.requires_grad_(rg)
+        return self.q
+
+
+def _placement(layout) -> str:
+    if layout is None:
+        return "output"
+    from ..spec import PROTOCOLS
+
+    proto = PROTOCOLS.get(layout.protocol)
+    if proto is not None:
+        return proto.act_placement
+    return "input" if any(a.where == "in" for a in layout.acts) else "output"
+
+
+def reconstruct(qmodel: nn.Module, images: torch.Tensor, passes: ReconConfig | list[ReconConfig], **kw) -> nn.Module:
+    """Reconstruct ``qmodel`` (fresh from ``apply_protocol``) in place; see :class:`Reconstructor`.
+
+    The result has ``zsq_recon`` = per-unit statistics (loss at the first and last step, the
+    hard-rounded unit's loss on quantized inputs, wall time).
+    """
+    if isinstance(passes, ReconConfig):
+        passes = [passes]
+    r = Reconstructor(qmodel, images, passes, **kw)
+    q = r.run()
+    q.zsq_recon = {"units": r.stats, "steps_run": r.steps_run}
+    return q
+
+
+# --------------------------------------------------------------------------------------------------
+# method presets (paper defaults; budgets override iters etc. through recipe hparams)
+# --------------------------------------------------------------------------------------------------
+def method_passes(method: str, hp: dict[str, Any] | None = None, *, protocol_name: str = "ptq") -> list[ReconConfig]:
+    """The reconstruction passes of ``adaround`` | ``brecq`` | ``qdrop`` | ``genie-m``.
+
+    ``hp`` (recipe hparams) override :class:`ReconConfig` fields (unknown keys are ignored here:
+    they belong to the quantizer wrapper, e.g. ``w_observer``); for BRECQ, ``iters_a`` / ``lr_a``
+    set the activation pass.
+    """
+    hp = dict(hp or {})
+    names = {f.name for f in dataclasses.fields(ReconConfig)}
+    skip_first = protocol_name != "genie-native"  # BRECQ convention; Genie's code reconstructs every layer
+    common = {"skip_first": skip_first}
+    ov = {k: v for k, v in hp.items() if k in names}
+    if method == "genie-m":
+        # SamsungLabs/Genie reconstruct.py: joint rounding + weight step + LSQ act steps, QDrop, round weight 1
+        return [ReconConfig(**{**common, **ov})]
+    if method == "qdrop":
+        # wimh966/QDrop recon.py + exp config: weight 0.01, scale_lr 4e-5, drop_prob 0.5, Adam 1e-3 on rounding
+        return [ReconConfig(**{**common, "round_weight": 0.01, "lr_w_scale": 0.0, **ov})]
+    if method == "brecq":
+        # yhhhli/BRECQ main_imagenet.py: stage 1 weights (AdaRound, weight 0.01, act quant off),
+        # stage 2 activation steps only (LSQ, lr 4e-4, 5000 iterations), quantized inputs only
+        w = ReconConfig(**{**common, "round_weight": 0.01, "lr_w_scale": 0.0, "act_quant": False, "lr_a_scale": 0.0,
+                           "drop_prob": 0.0, "input_mix": 1.0, **ov})
+        a_ov = {k: v for k, v in ov.items() if k not in ("iters", "round_weight", "lr_a_scale", "learn_weights")}
+        a = ReconConfig(**{**common, "learn_weights": False, "lr_w_scale": 0.0, "act_quant": True,
+                           "lr_a_scale": float(hp.get("lr_a", 4e-4)), "iters": int(hp.get("iters_a", 5000)),
+                           "drop_prob": 0.0, "input_mix": 1.0, **a_ov})
+        return [w, a]
+    if method == "adaround":
+        # AdaRound (Nagel et al. 2020) as BRECQ runs it layer-wise: weights only, round weight 0.01,
+        # quantized inputs; activation ranges calibrated (L_p search) after the weights are fixed
+        w = ReconConfig(**{**common, "granularity": "layer", "round_weight": 0.01, "lr_w_scale": 0.0,
+                           "act_quant": False, "lr_a_scale": 0.0, "drop_prob": 0.0, "input_mix": 1.0, **ov})
+        a = ReconConfig(**{**common, "granularity": "layer", "learn_weights": False, "lr_w_scale": 0.0,
+                           "act_quant": True, "lr_a_scale": 0.0, "iters": 0, "drop_prob": 0.0, "input_mix": 1.0,
+                           **{k: v for k, v in ov.items() if k not in ("iters", "granularity", "learn_weights",
+                                                                         "lr_a_scale")}})
+        return [w, a]
+    raise BadValueError(f"unknown reconstruction method '{method}' (adaround, brecq, qdrop, genie-m)")
+
+
+RECON_METHODS = ("adaround", "brecq", "qdrop", "genie-m")
+
+
+def quantize_reconstruct(ctx, method: str) -> nn.Module:
+    """The registered quantizers ``adaround`` / ``brecq`` / ``qdrop`` / ``genie-m``: lay the model out
+    by ``ctx.protocol`` (weights: per-channel L_p search, p = 2.4, as BRECQ/Genie initialise them),
+    then reconstruct it on ``ctx.images`` with the method's passes (``ctx.hparams`` override
+    :class:`ReconConfig` fields; ``ckpt_every_s``, ``stop_at`` are engine options)."""
+    from ..quant.protocol import apply_protocol
+
+    if ctx.images is None:
+        raise BadValueError(f"the {method} quantizer needs calibration images (a synthesizer, --synthetic or --calib)")
+    hp = dict(ctx.hparams or {})
+    q = apply_protocol(ctx.model, ctx.protocol, ctx.w_bits, ctx.a_bits, policy=ctx.policy,
+                       w_observer=hp.get("w_observer", "mse"), a_observer=hp.get("a_observer", "mse"),
+                       strict=ctx.strict)
+    passes = method_passes(method, hp, protocol_name=ctx.protocol.name)
+    stop_at = hp.get("stop_at")
+    return reconstruct(q, ctx.images, passes, seed=ctx.seed, progress=ctx.progress, ckpt_dir=ctx.ckpt_dir,
+                       resume=ctx.resume, ckpt_every_s=float(hp.get("ckpt_every_s", 120.0)),
+                       stop_at=tuple(stop_at) if stop_at is not None else None)

@@ -266,3 +266,26 @@ def test_genie_recipe_smoke_end_to_end(resnet20, tmp_path):
     x = _images(8)
     with torch.inference_mode():
         assert torch.equal(q(x), q2(x))
+
+
+def test_fused_lsq_drop_matches_reference():
+    from zsq.ptq.reconstruct import _LSQDrop, drop_mask
+    from zsq.quant.fake import fake_quant
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 5, 5) * 2).requires_grad_(True)
+    s = torch.tensor([0.3], requires_grad=True)
+    zp = torch.tensor(2.0)
+    m = drop_mask(x, 0.5)
+    assert 0.3 < float(m.mean()) < 0.7 and set(m.unique().tolist()) <= {0.0, 1.0}
+    g = torch.randn_like(x)
+    for mask in (None, m):
+        out = _LSQDrop.apply(x, s.reshape(()), zp, 0, 7, mask)
+        gx, gs = torch.autograd.grad((out * g).sum(), (x, s))
+        ref = fake_quant(x, s.reshape(()), zp, 0, 7)
+        if mask is not None:
+            ref = torch.where(mask.bool(), x, ref)
+        rx, rs = torch.autograd.grad((ref * g).sum(), (x, s))
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gs, rs, rtol=1e-4, atol=1e-5)

@@ -4,8 +4,8 @@ protocol, no data and no synthesis.
 Rows (each one ``zsq quantize`` process; wall time = quantization only, evaluation excluded):
 
 * ResNet-20 (JPEG-CIFAR-10 test set, 10,000 images): dfq / squant / udfc at W8A8, W4A8, W4A4, W3A3,
-  seed 0; the best recipe (squant) also at seeds 1 and 2 for W4A8 / W4A4 / W3A3 (the seed only
-  changes the noise of the BN-consistent forward that gives residual-sum statistics);
+  seed 0; the best recipe (squant) also at seeds 1 and 2 (the seed only changes the noise of the
+  BN-consistent forward that gives the statistics of residual sums);
 * chaining: ``--pre dfq`` in front of squant and of the Gaussian-noise min-max baseline, and
   ``--pre none`` for dfq (its CLE switched off), at W4A4 and W3A3;
 * ResNet-32 and EfficientNet-Lite0 (ImageNet sample, 1,000 images; depthwise-separable, ReLU6):
@@ -29,7 +29,7 @@ def datafree(seeds=(0, 1, 2), models: bool = True) -> list[Run]:
     m = "cifar10_resnet20"
     runs = [Run(m, r, "fixed", w, a) for r in RECIPES for w, a in BITS]
     for s in seeds[1:]:
-        runs += [Run(m, "squant", "fixed", w, a, seed=s) for w, a in BITS[1:]]
+        runs += [Run(m, "squant", "fixed", w, a, seed=s) for w, a in BITS]
     for w, a in [(4, 4), (3, 3)]:
         runs.append(Run(m, "squant", "fixed", w, a, extra=("--pre", "dfq")))
         runs.append(Run(m, "dfq", "fixed", w, a, extra=("--pre", "none")))

@@ -119,6 +119,7 @@ class BNStats:
     layer_inputs: dict[str, Moments] = field(default_factory=dict)
     input_producer: dict[str, str | None] = field(default_factory=dict)  # layer -> module producing its input
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # kept noise-forward inputs (keep_inputs)
+    bn_after: dict[str, str] = field(default_factory=dict)  # layer -> the BatchNorm reading its output alone
 
     def for_site(self, owner: str) -> TensorModel:
         return self.modules[owner]
@@ -171,6 +172,7 @@ def collect_stats(model: nn.Module, n: int | None = None, seed: int = 0, what: s
         if isinstance(c.module, WEIGHT_LAYERS) and c.inputs:
             p = tr.producer.get(c.inputs[0])
             stats.input_producer.setdefault(c.name, p.name if p is not None else None)
+    stats.bn_after = bn_after_layers(tr)
     del tr
     handles = []
 
@@ -203,6 +205,17 @@ def collect_stats(model: nn.Module, n: int | None = None, seed: int = 0, what: s
         for h in handles:
             h.remove()
     return stats
+
+
+def bn_after_layers(tr) -> dict[str, str]:
+    """``{layer: bn}`` for every Conv/Linear whose output is read by one BatchNorm and nothing else."""
+    out = {}
+    for c in tr.calls:
+        if isinstance(c.module, WEIGHT_LAYERS) and c.output is not None:
+            cons = tr.consumers(c.output)
+            if len(cons) == 1 and isinstance(cons[0].module, _BN):
+                out.setdefault(c.name, cons[0].name)
+    return out
 
 
 # -- closed forms for a Gaussian through a (clipped) activation -----------------------------------

@@ -177,9 +177,9 @@ _recipe(Recipe(
 _recipe(Recipe(
     name="udfc", family="synthesis-free", kind="PTQ", paper=UDFC_PAPER, protocol="fixed", synth=None,
     quant="udfc",
-    hparams={**_COMMON, "rounding": "nearest", "bias_correction": True, "bc_act": True, "udfc_act_noise": False, "udfc_out_noise": False, "udfc_clip": True,
-             "udfc_cov": "noise"},
-    doc=("Each layer's weight (and input-activation) quantization error compensated through the next "
+    hparams={**_COMMON, "rounding": "nearest", "bias_correction": True, "bc_act": True, "udfc_fit": "mse",
+             "udfc_cov": "noise", "udfc_clip": True, "udfc_act_noise": False, "udfc_out_noise": False},
+    doc=("Each layer's weight quantization error compensated through the next "
          "layer: closed-form per-channel rescaling of the next layer's input channels plus a bias, "
          "minimising its expected reconstruction error under the BN Gaussian model (our derivation, see "
          "zsq.ptq.udfc; the authors' code is unavailable). Activation ranges from the BN statistics."),

@@ -3,11 +3,8 @@
 Three data-free steps (methods.md A.1):
 
 * **Cross-layer equalization** (:func:`equalize`): for two layers ``A -> [BN] -> act -> B`` joined
-  by a positively homogeneous activation (ReLU, LeakyReLU, PReLU; ReLU6 only after replacing it
-  by ReLU, ``relu6="replace"``, as the paper does for MobileNetV2 -- off by default: on
-  EfficientNet-Lite0 that replacement alone drops the FP model from 88.5 to 73.2 top-1 on the
-  ImageNet sample, and the replaced activation is not recorded for ``zsq.load``), output channel ``i`` of ``A`` is divided by
-  ``s_i = sqrt(r1_i / r2_i)`` and input channel ``i`` of ``B`` multiplied by it, where ``r1_i``
+  by a positively homogeneous activation (ReLU, LeakyReLU, PReLU), output channel ``i`` of ``A``
+  is divided by ``s_i = sqrt(r1_i / r2_i)`` and input channel ``i`` of ``B`` multiplied by it, where ``r1_i``
   is the range of ``A``'s *BN-folded* row ``i`` and ``r2_i`` the range of ``B``'s column ``i``;
   both ranges become ``sqrt(r1_i r2_i)``. Iterated over all pairs until nothing changes.
   Depthwise-separable pairs (1x1 -> depthwise, depthwise -> 1x1) and grouped convolutions are
@@ -15,8 +12,12 @@ Three data-free steps (methods.md A.1):
   followed by a BN, the scale goes into the BN's ``weight`` and ``bias`` (the BN running
   statistics, which describe ``A``'s unchanged output, stay valid), so the network remains a
   normal FP model that synthesizers (ZeroQ, Genie) can still match BN statistics on: that is what
-  lets ``--pre dfq`` run in front of any recipe. The FP function is unchanged (ReLU6 replacement
-  aside).
+  lets ``--pre dfq`` run in front of any recipe. The FP function is unchanged. ReLU6 stops a pair
+  unless ``relu6="replace"`` swaps it for ReLU, as the paper does for MobileNetV2; that is off by
+  default: on EfficientNet-Lite0 the swap alone drops the FP model from 88.5 to 73.2 top-1 on the
+  ImageNet sample, and ``zsq.load`` would rebuild the model with ReLU6. Pairs are checked
+  numerically (:func:`validate_pairs`): a tensor also read outside a module (a residual add) is
+  never rescaled.
 * **High-bias absorption** (:func:`absorb_high_bias`): ``c_i = max(0, beta_i - 3 |gamma_i|)`` of the
   BN after ``A`` moves into ``B``'s bias (``b_B += W_B c``, ``beta_A -= c``); exact where the
   pre-activation stays above ``c`` (3 sigma) and ``B`` does not zero-pad. Pairs whose ``B`` pads
@@ -297,10 +298,15 @@ def pair_ranges(model: nn.Module, p: Pair) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def absorb_high_bias(model: nn.Module, pairs: list[Pair], n_sigma: float = 3.0, absorb_padded: bool = False) -> int:
+def absorb_high_bias(model: nn.Module, pairs: list[Pair], n_sigma: float = 3.0, absorb_padded: bool = False
+                     ) -> int:
     """Move ``c = max(0, beta - n_sigma |gamma|)`` from A's BN into B's bias (see module doc).
     Returns the number of pairs changed."""
+    from .bn_ranges import bn_after_layers
+
     changed = 0
+    with no_inplace(model):
+        bn_after = bn_after_layers(trace(model, _example(model)))
     for p in pairs:
         if p.bn is None or p.act is None or (p.pads and not absorb_padded):
             continue
@@ -313,12 +319,23 @@ def absorb_high_bias(model: nn.Module, pairs: list[Pair], n_sigma: float = 3.0, 
             continue
         bn.bias.sub_(c)
         shift = channel_matvec(b.weight, c, _groups(b))
-        if b.bias is None:
-            b.bias = nn.Parameter(shift.clone())
-        else:
-            b.bias.add_(shift)
+        add_output_shift_(b, shift, model.get_submodule(bn_after[p.b]) if p.b in bn_after else None)
         changed += 1
     return changed
+
+
+@torch.no_grad()
+def add_output_shift_(layer: nn.Module, shift: torch.Tensor, bn: nn.Module | None = None) -> None:
+    """``layer``'s output += ``shift`` (per channel): into its bias, or, when it has none and a
+    BatchNorm reads its output alone, into that BN's running mean (``BN(y + d)`` is ``BN`` with
+    mean ``mu - d``) so that the model keeps its parameter names (``zsq.load`` rebuilds the
+    architecture and loads the state dict); a new bias only as a last resort."""
+    if layer.bias is not None:
+        layer.bias.add_(shift.to(layer.bias.dtype))
+    elif isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None:
+        bn.running_mean.sub_(shift.to(bn.running_mean.dtype))
+    else:
+        layer.bias = nn.Parameter(shift.clone())
 
 
 def dfq_prestep(model: nn.Module, hparams: dict) -> nn.Module:
@@ -374,16 +391,24 @@ def input_expectations(qmodel: nn.Module, stats: BNStats, layer: str, act_aware:
 
 
 @torch.no_grad()
-def correct_layer_bias(layer: nn.Module, w_ref: torch.Tensor, e_q: torch.Tensor, e_ref: torch.Tensor) -> torch.Tensor:
-    """``bias -= W_q E[x_q] - W_ref E[x_ref]`` (per output channel); returns the correction."""
+def correct_layer_bias(layer: nn.Module, w_ref: torch.Tensor, e_q: torch.Tensor, e_ref: torch.Tensor,
+                       bn: nn.Module | None = None) -> torch.Tensor:
+    """``bias -= W_q E[x_q] - W_ref E[x_ref]`` (per output channel; into ``bn``'s running mean when
+    the layer has no bias, see :func:`add_output_shift_`); returns the correction."""
     g = _groups(layer)
     wq = layer.qweight().detach() if isinstance(layer, QUANT_LAYERS) else layer.weight.detach()
     delta = channel_matvec(wq, e_q, g) - channel_matvec(w_ref, e_ref, g)
-    if layer.bias is None:
-        layer.bias = nn.Parameter(-delta.clone())
-    else:
-        layer.bias.sub_(delta)
+    add_output_shift_(layer, -delta, bn)
     return delta
+
+
+def following_bn(qmodel: nn.Module, stats: BNStats, layer: str) -> nn.Module | None:
+    """The BatchNorm that reads ``layer``'s output alone in ``qmodel`` (``None`` once folded)."""
+    name = stats.bn_after.get(layer)
+    if name is None:
+        return None
+    m = qmodel.get_submodule(name)
+    return m if isinstance(m, nn.modules.batchnorm._BatchNorm) else None
 
 
 @torch.no_grad()
@@ -400,6 +425,6 @@ def bias_correct(qmodel: nn.Module, stats: BNStats, fp_weights: dict[str, torch.
         if ex is None:
             continue
         w_ref = (fp_weights or {}).get(name, m.weight.detach())
-        d = correct_layer_bias(m, w_ref, ex[0], ex[1])
+        d = correct_layer_bias(m, w_ref, ex[0], ex[1], following_bn(qmodel, stats, name))
         out[name] = float(d.abs().mean())
     return out

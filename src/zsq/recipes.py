@@ -146,7 +146,7 @@ _reconstruction_quantizer("genie-m", (
 #   smoke   = seconds, for CI
 _RECON_BUDGETS = {
     "smoke": {"quant": {"iters": 20, "batch_size": 16}},
-    "default": {"quant": {"iters": 2000, "precision": "fp32"}},
+    "default": {"quant": {"iters": 3000, "precision": "fp32"}},
     "paper": {"quant": {"iters": 20000}},
 }
 

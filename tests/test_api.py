@@ -124,3 +124,17 @@ def test_real_calibration_is_recorded(resnet20, tmp_path):
     assert q.zsq_result["recipe"]["synth"] is None  # nothing was synthesized
     zsq.save(q, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "zsq.json").read_text())["synthetic"]["kind"] == "real"
+
+
+def test_resolve_applies_budget_then_user_hparams():
+    """zeroq's `paper` budget keeps the official min-max weights, `default` searches them; --set
+    (hparams=) wins over both; a key no quantizer reads is refused with a suggestion."""
+    from zsq.api import resolve
+    from zsq.errors import UnknownNameError
+
+    assert resolve("zeroq", budget="paper").hparams["w_observer"] == "minmax"
+    assert resolve("zeroq", budget="default").hparams["w_observer"] == "mse"
+    assert resolve("zeroq", hparams={"w_observer": "percentile"}).hparams["w_observer"] == "percentile"
+    assert resolve("genie", hparams={"iters": 7}).hparams["iters"] == 7  # a ReconConfig field
+    with pytest.raises(UnknownNameError, match="did you mean iters"):
+        resolve("genie", hparams={"itres": 7})

@@ -96,6 +96,9 @@ BAD = {
     "bad-layer-bits": (Q + ["--layer-bits", "layer1.0.conv1=4bit"], ["--layer-bits", "NAME=WxAy", "4bit"], {}),
     "keep-fp-no-match": (Q + ["--keep-fp", "layer9.*"], ["match no layer", "layer9.*"], {}),
     "threads-0": (Q + ["--threads", "0"], ["--threads", ">= 1"], {}),
+    "set-unknown-hparam": (Q + ["--set", "w_obsrver=mse"], ["unknown hparam", "w_obsrver", "did you mean", "w_observer"],
+                           {}),
+    "set-not-key-value": (Q + ["--set", "w_observer"], ["--set", "KEY=VALUE", "w_observer"], {}),
     "eval-not-an-output": (["eval", "{loose}", "--data", "{test}"], ["loose", "not a finished zsq output"], {}),
 }
 
@@ -157,7 +160,7 @@ def quantized_out(tmp_path_factory):
     """One real CLI run: minmax-noise (Gaussian noise + min-max), smoke budget, W8A8, evaluated."""
     out = tmp_path_factory.mktemp("cli_quantize") / "r20-w8a8"
     r = run_zsq("quantize", "cifar10_resnet20", "--recipe", "minmax-noise", "--budget", "smoke", "--w", "8",
-                "--a", "8", "--eval", TEST_TAR, "--eval-limit", "1000", "-q", "-o", out)
+                "--a", "8", "--eval", TEST_TAR, "--eval-limit", "1000", "-q", "-o", out, "--set", "calib_batch=32")
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -181,7 +184,7 @@ def test_quantize_writes_contract(quantized_out):
     assert set(doc["recipe"]) >= {"name", "pre", "synth", "quant", "hparams"}
     assert doc["recipe"]["name"] == "minmax-noise" and doc["recipe"]["synth"] == "gaussian"
     assert doc["recipe"]["quant"] == "calib" and doc["recipe"]["pre"] is None
-    assert isinstance(doc["recipe"]["hparams"], dict)
+    assert doc["recipe"]["hparams"] == {"w_observer": "minmax", "a_observer": "minmax", "calib_batch": 32}  # --set
     assert doc["protocol"] == "fixed"  # the recipe's native protocol
     assert doc["bits"] == {"w": 8, "a": 8}
     assert doc["budget"] == "smoke" and doc["seed"] == 0

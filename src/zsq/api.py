@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import DataError, OutputExistsError, ZsqError
+from .errors import DataError, OutputExistsError, UnknownNameError, ZsqError
 from .models import load_model
 from .paths import torch_save_atomic, write_json_atomic
-from .recipes import PRE_STEPS, QUANTIZERS, RECIPES, QuantContext
+from .recipes import HPARAM_KEYS, PRE_STEPS, QUANTIZERS, RECIPES, QuantContext
 from .spec import PROTOCOLS, LayerPolicy, check_bits, check_budget
 
 SCHEMA_VERSION = 1
@@ -55,6 +55,11 @@ def resolve(recipe: str, *, pre=None, synth=None, quant=None, protocol=None, bud
     )
     PROTOCOLS[res.protocol]
     QUANTIZERS[res.quant]
+    if hparams:
+        allowed = set(r.hparams) | set(HPARAM_KEYS.get(res.quant, ()))
+        for k in hparams:
+            if k not in allowed:
+                raise UnknownNameError(f"hparam of quantizer {res.quant}", k, allowed)
     if res.pre:
         PRE_STEPS[res.pre]
     if res.synth:

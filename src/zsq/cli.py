@@ -78,6 +78,25 @@ def _check_policy(model, policy) -> None:
                             f"(layers are e.g. {', '.join(names[:3])})")
 
 
+def _parse_sets(items: List[str]) -> dict:
+    """``KEY=VALUE`` strings -> hparams; VALUE is read as JSON (numbers, true/false, lists) or
+    else kept as a string."""
+    import json
+
+    from .errors import BadValueError
+
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not k.strip():
+            raise BadValueError(f"--set expects KEY=VALUE, got '{it}'")
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
 @app.command()
 def quantize(
     model: str = typer.Argument("cifar10_resnet20", help=MODEL_HELP),
@@ -108,6 +127,8 @@ def quantize(
     resize: Optional[int] = typer.Option(None, help="eval resize (short side)"),
     crop: Optional[int] = typer.Option(None, help="eval centre crop"),
     interpolation: Optional[str] = typer.Option(None, help="bilinear | bicubic | nearest"),
+    set_: List[str] = typer.Option([], "--set", help="KEY=VALUE quantizer hparam override (repeatable), "
+                                   "e.g. w_observer=mse (defaults: `zsq methods`)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ):
     """Quantize MODEL with a recipe; write OUT/qmodel.pt and OUT/zsq.json (last)."""
@@ -116,7 +137,8 @@ def quantize(
 
     check_bits(w, "--w"), check_bits(a, "--a")
     _threads(threads)
-    api.resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget)
+    hparams = _parse_sets(set_)
+    api.resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget, hparams=hparams)
     if not overwrite:
         api.check_output_dir(out, False)
     _check_eval_path(eval_path)
@@ -136,7 +158,7 @@ def quantize(
     api.check_output_dir(out, overwrite)
     qmodel = api.quantize(m, recipe, w, a, protocol=protocol, pre=pre, synth=synth, quant=quant, budget=budget,
                           seed=seed, synthetic=synthetic, calib=calib, calib_n=calib_n, policy=policy,
-                          strict=strict, progress=not quiet, ckpt_dir=out / ".ckpt", resume=resume)
+                          hparams=hparams, strict=strict, progress=not quiet, ckpt_dir=out / ".ckpt", resume=resume)
     metrics = None
     if eval_path:
         metrics = api.evaluate(qmodel, eval_path, limit=eval_limit, progress=not quiet)
@@ -219,14 +241,29 @@ def zoo():
 
 
 @app.command()
-def methods():
-    """List every recipe: family, PTQ/QAT, paper, native protocol, defaults."""
-    from .api import list_methods
+def methods(recipe: Optional[str] = typer.Argument(None, help="show one recipe's defaults in full")):
+    """List every recipe: family, PTQ/QAT, paper, native protocol, defaults (`zsq methods R` for one)."""
+    import json
 
-    t = Table("recipe", "family", "type", "protocol", "synth", "quant", "pre", "paper")
+    from .api import list_methods
+    from .recipes import HPARAM_KEYS, RECIPES
+
+    if recipe is not None:
+        r = RECIPES[recipe]
+        row = r.to_row()
+        for k in ("family", "kind", "paper", "protocol", "synth", "quant", "pre"):
+            out_console.print(f"[bold]{k:9}[/] {row[k] if row[k] is not None else '-'}")
+        out_console.print(f"[bold]{'hparams':9}[/] {json.dumps(row['hparams'])}")
+        out_console.print(f"[bold]{'budgets':9}[/] {json.dumps(row['budgets']) if row['budgets'] else '(synthesizer presets)'}")
+        out_console.print(f"[bold]{'--set':9}[/] {', '.join(sorted(set(row['hparams']) | set(HPARAM_KEYS.get(r.quant, ()))))}")
+        from rich.markup import escape
+
+        out_console.print(escape(r.doc))
+        return
+    t = Table("recipe", "family", "type", "protocol", "synth", "quant", "pre", "defaults", "paper")
     for r in list_methods():
         t.add_row(r["name"], r["family"], r["kind"], r["protocol"], r["synth"] or "-", r["quant"], r["pre"] or "-",
-                  r["paper"])
+                  ", ".join(f"{k}={v}" for k, v in r["hparams"].items() if not isinstance(v, dict)), r["paper"])
     out_console.print(t)
 
 

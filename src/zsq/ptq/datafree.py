@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import BadValueError
-from ..recipes import PRE_STEPS, QUANTIZERS, RECIPES, QuantContext, Recipe
+from ..recipes import HPARAM_KEYS, PRE_STEPS, QUANTIZERS, RECIPES, QuantContext, Recipe
 from .bn_ranges import DEFAULT_K, collect_stats, require_batchnorm, set_act_ranges
 from .dfq import bias_correct, dfq_prestep, find_pairs
 from .squant import MODES, squant_model_
@@ -125,6 +125,11 @@ def _run(ctx: QuantContext, method: str) -> nn.Module:
     info["seconds"] = round(time.perf_counter() - t0, 3)
     q.zsq_datafree = info
     return q
+
+
+_KEYS = frozenset(_COMMON) | {"a_observer", "rounding", "bias_correction", "bc_act", "udfc_act_noise",
+                               "udfc_out_noise", "udfc_clip", "udfc_cov", "udfc_fit"}
+HPARAM_KEYS.update({"dfq": _KEYS, "squant": _KEYS, "udfc": _KEYS})
 
 
 @QUANTIZERS.register("dfq")

@@ -99,6 +99,8 @@ BAD = {
     "set-unknown-hparam": (Q + ["--set", "w_obsrver=mse"], ["unknown hparam", "w_obsrver", "did you mean", "w_observer"],
                            {}),
     "set-not-key-value": (Q + ["--set", "w_observer"], ["--set", "KEY=VALUE", "w_observer"], {}),
+    "export-not-an-output": (["export", "{loose}"], ["loose", "not a finished zsq output"], {}),
+    "export-bad-format": (["export", "{loose}", "--format", "tflite"], ["--format", "onnx", "tflite"], {}),
     "eval-not-an-output": (["eval", "{loose}", "--data", "{test}"], ["loose", "not a finished zsq output"], {}),
 }
 
@@ -300,3 +302,20 @@ def test_interrupted_quantize_leaves_no_zsq_json(sig, quantized_out, tmp_path):
     assert not list(out.glob(".zsq.json.*")), "a half-written zsq.json is left"
     with pytest.raises(DataError, match="not a finished zsq output"):
         zsq.load(out)
+
+
+def test_export_writes_model_onnx_and_checks_it(quantized_out, tmp_path):
+    """`zsq export OUT --check DATA` writes OUT/model.onnx and prints PyTorch and ONNX Runtime top-1;
+    `zsq eval OUT/model.onnx` runs the exported file."""
+    src, _ = quantized_out
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    r = run_zsq("export", out, "--check", TEST_TAR, "--check-limit", "500", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.onnx").is_file() and not list(out.glob(".*.tmp"))
+    m = re.search(r"^top1 pytorch (\d+\.\d\d)  onnxruntime (\d+\.\d\d)  \(n=500\)$", r.stdout, re.M)
+    assert m, r.stdout
+    assert abs(float(m.group(1)) - float(m.group(2))) <= 1.0  # W8A8, 500 images: at most a few flips
+    r2 = run_zsq("eval", out / "model.onnx", "--data", TEST_TAR, "--limit", "500", "-q")
+    assert r2.returncode == 0, r2.stderr
+    assert re.search(rf"^top1 {m.group(2)}$", r2.stdout, re.M), r2.stdout

@@ -202,7 +202,7 @@ def synthesize(
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help=MODEL_HELP + ", or a zsq output directory"),
+    model: str = typer.Argument(..., help=MODEL_HELP + ", a zsq output directory, or OUT/model.onnx (ONNX Runtime)"),
     data: str = typer.Option(..., "--data", help="ImageFolder directory, .tar of one, or CIFAR-10 batches"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N/classes images per class"),
     threads: Optional[int] = typer.Option(None),
@@ -221,11 +221,47 @@ def eval_(
     _check_eval_path(data)
     if Path(model).is_dir():
         m = api.load(model)
+    elif model.endswith(".onnx"):  # an exported model, run by ONNX Runtime with its output's preprocessing
+        from .errors import DataError
+        from .export.onnx import OrtModel
+
+        if not Path(model).is_file():
+            raise DataError(f"{model} does not exist")
+        m = OrtModel(model, threads=threads, like=api.load(Path(model).parent))
     else:
         m = _model(model, weights, mean, std, resize, crop, interpolation)
     r = api.evaluate(m, data, limit=limit, progress=not quiet)
     out_console.print(f"top1 {r['top1']:.2f}")
     console.print(f"top5 {r['top5']:.2f}  (n={r['n']})")
+
+
+@app.command()
+def export(
+    out: Path = typer.Argument(..., help="a finished zsq output directory (qmodel.pt + zsq.json)"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (QDQ, opset 21)"),
+    check: Optional[str] = typer.Option(None, "--check", help="evaluate PyTorch and ONNX Runtime on this data"),
+    check_limit: Optional[int] = typer.Option(None, "--check-limit", help="first N/classes images per class"),
+    threads: Optional[int] = typer.Option(None),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Write OUT/model.onnx: integer weights + DequantizeLinear, Q/DQ at every activation quantizer."""
+    from . import api
+    from .errors import BadValueError
+
+    if fmt != "onnx":
+        raise BadValueError(f"--format must be onnx, got '{fmt}'")
+    _threads(threads)
+    if check:
+        _check_eval_path(check)
+    q = api.load(out)
+    from .export.onnx import OrtModel, export_onnx
+
+    path = export_onnx(q, Path(out) / "model.onnx")
+    console.print(f"[green]wrote[/] {path}")
+    if check:
+        r_t = api.evaluate(q, check, limit=check_limit, progress=not quiet)
+        r_o = api.evaluate(OrtModel(path, threads=threads, like=q), check, limit=check_limit, progress=not quiet)
+        out_console.print(f"top1 pytorch {r_t['top1']:.2f}  onnxruntime {r_o['top1']:.2f}  (n={r_o['n']})")
 
 
 @app.command()

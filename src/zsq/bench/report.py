@@ -50,9 +50,7 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
         run = r["run"]
         key = (run["model"], run["protocol"], run["budget"], r["zsq"].get("n_eval"))
         b = f"W{run['w']}A{run['a']}"
-        label = "calib-real" if run.get("calib") else run["recipe"]
-        if run.get("calib"):
-            label += f" ({run['calib_n']} real train images)"
+        label = _label(run, long=True)
         top1 = (r["zsq"].get("metrics") or {}).get("top1")
         if top1 is not None:
             groups[key][label][b].append(top1)
@@ -73,7 +71,7 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
         run, z = r["run"], r["zsq"]
         m = z.get("metrics") or {}
         syn = z.get("synthetic") or {}
-        label = "calib-real" if run.get("calib") else run["recipe"]
+        label = _label(run)
         lines.append(f"| {run['model']} | {label} | {run['protocol']} | W{run['w']}A{run['a']} | {run['budget']} | "
                      f"{run['seed']} | {m.get('top1', '—')} | {m.get('top5', '—')} | {z.get('wall_s')} | {z.get('cpu_s', '—')} | "
                      f"{r.get('load_avg', '—')} | "
@@ -81,6 +79,16 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
                      f"{z.get('peak_rss_mb')} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _label(run: dict, long: bool = False) -> str:
+    """Row label: the recipe (or calib-real), plus any extra CLI flags of the run (``--pre dfq``)."""
+    label = "calib-real" if run.get("calib") else run["recipe"]
+    if run.get("calib") and long:
+        label += f" ({run['calib_n']} real train images)"
+    if run.get("extra"):
+        label += " " + " ".join(run["extra"])
+    return label
 
 
 def write(runs_dir: str | Path = "bench/runs", out: str | Path = "docs/results.md") -> Path:

@@ -138,3 +138,16 @@ def test_resolve_applies_budget_then_user_hparams():
     assert resolve("genie", hparams={"iters": 7}).hparams["iters"] == 7  # a ReconConfig field
     with pytest.raises(UnknownNameError, match="did you mean iters"):
         resolve("genie", hparams={"itres": 7})
+
+
+def test_zeroq_smoke_end_to_end(resnet20, real_batch):
+    """The zeroq recipe through the API on its smoke budget: distilled images, then L_p weights and
+    min-max activations (the default/smoke quantizer); W4A8 keeps most of the FP predictions."""
+    q = zsq.quantize(resnet20, "zeroq", 4, 8, protocol="ptq", budget="smoke", progress=False)
+    r = q.zsq_result
+    assert r["recipe"]["synth"] == "zeroq" and r["recipe"]["hparams"]["w_observer"] == "mse"
+    assert r["synthetic"]["kind"] == "synthetic" and r["synthetic"]["n_images"] > 0
+    x, _ = real_batch
+    with torch.inference_mode():
+        agree = (q(x).argmax(1) == resnet20(x).argmax(1)).float().mean()
+    assert agree >= 0.85, float(agree)

@@ -83,9 +83,9 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
 
 def _label(run: dict, long: bool = False) -> str:
     """Row label: the recipe (or calib-real), plus any extra CLI flags of the run (``--pre dfq``)."""
-    label = "calib-real" if run.get("calib") else run["recipe"]
+    label = f"calib-real ({run['recipe']} quantizer)" if run.get("calib") else run["recipe"]
     if run.get("calib") and long:
-        label += f" ({run['calib_n']} real train images)"
+        label = f"calib-real ({run['recipe']} quantizer, {run['calib_n']} real train images)"
     if run.get("extra"):
         label += " " + " ".join(run["extra"])
     return label

@@ -44,7 +44,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        return "calib-real" if self.calib else self.recipe
+        return f"calib-real-{self.recipe}" if self.calib else self.recipe
 
     @property
     def run_id(self) -> str:

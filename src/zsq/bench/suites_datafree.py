@@ -6,8 +6,9 @@ Rows (each one ``zsq quantize`` process; wall time = quantization only, evaluati
 * ResNet-20 (JPEG-CIFAR-10 test set, 10,000 images): dfq / squant / udfc at W8A8, W4A8, W4A4, W3A3,
   seed 0; the best recipe (squant) also at seeds 1 and 2 (the seed only changes the noise of the
   BN-consistent forward that gives the statistics of residual sums);
-* chaining: ``--pre dfq`` in front of squant and of the Gaussian-noise min-max baseline, and
-  ``--pre none`` for dfq (its CLE switched off), at W4A4 and W3A3;
+* chaining: ``--pre dfq`` in front of squant, of the Gaussian-noise min-max baseline and of
+  ``zeroq`` (``ptq``, beside plain ``zeroq``), and ``--pre none`` for dfq (its CLE switched off), at
+  W4A4 and W3A3;
 * ResNet-32 and EfficientNet-Lite0 (ImageNet sample, 1,000 images; depthwise-separable, ReLU6):
   the three recipes at W8A8, W6A6 and W4A8.
 
@@ -34,6 +35,9 @@ def datafree(seeds=(0, 1, 2), models: bool = True) -> list[Run]:
         runs.append(Run(m, "squant", "fixed", w, a, extra=("--pre", "dfq")))
         runs.append(Run(m, "dfq", "fixed", w, a, extra=("--pre", "none")))
         runs.append(Run(m, "minmax-noise", "fixed", w, a, extra=("--pre", "dfq")))
+    for w, a in [(4, 4), (3, 3)]:  # chaining in front of a synthesis recipe (issue 7: measure it)
+        runs.append(Run(m, "zeroq", "ptq", w, a))
+        runs.append(Run(m, "zeroq", "ptq", w, a, extra=("--pre", "dfq")))
     if models:
         for r in RECIPES:
             for w, a in MODEL_BITS:

@@ -319,3 +319,12 @@ def test_export_writes_model_onnx_and_checks_it(quantized_out, tmp_path):
     r2 = run_zsq("eval", out / "model.onnx", "--data", TEST_TAR, "--limit", "500", "-q")
     assert r2.returncode == 0, r2.stderr
     assert re.search(rf"^top1 {m.group(2)}$", r2.stdout, re.M), r2.stdout
+
+
+def test_bench_list_names_every_suite():
+    from zsq.bench.suites import SUITES
+
+    r = run_zsq("bench", "list")
+    assert r.returncode == 0, r.stderr
+    for name in SUITES:
+        assert re.search(rf"^{name}: \S", r.stdout, re.M), r.stdout

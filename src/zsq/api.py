@@ -56,7 +56,7 @@ def resolve(recipe: str, *, pre=None, synth=None, quant=None, protocol=None, bud
     PROTOCOLS[res.protocol]
     QUANTIZERS[res.quant]
     if hparams:
-        allowed = set(r.hparams) | set(HPARAM_KEYS.get(res.quant, ()))
+        allowed = set(r.hparams) | set(HPARAM_KEYS.get(res.quant, ())) | set(HPARAM_KEYS.get(f"pre:{res.pre}", ()))
         for k in hparams:
             if k not in allowed:
                 raise UnknownNameError(f"hparam of quantizer {res.quant}", k, allowed)

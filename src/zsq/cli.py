@@ -348,7 +348,8 @@ def bench_list():
     from .bench.suites import SUITES
 
     for k, v in SUITES.items():
-        out_console.print(f"{k}: {(v.__doc__ or '').strip().splitlines()[0]}")
+        doc = (v.__doc__ or "").strip().splitlines()
+        out_console.print(f"{k}: {doc[0] if doc else ''}")
 
 
 def _click_error_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

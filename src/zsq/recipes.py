@@ -65,7 +65,8 @@ class Recipe:
 QUANTIZERS: Registry[Callable[[QuantContext], nn.Module]] = Registry("quantizer")
 PRE_STEPS: Registry[Callable[[nn.Module, dict], nn.Module]] = Registry("pre-step")
 RECIPES: Registry[Recipe] = Registry("recipe")
-#: hparam keys each quantizer reads (what ``--set KEY=VALUE`` may override, besides the recipe's own)
+#: hparam keys each quantizer (and, as ``pre:NAME``, each pre-step) reads: what ``--set KEY=VALUE``
+#: may override besides the recipe's own hparams
 HPARAM_KEYS: dict[str, frozenset[str]] = {}
 
 
@@ -179,7 +180,8 @@ _add(Recipe(
          "1,024 images x 4,000 iterations in the paper) and Genie-M reconstruction (QDrop + AdaRound + learnt "
          "weight steps, 20,000 steps per block) [code: SamsungLabs/Genie]. Native protocol = the official code's "
          "convention (genie-native: BN unfolded, quantizers at layer inputs, shortcuts quantized); publish `ptq` "
-         "numbers beside it. default budget: 256 images x 500 iterations, 2,000 steps per block."),
+         "numbers beside it. default budget: 256 images x 300 iterations (bf16, compressed schedules), 3,000 steps per "
+         "block (fp32)."),
 ))
 _add(Recipe(
     name="brecq", family="reconstruction", kind="PTQ",

@@ -27,6 +27,7 @@ IMAGENET_EVAL = "imagenet-sample/val256.tar"
 
 
 def datafree(seeds=(0, 1, 2), models: bool = True) -> list[Run]:
+    """Issue 7: dfq / squant / udfc (`fixed`), chaining with --pre dfq, ResNet-32 and EfficientNet-Lite0."""
     m = "cifar10_resnet20"
     runs = [Run(m, r, "fixed", w, a) for r in RECIPES for w, a in BITS]
     for s in seeds[1:]:

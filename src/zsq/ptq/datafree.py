@@ -128,8 +128,10 @@ def _run(ctx: QuantContext, method: str) -> nn.Module:
 
 
 _KEYS = frozenset(_COMMON) | {"a_observer", "rounding", "bias_correction", "bc_act", "udfc_act_noise",
-                               "udfc_out_noise", "udfc_clip", "udfc_cov", "udfc_fit"}
-HPARAM_KEYS.update({"dfq": _KEYS, "squant": _KEYS, "udfc": _KEYS})
+                               "udfc_out_noise", "udfc_clip", "udfc_cov", "udfc_fit", "threads"}
+HPARAM_KEYS.update({"dfq": _KEYS, "squant": _KEYS, "udfc": _KEYS,
+                    "pre:dfq": frozenset({"cle", "cle_iters", "absorb", "absorb_sigma", "absorb_padded", "relu6",
+                                          "threads"})})
 
 
 @QUANTIZERS.register("dfq")

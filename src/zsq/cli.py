@@ -195,8 +195,16 @@ def synthesize(
     m = _model(model, weights, None, None, None, None, None)
     rb = api.RECIPES[res.name].budgets.get(budget, {}) if res.synth == api.RECIPES[res.name].synth else {}
     overrides = {k: v for k, v in rb.items() if k not in ("quant", "n_images")} or None
-    s = _synth(m, res.synth, budget=budget, seed=seed, n_images=n_images or rb.get("n_images"),
-               out_dir=out, progress=not quiet, overrides=overrides)
+    from .distributed import is_distributed, synthesize_sharded, world
+
+    if is_distributed():  # under torchrun: this rank makes every WORLD_SIZE-th batch
+        s = synthesize_sharded(m, res.synth, budget=budget, seed=seed, n_images=n_images or rb.get("n_images"),
+                               out_dir=out, progress=not quiet, overrides=overrides)
+        if world()[0] != 0:
+            return
+    else:
+        s = _synth(m, res.synth, budget=budget, seed=seed, n_images=n_images or rb.get("n_images"),
+                   out_dir=out, progress=not quiet, overrides=overrides)
     out_console.print(f"{s.n_images} images in {s.dir} (sha256 {s.sha256[:12]})")
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import DataError
+from ..errors import ChecksumError, DataError
 from ..paths import atomic_path, sha256_file, write_json_atomic, zsq_cache
 
 META = "meta.json"
@@ -72,6 +72,27 @@ def write_shard(path: str | os.PathLike, tensors: dict[str, Tensor]) -> str:
             f.flush()
             os.fsync(f.fileno())
     return hashlib.sha256(data).hexdigest()
+
+
+def read_shard_bytes(directory: str | os.PathLike, index: int) -> dict[str, Any]:
+    """Shard ``index`` of ``directory`` as ``{index, data, sidecar}`` (raw bytes), to send elsewhere."""
+    pt = Path(directory) / shard_name(index)
+    return {"index": int(index), "data": pt.read_bytes(), "sidecar": json.loads(sidecar_path(pt).read_text())}
+
+
+def write_shard_bytes(directory: str | os.PathLike, item: dict[str, Any]) -> bool:
+    """Write a shard received from :func:`read_shard_bytes` unless an identical one is already there
+    (a shared filesystem). The bytes must match the sidecar's SHA-256. Returns whether it wrote."""
+    pt = Path(directory) / shard_name(int(item["index"]))
+    want = item["sidecar"]["sha256"]
+    if hashlib.sha256(item["data"]).hexdigest() != want:
+        raise ChecksumError(f"received shard {pt.name} does not match its SHA-256")
+    if pt.is_file() and sidecar_path(pt).is_file() and hashlib.sha256(pt.read_bytes()).hexdigest() == want:
+        return False
+    with atomic_path(pt) as tmp:
+        Path(tmp).write_bytes(item["data"])
+    write_json_atomic(sidecar_path(pt), item["sidecar"])
+    return True
 
 
 def read_shard(path: str | os.PathLike, sha256: str | None = None) -> dict[str, Tensor]:

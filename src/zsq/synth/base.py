@@ -131,6 +131,8 @@ class Synthesizer:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[SynthConfig]] = SynthConfig
+    #: batches are independent (each from its own seeded generator), so ranks can split them
+    shardable: ClassVar[bool] = True
 
     def __init__(self, config: SynthConfig | None = None):
         self.config = config if config is not None else self.Config.for_budget("default")

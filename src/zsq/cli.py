@@ -273,6 +273,18 @@ def export(
 
 
 @app.command()
+def report(
+    out: Path = typer.Argument(..., help="a finished zsq output directory"),
+    bench: Optional[Path] = typer.Option(None, "--bench", help="benchmark runs folder for the accuracy-vs-bits plot"),
+):
+    """Write OUT/report/ (report.md, index.html, PNGs): synthetic images, losses, per-layer SQNR, accuracy."""
+    from .report import write_report
+
+    p = write_report(out, bench)
+    out_console.print(f"wrote {p} and {p.with_name('index.html')}")
+
+
+@app.command()
 def zoo():
     """List the zoo models."""
     from .models import zoo_table

@@ -438,9 +438,13 @@ def synthesize(
             n_k = min(cfg.batch_size, cfg.n_images - k * cfg.batch_size)
             rec: dict[str, float] = {}
 
-            def step(it: int, total: int, loss: float, _rec=rec) -> None:
+            trace: list[list[float]] = []
+
+            def step(it: int, total: int, loss: float, _rec=rec, _trace=trace) -> None:
                 _rec.setdefault("first", float(loss))
                 _rec["last"] = float(loss)
+                if it % max(1, total // 100) == 0 or it == total - 1:  # <= ~100 points for `zsq report`
+                    _trace.append([int(it), round(float(loss), 6)])
                 bar.step(it, total, loss)
 
             bar.start_batch(k)
@@ -459,7 +463,7 @@ def synthesize(
             side = {
                 "index": k, "file": pt.name, "sha256": sha, "n": n_k, "wall_s": round(wall, 4),
                 "loss_first": rec.get("first"), "loss_last": rec.get("last"),
-                "batch_seed": batch_seed(seed, k), "key": key,
+                "batch_seed": batch_seed(seed, k), "key": key, "loss_trace": trace,
             }
             write_json_atomic(sidecar_path(pt), side)
             done[k] = side

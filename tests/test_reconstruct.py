@@ -289,3 +289,22 @@ def test_fused_lsq_drop_matches_reference():
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
         torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gs, rs, rtol=1e-4, atol=1e-5)
+
+
+def test_corrupted_checkpoint_is_refused(resnet20, tmp_path):
+    """A checkpoint whose bytes changed (disk error, truncation) fails its SHA-256 on --resume."""
+    from zsq.errors import ChecksumError
+
+    images = _images(16)
+    passes = [ReconConfig(iters=4, batch_size=8)]
+    with pytest.raises(ReconInterrupted):
+        reconstruct(_qmodel(resnet20), images, passes, ckpt_dir=tmp_path, stop_at=(0, 2, 1), progress=False)
+    ck = tmp_path / "recon.pt"
+    raw = bytearray(ck.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    ck.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError, match="SHA-256"):
+        reconstruct(_qmodel(resnet20), images, passes, ckpt_dir=tmp_path, resume=True, progress=False)
+    ck.write_bytes(bytes(raw[: len(raw) // 3]))  # truncated: the trailer is gone
+    with pytest.raises(ChecksumError, match="no checksum"):
+        reconstruct(_qmodel(resnet20), images, passes, ckpt_dir=tmp_path, resume=True, progress=False)

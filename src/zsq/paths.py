@@ -58,3 +58,43 @@ def torch_save_atomic(obj, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+_TRAILER = b"\nzsq-sha256:"
+
+
+def torch_save_checked(obj, path: str | os.PathLike) -> str:
+    """``torch.save`` to ``path`` atomically with the payload's SHA-256 appended as a trailer, so a
+    truncated or corrupted file is detected by :func:`torch_load_checked`. Returns the hash."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data + _TRAILER + digest.encode())
+    return digest
+
+
+def torch_load_checked(path: str | os.PathLike, what: str = "checkpoint"):
+    """Load a file written by :func:`torch_save_checked` (``weights_only=True``); a missing trailer
+    or a payload that does not match it raises :class:`~zsq.errors.ChecksumError`."""
+    import io
+
+    import torch
+
+    from .errors import ChecksumError
+
+    raw = Path(path).read_bytes()
+    cut = raw.rfind(_TRAILER)
+    if cut < 0:
+        raise ChecksumError(f"{what} {path} has no checksum (truncated, or not written by this zsq); "
+                            "delete it or run without --resume")
+    data, digest = raw[:cut], raw[cut + len(_TRAILER):].decode(errors="replace").strip()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ChecksumError(f"{what} {path} fails its SHA-256 check (corrupted); delete it or run without --resume")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

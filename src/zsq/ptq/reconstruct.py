@@ -53,14 +53,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import BadValueError
-from ..paths import torch_save_atomic
+from ..errors import BadValueError, ChecksumError
+from ..paths import torch_load_checked, torch_save_checked
 from ..quant.adaround import AdaRoundQuantizer
 from ..quant.graph import is_block
 from ..quant.modules import QUANT_LAYERS, Quantizer
 
 CKPT_NAME = "recon.pt"
-CKPT_FORMAT = "zsq-recon-1"
+CKPT_FORMAT = "zsq-recon-2"  # 2: SHA-256 trailer (paths.torch_save_checked)
 
 
 @dataclass
@@ -438,7 +438,7 @@ class Reconstructor:
     def _save(self, done: list[list[int]], partial: dict | None) -> None:
         if self.ckpt is None:
             return
-        torch_save_atomic({"format": CKPT_FORMAT, "fingerprint": self.fingerprint, "done": done,
+        torch_save_checked({"format": CKPT_FORMAT, "fingerprint": self.fingerprint, "done": done,
                            "model": _state(self.q)
                            if partial is None else self._boundary_state,
                            "partial": partial, "stats": self.stats}, self.ckpt)
@@ -447,7 +447,9 @@ class Reconstructor:
         if self.ckpt is None or not self.resume or not self.ckpt.is_file():
             return None
         try:
-            ck = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+            ck = torch_load_checked(self.ckpt, "reconstruction checkpoint")
+        except ChecksumError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise BadValueError(f"cannot read the reconstruction checkpoint {self.ckpt} ({type(e).__name__}); "
                                 "delete it or run without --resume") from None

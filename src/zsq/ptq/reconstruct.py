@@ -55,6 +55,7 @@ from torch import nn
 
 from ..errors import BadValueError, ChecksumError
 from ..paths import torch_load_checked, torch_save_checked
+from ..progress import LossBar, fmt_loss
 from ..quant.adaround import AdaRoundQuantizer
 from ..quant.graph import is_block
 from ..quant.modules import QUANT_LAYERS, Quantizer
@@ -276,29 +277,12 @@ def _fingerprint(images: torch.Tensor, passes: list[ReconConfig], seed: int, ext
     return h.hexdigest()
 
 
-class _Bar:
+class _Bar(LossBar):
     """rich progress: one bar per unit with its running loss (stderr)."""
 
     def __init__(self, enabled: bool):
-        self.p = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                              console=Console(stderr=True))
+        super().__init__(enabled)
         self.task = None
-
-    def __enter__(self):
-        if self.p is not None:
-            self.p.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.p is not None:
-            self.p.stop()
 
     def start(self, desc: str, total: int, done: int = 0):
         if self.p is not None:
@@ -306,11 +290,11 @@ class _Bar:
 
     def update(self, done: int, loss: float | None):
         if self.p is not None and self.task is not None:
-            self.p.update(self.task, completed=done, loss="-" if loss is None else f"{loss:.4g}")
+            self.p.update(self.task, completed=done, loss=fmt_loss(loss))
 
     def finish(self, loss: float | None):
         if self.p is not None and self.task is not None:
-            self.p.update(self.task, completed=self.p.tasks[-1].total, loss="-" if loss is None else f"{loss:.4g}")
+            self.p.update(self.task, completed=self.p.tasks[-1].total, loss=fmt_loss(loss))
 
 
 # --------------------------------------------------------------------------------------------------

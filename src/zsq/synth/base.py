@@ -40,6 +40,7 @@ from ..data.shards import (
 )
 from ..errors import BadValueError, DataError, OutputExistsError
 from ..paths import sha256_file, write_json_atomic
+from ..progress import LossBar, fmt_loss
 from ..registry import Registry
 from ..spec import BUDGETS, check_budget
 
@@ -313,31 +314,15 @@ def _batch_indices(batches: Iterable[int] | None, n_batches: int) -> list[int]:
     return out
 
 
-class _Progress:
+class _Progress(LossBar):
     """A rich progress display: one bar over batches, one over the current batch's iterations."""
 
     def __init__(self, enabled: bool, title: str, n_batches: int):
+        super().__init__(enabled)
         self.enabled = enabled
-        self.p = None
-        if enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.p = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            )
+        if self.p is not None:
             self.overall = self.p.add_task(title, total=n_batches, loss="-")
         self.batch_task = None
-
-    def __enter__(self):
-        if self.p is not None:
-            self.p.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.p is not None:
-            self.p.stop()
 
     def skip(self, n: int) -> None:
         if self.p is not None and n:
@@ -349,14 +334,14 @@ class _Progress:
 
     def step(self, it: int, total: int, loss: float) -> None:
         if self.p is not None and self.batch_task is not None:
-            self.p.update(self.batch_task, completed=it + 1, total=total, loss=f"{loss:.4g}")
+            self.p.update(self.batch_task, completed=it + 1, total=total, loss=fmt_loss(loss))
 
     def end_batch(self, loss: float | None) -> None:
         if self.p is not None:
             if self.batch_task is not None:
                 self.p.remove_task(self.batch_task)
                 self.batch_task = None
-            self.p.update(self.overall, advance=1, loss="-" if loss is None else f"{loss:.4g}")
+            self.p.update(self.overall, advance=1, loss=fmt_loss(loss))
 
 
 def synthesize(

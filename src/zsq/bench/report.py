@@ -43,6 +43,7 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
     vers = sorted({f"zsq {r['zsq']['versions']['zsq']} ({r['zsq']['versions'].get('git')}), torch "
                    f"{r['zsq']['versions']['torch']}" for r in recs})
     lines += [f"Machine(s): {'; '.join(machines)}.  ", f"Software: {'; '.join(vers)}.", ""]
+    lines += _targets_section(recs)
     # summary tables: model x protocol x budget -> recipe rows, bit columns, top-1 (seed 0, or mean over seeds)
     groups: dict[tuple, dict] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     bits_seen: dict[tuple, set] = defaultdict(set)
@@ -80,6 +81,75 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
                      f"{z.get('peak_rss_mb')} |")
     lines.append("")
     return "\n".join(lines)
+
+
+# (label, model, recipe, protocol, bits, extra, statistic, goal, needed seeds) -- from benchmarks.md / the issues
+_TARGETS = [
+    ("zeroq, ptq, W4A8, mean of 3 seeds >= 79.4", "cifar10_resnet20", "zeroq", "ptq", "W4A8", "top1", 79.4, 3),
+    ("zeroq, ptq, W4A4, mean of 3 seeds >= 75.0", "cifar10_resnet20", "zeroq", "ptq", "W4A4", "top1", 75.0, 3),
+    ("zeroq, ptq: synthesis + first setting < 60 s (max over seeds)", "cifar10_resnet20", "zeroq", "ptq", None,
+     "first_wall_max", -60.0, 3),
+    ("best synthesis-free, fixed, W8A8 >= FP - 0.1 = 80.93", "cifar10_resnet20", ("dfq", "squant", "udfc"), "fixed",
+     "W8A8", "top1_best", 80.93, 1),
+    ("best synthesis-free, fixed, W4A8 > AIMET 79.75", "cifar10_resnet20", ("dfq", "squant", "udfc"), "fixed", "W4A8",
+     "top1_best", 79.75, 1),
+    ("best synthesis-free, fixed, W4A4 > AIMET 73.54", "cifar10_resnet20", ("dfq", "squant", "udfc"), "fixed", "W4A4",
+     "top1_best", 73.54, 1),
+    ("best synthesis-free, fixed, W3A3 > AIMET 47.73", "cifar10_resnet20", ("dfq", "squant", "udfc"), "fixed", "W3A3",
+     "top1_best", 47.73, 1),
+    ("synthesis-free runs < 10 s each (max wall)", None, ("dfq", "squant", "udfc"), "fixed", None, "wall_max", -10.0, 1),
+    ("genie, genie-native, W4A4 >= 80.2", "cifar10_resnet20", "genie", "genie-native", "W4A4", "top1", 80.2, 1),
+    ("genie, genie-native, W3A3, mean of 3 seeds >= 78.3", "cifar10_resnet20", "genie", "genie-native", "W3A3", "top1",
+     78.3, 3),
+    ("genie: synthesis + first setting <= 800 s (max over seeds)", "cifar10_resnet20", "genie", "genie-native", None,
+     "first_wall_max", -800.0, 1),
+]
+
+
+def _targets_section(recs: list[dict]) -> list[str]:
+    """Each target of benchmarks.md / the issues against the runs on record (met / not met / open)."""
+    rows = []
+    for label, model, recipe, proto, bits, stat, goal, seeds in _TARGETS:
+        recipes = recipe if isinstance(recipe, tuple) else (recipe,)
+        sel = [r for r in recs if r["run"]["recipe"] in recipes and r["run"]["protocol"] == proto
+               and not r["run"].get("calib") and not r["run"].get("extra") and r["run"].get("budget") == "default"
+               and (model is None or r["run"]["model"] == model)
+               and (bits is None or f"W{r['run']['w']}A{r['run']['a']}" == bits)]
+        top = [(r["run"]["recipe"], r["zsq"]["metrics"]["top1"]) for r in sel if (r["zsq"].get("metrics") or {}).get("top1")]
+        n_seeds = len({r["run"]["seed"] for r in sel})
+        value, shown = None, "—"
+        if stat == "top1" and top:
+            vals = [t for _, t in top]
+            value = statistics.mean(vals)
+            shown = _fmt(vals)
+        elif stat == "top1_best" and top:
+            by = defaultdict(list)
+            for rec, t in top:
+                by[rec].append(t)
+            best = max(by, key=lambda k: statistics.mean(by[k]))
+            value = statistics.mean(by[best])
+            shown = f"{best}: {_fmt(by[best])}"
+        elif stat == "wall_max" and sel:
+            value = -max(r["zsq"]["wall_s"] for r in sel)
+            shown = f"{-value:.1f} s (n={len(sel)})"
+        elif stat == "first_wall_max" and sel:
+            per_seed = defaultdict(list)  # the run of a seed that made the synthetic set is its slowest
+            for r in sel:
+                per_seed[r["run"]["seed"]].append(r["zsq"]["wall_s"])
+            firsts = [max(v) for v in per_seed.values()]
+            if firsts:
+                value = -max(firsts)
+                shown = f"{-value:.1f} s (n={len(firsts)})"
+        if value is None:
+            status = "open (no runs)"
+        elif n_seeds < seeds:
+            status = f"open ({n_seeds} of {seeds} seeds)"
+        else:
+            status = "met" if value >= goal else "**not met**"
+        rows.append(f"| {label} | {shown} | {status} |")
+    return ["## Targets", "",
+            "Computed from the runs below (default budget; `first setting` = a run that made its synthetic set).",
+            "", "| target | measured | status |", "|---|---|---|", *rows, ""]
 
 
 def _onnx_section(d: Path) -> list[str]:

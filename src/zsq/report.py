@@ -43,6 +43,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    """Every report figure is laid out, written at the same resolution, and closed the same way."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     noise = float((ref - x).double().pow(2).sum())
     sig = float(ref.double().pow(2).sum())
@@ -76,9 +83,7 @@ def _loss_png(sides: list[dict], path: Path) -> bool:
     if len(traces) <= 10:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -155,9 +160,7 @@ def _sqnr_png(rows: list[dict], acts: list[dict], path: Path) -> None:
         ax.set_ylabel("SQNR vs FP (dB)")
         ax.set_title("activation outputs of the quantized model against the FP model (calibration images)")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _accuracy_png(bench: Path, model_id: str, protocol: str, path: Path) -> bool:
@@ -187,9 +190,7 @@ def _accuracy_png(bench: Path, model_id: str, protocol: str, path: Path) -> bool
     ax.set_title(f"{model_id}, protocol {protocol}: top-1 against bits (mean over seeds)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 

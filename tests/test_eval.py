@@ -213,6 +213,19 @@ def test_small_images_of_mixed_sizes_fall_back_to_per_image_transform(tmp_path):
     _one_line(e)
 
 
+def test_images_first_decoded_under_inference_mode_still_load_for_calibration(tmp_path):
+    # evaluation decodes (and caches) a subset under inference_mode; real calibration images taken
+    # later from the same file, outside it, must decode the rest into the same cache
+    _make_tree(tmp_path / "v", counts=(4, 4), size=(8, 8))
+    tar = _tar(tmp_path / "v", tmp_path / "v.tar", "v")
+    with torch.inference_mode():
+        _all(open_dataset(tar, CIFAR10, limit=2))
+    x, y = load_images(tar, CIFAR10, 8, seed=0)
+    assert x.shape == (8, 3, 8, 8) and not torch.is_inference(x)
+    ref_x, _ = _all(open_dataset(tar, CIFAR10))
+    assert sorted(map(tuple, x.flatten(1).tolist())) == sorted(map(tuple, ref_x.flatten(1).tolist()))
+
+
 def test_hidden_and_non_image_files_are_ignored(tmp_path):
     _make_tree(tmp_path / "d")
     (tmp_path / "d" / "README.txt").write_text("notes")

@@ -151,8 +151,11 @@ class _Source:
             h, w = first.shape[:2]
             self._small = h * w <= SMALL_PIXELS
             if self._small:
-                self._pixels = torch.empty((len(self), 3, h, w), dtype=torch.uint8)
-                self._done = torch.zeros(len(self), dtype=torch.bool)
+                # normal tensors even when first touched under inference_mode (evaluation): an
+                # inference tensor could not be updated later outside it (calibration images)
+                with torch.inference_mode(False):
+                    self._pixels = torch.empty((len(self), 3, h, w), dtype=torch.uint8)
+                    self._done = torch.zeros(len(self), dtype=torch.bool)
                 self._pixels[0] = torch.from_numpy(first.copy()).permute(2, 0, 1)
                 self._done[0] = True
         return self._small

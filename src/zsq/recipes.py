@@ -206,3 +206,4 @@ _add(Recipe(
 
 from .synth import genie as _genie  # noqa: E402,F401  (registers the "genie" synthesizer)
 from .ptq import datafree as _datafree  # noqa: E402,F401  (registers dfq / squant / udfc)
+from .qat import recipes as _qat  # noqa: E402,F401  (registers qat-kd / qat-zeroq)

@@ -1,0 +1,691 @@
+"""Distillation fine-tuning (QAT) of a fake-quantized student on a fixed synthetic set: the student
+side shared by the GDFQ lineage (methods.md A.2 skeleton, C.7, D.1).
+
+The student is the model laid out by a protocol (``qat`` natively: every Conv/Linear at W bits,
+an activation quantizer after every ReLU, BN kept); the teacher is the FP model, frozen, in eval
+mode, its passes under ``torch.inference_mode``. Each step draws a batch from the synthetic images,
+optionally augments it, and minimises
+
+    kd_weight * T^2 * KL(softmax(f(x)/T) || softmax(Q(x)/T))        (Hinton KD, f teacher, Q student)
+  + ce_weight * CE(Q(x), argmax f(x))                               (CE on the teacher's pseudo-labels)
+  + bns_weight * L_BNS(student BN inputs vs running statistics)     (zsq.synth.losses.BNStatsLoss)
+
+with SGD (momentum 0.9, Nesterov, weight decay on every parameter) and a cosine learning rate over
+the training steps. Sources, for the defaults of :class:`QATConfig` (CIFAR values; ImageNet in
+brackets): IntraQ [code: zysxmu/IntraQ trainer_direct.py, main_direct.py, cifar10_resnet20.hocon],
+which fine-tunes on a fixed set of 5,120 synthetic images: 151 epochs x 200 iterations, batch 256
+[16], SGD-Nesterov lr 1e-4 [1e-6], momentum 0.9, weight decay 1e-4, ``alpha * T^2 *
+KLDivLoss(reduction="batchmean")`` with alpha = T = 20 (HAST and SynQ keep this loop and loss; HAST
+CIFAR-10: batch 64, lr 1e-5). GDFQ/Qimera use ``KLDivLoss()``'s elementwise mean with alpha 1
+(``kd_reduction="mean"``, ``kd_weight=1``) [code: xushoukai/GDFQ trainer.py].
+
+Choices, and where they differ from the official code:
+
+* **Warm-up = range calibration**: during the first ``ema_epochs`` epochs the student is **not**
+  trained; its activation ranges follow the EMA (below) while the losses are only measured (the
+  lineage's trainers call ``backward_S`` only from ``epoch >= warmup_epochs = 4``, IntraQ's from
+  ``epoch >= 4``, and freeze the ranges after epoch 4). IntraQ runs that
+  warm-up on GDFQ-generator images (methods.md A.3 pitfall); here it runs on the synthetic set.
+* **Schedule**: one cosine from ``lr`` over the training steps after the warm-up (the official
+  multi-step x0.1 at epochs 20/40/60 leaves the lr at 1e-7 for 90 of IntraQ's 151 epochs). Every
+  run reports its **last** epoch: no model selection on a test set (the official code keeps the
+  best test epoch).
+* **Loss terms**: the lineage's CE uses the synthesis labels (GDFQ, IntraQ); zsq's synthetic sets
+  need not carry labels, so ``ce_weight`` puts CE on the teacher's argmax instead, 0 by default (as
+  AIT and HAST, which drop the CE). ``bns_weight`` (0 by default; no official student loss has it)
+  matches the student's BN-input statistics to the running ones, ``bns_variant`` of C.1.
+* **BN**: kept unfolded with **frozen statistics**: the student stays in ``eval()`` all along
+  (IntraQ's ``self.model.eval()`` in ``train``), so running means/variances never move, while the BN
+  affine parameters (gamma, beta) are trained with everything else. Under a protocol that folds BN
+  (``ptq``, ``fixed``) the folded conv biases are trained instead.
+* **Weights**: per-output-channel asymmetric min-max range recomputed from the current FP weights
+  before every step (the official ``Quant_Conv2d`` recomputes it every forward), zsq's fake
+  quantizer with a straight-through round; the final weights' ranges are set once more at the end.
+* **Activations**: per-tensor asymmetric ranges from an EMA of the batch min/max, momentum 0.9 with
+  bias correction (:class:`zsq.quant.observers.Observer` ``"ema"``), updated at every student
+  forward of the warm-up and frozen afterwards; each activation is quantized with the range just
+  updated, as the official ``QuantAct`` does. If the run has no more epochs than ``ema_epochs``, the
+  warm-up is the first 2% of the steps (at least one). Two deviations: (1) the
+  official update divides the *already corrected* value by ``1 - 0.9^t`` again at every step (a
+  transient that decays within ~50 steps); the observer keeps the raw EMA apart and corrects it
+  once; (2) zsq's fake quantizer passes no gradient to values clipped by the range (clipped STE;
+  the official ``AsymmetricQuantFunction`` passes every gradient through).
+* **Augmentation** (``augment``): IntraQ's fine-tuning dataset applies ``RandomResizedCrop(scale
+  (0.5, 1))`` + horizontal flip to every synthetic image, teacher and student seeing the same crop.
+  Here it is one batched bilinear resampling with a crop box and flip drawn per image (continuous
+  box positions; sides clipped to the image instead of torchvision's rejection loop).
+* **Batches**: each step draws ``batch_size`` distinct images at random (the official loader
+  shuffles the set each pass and drops the last incomplete batch; IntraQ's batch is
+  ``min(batch, n)`` like here).
+
+**Determinism and resume.** Every random draw of step ``s`` of epoch ``e`` (batch indices, crops,
+flips) comes from a ``torch.Generator`` seeded with a hash of ``(seed, e, s)``; nothing else is
+random. ``ckpt_dir/qat.pt`` (atomic, SHA-256 trailer) is rewritten after every epoch with the model,
+the optimizer state, the EMA observers and the loss history, under a fingerprint of the config, the
+seed, the initial student and the images; ``resume=True`` continues from it and ends with tensors
+equal to an uninterrupted run. Ctrl-C finishes the current step, writes the checkpoint at that step
+and raises ``KeyboardInterrupt`` (a second Ctrl-C stops at once, leaving the last epoch's
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+from ..errors import BadValueError, ChecksumError
+from ..paths import torch_load_checked, torch_save_checked
+from ..progress import LossBar, fmt_loss
+from ..quant.modules import QUANT_LAYERS, Quantizer
+from ..quant.observers import Observer
+
+CKPT_NAME = "qat.pt"
+CKPT_FORMAT = "zsq-qat-1"
+KD_REDUCTIONS = ("batchmean", "mean")
+PRECISIONS = ("fp32", "bf16")
+#: fraction of the steps with EMA activation ranges when the run has no more epochs than ``ema_epochs``
+EMA_FRACTION = 0.02
+
+
+@dataclass
+class QATConfig:
+    """Hyperparameters of the fine-tuning loop. Defaults = the fixed-set GDFQ lineage on CIFAR
+    [code: zysxmu/IntraQ cifar10_resnet20.hocon, trainer_direct.py] (module docstring).
+
+    ``epochs`` x ``steps_per_epoch`` steps of ``batch_size`` images (an "epoch" is 200 iterations
+    in the official trainers, not a pass over the set). ``lr`` peaks the cosine schedule; SGD with
+    ``momentum``, ``nesterov`` and ``weight_decay``. Loss weights: ``kd_weight`` (alpha), with
+    ``temperature`` T and ``kd_reduction`` (``batchmean``: IntraQ/HAST/SynQ; ``mean``: GDFQ's
+    elementwise mean), ``ce_weight`` (CE on the teacher's argmax), ``bns_weight`` (student BN-input
+    statistics, ``bns_variant`` of :data:`zsq.synth.losses.BNS_VARIANTS`). ``ema_epochs``: warm-up
+    epochs with EMA activation ranges (``ema_momentum``) and no training; frozen ranges after.
+    ``augment``: per-image random resized crop (``crop_scale`` of the area) + horizontal flip.
+    ``precision``: ``fp32`` | ``bf16`` (autocast of the teacher and student forwards; losses and
+    activation fake-quantization in fp32); ``channels_last``: NHWC batches and weights.
+    """
+
+    epochs: int = 151  # IntraQ cifar*.hocon nEpochs (ImageNet: 151 too; SynQ 101)
+    steps_per_epoch: int = 200  # trainer_direct.py: iters = 200
+    batch_size: int = 256  # batchSize (ImageNet 16)
+    lr: float = 1e-4  # lr_S (ImageNet 1e-6)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    temperature: float = 20.0
+    kd_weight: float = 20.0  # alpha
+    kd_reduction: str = "batchmean"
+    ce_weight: float = 0.0
+    bns_weight: float = 0.0
+    bns_variant: str = "gdfq"
+    ema_epochs: int = 4  # main_direct.py: unfreeze_model while epoch < 4
+    ema_momentum: float = 0.9  # QuantAct beta
+    augment: bool = True  # main_direct.py direct_dataset: RandomResizedCrop(scale (0.5, 1)) + flip
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    precision: str = "fp32"
+    channels_last: bool = True  # ResNet-20, batch 256, fp32, 1 thread: 1.29 vs 1.50 s/step (13% faster)
+
+    def __post_init__(self):
+        for name in ("epochs", "steps_per_epoch", "batch_size", "ema_epochs"):
+            setattr(self, name, _as(int, getattr(self, name), name))
+        for name in ("lr", "momentum", "weight_decay", "temperature", "kd_weight", "ce_weight", "bns_weight",
+                     "ema_momentum"):
+            setattr(self, name, _as(float, getattr(self, name), name))
+        for name in ("nesterov", "augment", "channels_last"):
+            setattr(self, name, _as_bool(getattr(self, name), name))
+        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
+            raise BadValueError(f"epochs, steps_per_epoch and batch_size must be >= 1, got {self.epochs}, "
+                                f"{self.steps_per_epoch}, {self.batch_size}")
+        if self.ema_epochs < 0:
+            raise BadValueError(f"ema_epochs must be >= 0, got {self.ema_epochs}")
+        if self.lr < 0 or self.weight_decay < 0:
+            raise BadValueError(f"lr and weight_decay must be >= 0, got {self.lr}, {self.weight_decay}")
+        if not 0.0 <= self.momentum < 1.0 or not 0.0 < self.ema_momentum < 1.0:
+            raise BadValueError(f"momentum must be in [0, 1) and ema_momentum in (0, 1), got {self.momentum}, "
+                                f"{self.ema_momentum}")
+        if self.nesterov and self.momentum == 0.0:
+            raise BadValueError("nesterov needs momentum > 0 (set nesterov=false or a momentum)")
+        if self.temperature <= 0:
+            raise BadValueError(f"temperature must be > 0, got {self.temperature}")
+        if min(self.kd_weight, self.ce_weight, self.bns_weight) < 0:
+            raise BadValueError(f"loss weights must be >= 0, got kd {self.kd_weight}, ce {self.ce_weight}, "
+                                f"bns {self.bns_weight}")
+        if self.kd_weight == self.ce_weight == self.bns_weight == 0:
+            raise BadValueError("every loss weight is 0: set kd_weight, ce_weight or bns_weight > 0")
+        if self.kd_reduction not in KD_REDUCTIONS:
+            raise BadValueError(f"kd_reduction must be one of {', '.join(KD_REDUCTIONS)}, got '{self.kd_reduction}'")
+        if self.precision not in PRECISIONS:
+            raise BadValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        from ..synth.losses import BNS_VARIANTS
+
+        if self.bns_variant not in BNS_VARIANTS:
+            raise BadValueError(f"bns_variant must be one of {', '.join(BNS_VARIANTS)}, got '{self.bns_variant}'")
+        try:
+            lo, hi = (float(v) for v in self.crop_scale)
+        except (TypeError, ValueError):
+            raise BadValueError(f"crop_scale expects two numbers [lo, hi], got {self.crop_scale!r}") from None
+        if not 0.0 < lo <= hi <= 1.0:
+            raise BadValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got [{lo}, {hi}]")
+        self.crop_scale = (lo, hi)
+        if self.total_steps <= self.ema_steps:
+            raise BadValueError(f"{self.total_steps} steps leave none to train after {self.ema_steps} EMA warm-up "
+                                "steps: raise epochs or steps_per_epoch, or lower ema_epochs")
+
+    @classmethod
+    def from_hparams(cls, hp: dict[str, Any] | None) -> QATConfig:
+        """The config with the fields present in ``hp`` (recipe hparams; other keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (hp or {}).items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["crop_scale"] = list(self.crop_scale)
+        return d
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def ema_steps(self) -> int:
+        """Steps (from the first) with EMA activation ranges: ``ema_epochs`` epochs, or 2% of the
+        steps when the run has no more epochs than that; at least one (the ranges start there)."""
+        if self.epochs > self.ema_epochs:
+            return max(1, self.ema_epochs * self.steps_per_epoch)
+        return max(1, math.ceil(EMA_FRACTION * self.total_steps))
+
+
+def _as(kind: type, value: Any, name: str):
+    if isinstance(value, bool):
+        raise BadValueError(f"{name} expects a number, got {value}")
+    try:
+        v = kind(value)
+    except (TypeError, ValueError):
+        raise BadValueError(f"{name} expects {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if kind is int and isinstance(value, float) and v != value:
+        raise BadValueError(f"{name} expects an integer, got {value}")
+    if kind is float and not math.isfinite(v):
+        raise BadValueError(f"{name} must be finite, got {value}")
+    return v
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise BadValueError(f"{name} expects true or false, got {value!r}")
+
+
+class QATInterrupted(Exception):
+    """Raised at ``stop_at`` (tests) after the checkpoint is written."""
+
+
+# --------------------------------------------------------------------------------------------------
+# pieces
+# --------------------------------------------------------------------------------------------------
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """A 63-bit seed for step ``step`` of epoch ``epoch`` of run ``seed`` (independent of other steps)."""
+    h = hashlib.sha256(f"zsq-qat/{int(seed)}/{int(epoch)}/{int(step)}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """``base * (1 + cos(pi * step / total)) / 2`` (step 0-based: the first step runs at ``base``)."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` in fp32.
+
+    ``batchmean``: summed over classes, averaged over the batch (IntraQ/HAST/SynQ);
+    ``mean``: averaged over batch *and* classes, i.e. ``batchmean / num_classes`` (``KLDivLoss()``'s
+    default, GDFQ/Qimera/AIT).
+    """
+    t = float(temperature)
+    log_q = F.log_softmax(student.float() / t, dim=1)
+    p = F.softmax(teacher.float() / t, dim=1)
+    kl = F.kl_div(log_q, p, reduction="batchmean") * (t * t)
+    return kl / student.shape[1] if reduction == "mean" else kl
+
+
+def random_resized_crop_flip(x: Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.5, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+    """Per image: a random crop box covering ``scale`` of the area with aspect ratio in ``ratio``
+    (log-uniform), resized back to the full size (bilinear), mirrored with probability 0.5: IntraQ's
+    ``RandomResizedCrop(scale=(0.5, 1)) + RandomHorizontalFlip()``, batched as one affine resampling
+    (box sides clipped to the image instead of torchvision's rejection loop). Draws 5 uniforms per
+    image from ``generator``."""
+    b = x.shape[0]
+    u = torch.rand(b, 5, generator=generator, device=generator.device).to(x.device)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lr0 + (lr1 - lr0) * u[:, 1])
+    w = torch.sqrt(area * aspect).clamp(max=1.0)  # box width / image width
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=x.device)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = (2.0 * u[:, 2] - 1.0) * (1.0 - w)  # box centre, normalised coordinates
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = (2.0 * u[:, 3] - 1.0) * (1.0 - h)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def refresh_weight_ranges(model: nn.Module) -> None:
+    """Every quantized layer's weight range = the per-channel min-max of its current weights."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QUANT_LAYERS) and isinstance(m.wq, Quantizer):
+                m.wq.init_from_tensor(m.weight.detach(), "minmax")
+
+
+def _act_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer) and not n.endswith("wq")]
+
+
+def _state(model: nn.Module) -> dict[str, Any]:
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in model.state_dict().items()}
+
+
+def _fingerprint(student: nn.Module, images: Tensor, cfg: QATConfig, seed: int) -> str:
+    h = hashlib.sha256()
+    layout = getattr(student, "zsq_layout", None)
+    h.update(json.dumps({"config": cfg.to_dict(), "seed": int(seed),
+                         "layout": layout.to_dict() if layout is not None else None},
+                        sort_keys=True, default=str).encode())
+    for k, v in sorted(student.state_dict().items()):
+        if isinstance(v, torch.Tensor):
+            h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+            h.update(v.detach().float().contiguous().cpu().numpy().tobytes())
+    h.update(images.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """While inside: the first Ctrl-C only sets ``flag["hit"]`` (the loop checkpoints at the end of the
+    step and raises ``KeyboardInterrupt``); a second one interrupts at once. Main thread only."""
+    flag = {"hit": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    prev = signal.getsignal(signal.SIGINT)
+    if prev is signal.SIG_IGN or prev is None:
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["hit"]:
+            raise KeyboardInterrupt
+        flag["hit"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+
+@contextlib.contextmanager
+def _fused_act_quant(aqs: list[tuple[str, Quantizer]]):
+    """While inside, per-tensor activation quantizers with a fixed step fake-quantize through torch's
+    fused ``fake_quantize_per_tensor_affine`` also when a gradient is needed (the :class:`Quantizer`
+    uses that kernel only without one). Forward values are bit-identical to
+    :func:`zsq.quant.fake.fake_quant`, computed in fp32 also under bf16 autocast; the gradient is
+    the same straight-through estimator, masked where the rounded code falls outside the grid
+    (``fake_quant`` masks where the unrounded value does: they differ within half a step of the
+    range ends). Forward + backward of one 256x16x32x32 activation, 1 thread: 55-80 ms through
+    ``Quantizer.forward``, 22 ms fused (ResNet-20 has 19 such quantizers: ~0.4 s of a 1.5 s step).
+    Anything else (LSQ steps, QDrop, observe / off modes) goes through ``Quantizer.forward``."""
+    patched = []
+    for _, q in aqs:
+        if q.per_channel:
+            continue
+
+        def forward(x: Tensor, q: Quantizer = q) -> Tensor:
+            if q.mode != "quant" or isinstance(q.scale, nn.Parameter) or (q.training and q.drop_prob > 0):
+                return Quantizer.forward(q, x)
+            zp = q.zero_point.round().to(torch.int32).reshape(())
+            return torch.fake_quantize_per_tensor_affine(x.float(), q.scale.detach().reshape(()).float(), zp,
+                                                         q.qmin, q.qmax)
+
+        q.forward = forward  # instance attribute: hooks still run, the module tree is unchanged
+        patched.append(q)
+    try:
+        yield
+    finally:
+        for q in patched:
+            del q.forward
+
+
+class _Bar(LossBar):
+    """rich progress: an overall bar over epochs (last epoch's mean loss) and one over the current
+    epoch's steps with its running mean loss (stderr)."""
+
+    def __init__(self, enabled: bool, epochs: int, done: int):
+        super().__init__(enabled)
+        self.task = None
+        if self.p is not None:
+            self.overall = self.p.add_task("qat epochs", total=epochs, completed=done, loss="-")
+
+    def start(self, epoch: int, total: int, done: int) -> None:
+        if self.p is not None:
+            self.task = self.p.add_task(f"  epoch {epoch + 1}", total=total, completed=done, loss="-")
+
+    def update(self, done: int, loss: float | None) -> None:
+        if self.p is not None and self.task is not None:
+            self.p.update(self.task, completed=done, loss=fmt_loss(loss))
+
+    def end(self, loss: float | None) -> None:
+        if self.p is not None:
+            if self.task is not None:
+                self.p.remove_task(self.task)
+                self.task = None
+            self.p.update(self.overall, advance=1, loss=fmt_loss(loss))
+
+
+# --------------------------------------------------------------------------------------------------
+# the engine
+# --------------------------------------------------------------------------------------------------
+class QATTrainer:
+    """Fine-tunes ``student`` (fresh from ``apply_protocol``: activation quantizers not calibrated) in
+    place by distillation from ``teacher`` on ``images``; see the module docstring.
+
+    ``stop_at=(epoch, k)``: write the checkpoint after step ``k`` (1-based) of ``epoch`` (0-based) and
+    raise :class:`QATInterrupted` (tests); ``callback(epoch, step, loss)`` runs after every step.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, images: Tensor, cfg: QATConfig, *, seed: int = 0,
+                 progress: bool = True, ckpt_dir: str | Path | None = None, resume: bool = False,
+                 stop_at: tuple[int, int] | None = None,
+                 callback: Callable[[int, int, float], None] | None = None):
+        if images is None or not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] < 1:
+            raise BadValueError("QAT needs training images (a synthesizer, --synthetic or --calib)")
+        self.cfg = cfg
+        self.q = student
+        self.images = images.detach().float().cpu()
+        self.seed = int(seed)
+        self.progress = progress
+        self.ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir else None
+        self.resume = resume
+        self.stop_at = tuple(int(v) for v in stop_at) if stop_at is not None else None
+        self.callback = callback
+        self.device = next((p.device for p in student.parameters()), torch.device("cpu"))
+        self.steps_run = 0
+        self.history: list[dict[str, Any]] = []
+
+        self.aqs = _act_quantizers(student)
+        for _, q in self.aqs:
+            q.observer = None
+            q.mode = "quant"  # ranges come from the EMA hook during the first steps
+        self.fingerprint = _fingerprint(student, self.images, cfg, self.seed)
+        self.teacher = copy.deepcopy(teacher)
+        for m in self.teacher.modules():
+            if isinstance(m, Quantizer):
+                m.mode = "off"
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+        student.eval()  # BN statistics frozen; BN affine parameters are trained
+        self.params = [p for p in student.parameters()]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                   weight_decay=cfg.weight_decay)
+        self._ema_on = False
+        self._hooks: list[Any] = []
+        self.bns = None
+        if cfg.bns_weight > 0:
+            from ..synth.losses import BNStatsLoss, bn_layers
+
+            if not bn_layers(student):
+                proto = getattr(getattr(student, "zsq_layout", None), "protocol", "?")
+                raise BadValueError(f"bns_weight > 0 needs BatchNorm layers in the student, but protocol {proto} "
+                                    "folds them (use --protocol qat or bns_weight=0)")
+            self.bns = BNStatsLoss.preset(cfg.bns_variant, student, input_prior=False)
+
+    # -- EMA activation ranges -------------------------------------------------------------------------
+    def _ema_hook(self, mod: Quantizer, args) -> None:
+        if not self._ema_on:
+            return
+        if mod.observer is None:
+            mod.observer = Observer("ema", momentum=self.cfg.ema_momentum)
+        mod.observer.update(args[0])
+        mod.set_range(mod.observer.lo, mod.observer.hi)
+
+    def _observer_state(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for n, q in self.aqs:
+            o = q.observer
+            if o is not None and o.lo is not None:
+                out[n] = {"lo": o.lo.clone(), "hi": o.hi.clone(), "elo": o._elo.clone(), "ehi": o._ehi.clone(),
+                          "steps": int(o.steps)}
+        return out
+
+    def _load_observers(self, state: dict[str, dict[str, Any]]) -> None:
+        for n, q in self.aqs:
+            s = state.get(n)
+            if s is None:
+                q.observer = None
+                continue
+            o = Observer("ema", momentum=self.cfg.ema_momentum)
+            o.lo, o.hi, o._elo, o._ehi, o.steps = s["lo"], s["hi"], s["elo"], s["ehi"], int(s["steps"])
+            q.observer = o
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _save(self, epoch: int, step: int, acc: dict[str, float]) -> None:
+        if self.ckpt is None:
+            return
+        torch_save_checked({"format": CKPT_FORMAT, "fingerprint": self.fingerprint, "epoch": epoch, "step": step,
+                            "model": _state(self.q), "optimizer": self.opt.state_dict(),
+                            "observers": self._observer_state(), "history": self.history, "acc": acc}, self.ckpt)
+
+    def _load(self) -> dict | None:
+        if self.ckpt is None or not self.resume or not self.ckpt.is_file():
+            return None
+        try:
+            ck = torch_load_checked(self.ckpt, "QAT checkpoint")
+        except ChecksumError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise BadValueError(f"cannot read the QAT checkpoint {self.ckpt} ({type(e).__name__}); "
+                                "delete it or run without --resume") from None
+        if ck.get("format") != CKPT_FORMAT or ck.get("fingerprint") != self.fingerprint:
+            raise BadValueError(f"{self.ckpt} was written by a run with other settings or data; "
+                                "delete it or run without --resume")
+        return ck
+
+    # -- one step ------------------------------------------------------------------------------------
+    def _batch(self, epoch: int, step: int) -> Tensor:
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(step_seed(self.seed, epoch, step))
+        n = self.images.shape[0]
+        idx = torch.randperm(n, generator=g)[: min(cfg.batch_size, n)]
+        x = self.images[idx]
+        if cfg.augment:
+            x = random_resized_crop_flip(x, g, cfg.crop_scale)
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        return x.to(self.device).contiguous(memory_format=fmt)
+
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def losses(self, x: Tensor) -> dict[str, Tensor]:
+        """The loss terms of the student on batch ``x`` (with gradients); ``total`` is their weighted sum."""
+        cfg = self.cfg
+        with torch.inference_mode(), self._autocast():
+            t = self.teacher(x)
+        t = t.float().clone()  # a normal tensor (inference tensors cannot be saved for backward)
+        with self._autocast():
+            s = self.q(x)
+        s = s.float()
+        out = {}
+        total = torch.zeros((), device=s.device)
+        if cfg.kd_weight > 0:
+            out["kd"] = kd_loss(s, t, cfg.temperature, cfg.kd_reduction)
+            total = total + cfg.kd_weight * out["kd"]
+        if cfg.ce_weight > 0:
+            out["ce"] = F.cross_entropy(s, t.argmax(1))
+            total = total + cfg.ce_weight * out["ce"]
+        if self.bns is not None:
+            out["bns"] = self.bns.loss()
+            total = total + cfg.bns_weight * out["bns"]
+        out["total"] = total
+        return out
+
+    def lr_at(self, gstep: int) -> float:
+        """The learning rate of global step ``gstep``: 0 during the EMA warm-up, then a cosine from
+        ``lr`` over the training steps."""
+        cfg = self.cfg
+        if gstep < cfg.ema_steps:
+            return 0.0
+        return cosine_lr(cfg.lr, gstep - cfg.ema_steps, cfg.total_steps - cfg.ema_steps)
+
+    def _step(self, epoch: int, step: int) -> dict[str, float]:
+        """One step: an EMA warm-up step (activation ranges updated, losses measured, no update) or
+        a training step (ranges frozen, SGD on the loss)."""
+        cfg = self.cfg
+        gstep = epoch * cfg.steps_per_epoch + step
+        x = self._batch(epoch, step)
+        refresh_weight_ranges(self.q)
+        if gstep < cfg.ema_steps:
+            self._ema_on = True
+            try:
+                with torch.no_grad():  # not inference_mode: the ranges set here are used with autograd later
+                    terms = self.losses(x)
+            finally:
+                self._ema_on = False
+        else:
+            for grp in self.opt.param_groups:
+                grp["lr"] = self.lr_at(gstep)
+            terms = self.losses(x)
+            self.opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            self.opt.step()
+        self.steps_run += 1
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    # -- all epochs ----------------------------------------------------------------------------------
+    def run(self) -> nn.Module:
+        cfg = self.cfg
+        start_epoch, start_step, acc = 0, 0, {}
+        ck = self._load()
+        if ck is not None:
+            self.q.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            self._load_observers(ck["observers"])
+            self.history = list(ck["history"])
+            start_epoch, start_step, acc = int(ck["epoch"]), int(ck["step"]), dict(ck["acc"])
+        if cfg.channels_last:
+            self.q.to(memory_format=torch.channels_last)
+            self.teacher.to(memory_format=torch.channels_last)
+        self._hooks = [q.register_forward_pre_hook(self._ema_hook) for _, q in self.aqs]
+        if self.bns is not None:
+            self.bns.register()
+        t_run = time.perf_counter()
+        try:
+            with _deferred_sigint() as sigint, _fused_act_quant(self.aqs), \
+                    _Bar(self.progress, cfg.epochs, start_epoch) as bar:
+                for epoch in range(start_epoch, cfg.epochs):
+                    first = start_step if epoch == start_epoch else 0
+                    if epoch != start_epoch:
+                        acc = {}
+                    bar.start(epoch, cfg.steps_per_epoch, first)
+                    t0 = time.perf_counter()
+                    for step in range(first, cfg.steps_per_epoch):
+                        vals = self._step(epoch, step)
+                        for k, v in vals.items():
+                            acc[k] = acc.get(k, 0.0) + v
+                        acc["n"] = acc.get("n", 0.0) + 1
+                        done = step + 1
+                        bar.update(done, acc["total"] / acc["n"])
+                        if self.callback is not None:
+                            self.callback(epoch, step, vals["total"])
+                        if done == cfg.steps_per_epoch:
+                            self.history.append({
+                                "epoch": epoch, **{k: round(v / acc["n"], 6) for k, v in acc.items() if k != "n"},
+                                "lr_last": self.lr_at(epoch * cfg.steps_per_epoch + step),
+                                "ema_steps": max(0, min(cfg.steps_per_epoch,
+                                                        cfg.ema_steps - epoch * cfg.steps_per_epoch)),
+                                "wall_s": round(time.perf_counter() - t0, 3)})
+                            self._save(epoch + 1, 0, {})
+                        if self.stop_at is not None and self.stop_at == (epoch, done):
+                            if done != cfg.steps_per_epoch:
+                                self._save(epoch, done, acc)
+                            raise QATInterrupted(f"stopped after step {done} of epoch {epoch}")
+                        if sigint["hit"]:
+                            if done != cfg.steps_per_epoch:
+                                self._save(epoch, done, acc)
+                            raise KeyboardInterrupt
+                    bar.end(self.history[-1]["total"] if self.history else None)
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            self._ema_on = False
+            if self.bns is not None:
+                self.bns.remove()
+            if cfg.channels_last:
+                self.q.to(memory_format=torch.contiguous_format)
+        # the finished model: weight ranges of the final weights, frozen activation ranges, no observers
+        refresh_weight_ranges(self.q)
+        for _, q in self.aqs:
+            q.observer = None
+            if not q.initialized:  # never reached by a forward (e.g. a branch the data never takes)
+                q.mode = "off"
+        self.q.eval()
+        self.wall_s = time.perf_counter() - t_run
+        return self.q
+
+
+def qat_finetune(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: QATConfig | None = None,
+                 **kw) -> nn.Module:
+    """Fine-tune ``student`` (fresh from ``apply_protocol``) in place by distillation from ``teacher`` on
+    ``images``; see :class:`QATTrainer` for the keywords. The result carries ``zsq_qat`` = the per-epoch
+    mean losses, steps run in this call, EMA steps, ms per step."""
+    cfg = cfg or QATConfig()
+    tr = QATTrainer(student, teacher, images, cfg, **kw)
+    q = tr.run()
+    q.zsq_qat = {"epochs": tr.history, "steps_run": tr.steps_run, "ema_steps": cfg.ema_steps,
+                 "total_steps": cfg.total_steps,
+                 "ms_per_step": round(1000 * tr.wall_s / tr.steps_run, 1) if tr.steps_run else None}
+    return q
+
+
+def quantize_qat(ctx) -> nn.Module:
+    """The registered quantizer ``qat-kd``: lay the model out by ``ctx.protocol`` (per-channel min-max
+    weights), then :func:`qat_finetune` it on ``ctx.images`` with the FP model as teacher
+    (``ctx.hparams`` = :class:`QATConfig` fields; ``stop_at`` is a test hook)."""
+    from ..quant.protocol import apply_protocol
+
+    if ctx.images is None:
+        raise BadValueError("the qat-kd quantizer needs training images (a synthesizer, --synthetic or --calib)")
+    hp = dict(ctx.hparams or {})
+    cfg = QATConfig.from_hparams(hp)
+    student = apply_protocol(ctx.model, ctx.protocol, ctx.w_bits, ctx.a_bits, policy=ctx.policy,
+                             w_observer="minmax", a_observer="minmax", strict=ctx.strict)
+    stop_at = hp.get("stop_at")
+    return qat_finetune(student, ctx.model, ctx.images, cfg, seed=ctx.seed, progress=ctx.progress,
+                        ckpt_dir=ctx.ckpt_dir, resume=ctx.resume,
+                        stop_at=tuple(stop_at) if stop_at is not None else None)

@@ -184,6 +184,18 @@ _add(Recipe(
          "block (fp32)."),
 ))
 _add(Recipe(
+    name="sadag", family="noise-optimization", kind="PTQ",
+    paper="Sharpness-Aware Data Generation for Zero-shot Quantization (Hoang-Anh, Pham, Le, Cai, Do; ICML 2024)",
+    protocol="genie-native", synth="sadag", quant="genie-m",
+    hparams={"w_observer": "mse", "a_observer": "mse"},
+    budgets=_RECON_BUDGETS,
+    doc=("Genie-D data plus SADAG's gradient-matching term (cosine between each image's and its Gaussian "
+         "neighbours' per-sample gradients of the FP-vs-W4A4 reconstruction loss w.r.t. the last block's "
+         "weights, second order into the generator), then Genie-M reconstruction as in the genie recipe. No "
+         "public code: neighbours, rho, weight and schedule are zsq's choices (zsq.synth.sadag). default "
+         "budget: Genie-D's default with the term every 8th iteration from 25% on, 3,000 steps per block."),
+))
+_add(Recipe(
     name="brecq", family="reconstruction", kind="PTQ",
     paper="BRECQ: Pushing the Limit of Post-Training Quantization by Block Reconstruction (Li et al., ICLR 2021)",
     protocol="ptq", synth="genie", quant="brecq",
@@ -205,5 +217,6 @@ _add(Recipe(
 ))
 
 from .synth import genie as _genie  # noqa: E402,F401  (registers the "genie" synthesizer)
+from .synth import sadag as _sadag  # noqa: E402,F401  (registers the "sadag" synthesizer)
 from .ptq import datafree as _datafree  # noqa: E402,F401  (registers dfq / squant / udfc)
 from .qat import recipes as _qat  # noqa: E402,F401  (registers qat-kd / qat-zeroq)

@@ -30,6 +30,7 @@ autocast + channels_last (measured 1.9x less CPU per iteration than fp32); ``smo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -122,6 +123,15 @@ class Genie(Synthesizer):
     name = "genie"
     Config = GenieConfig
 
+    def extra_loss(self, model: nn.Module, generator: torch.Generator, *, batch_size: int,
+                   image_shape: tuple[int, int, int]) -> Callable[[int, Tensor], Tensor] | None:
+        """Hook for methods built on Genie-D (e.g. SADAG): called once per batch, after the generator,
+        latents and optimisers are set up and before the swing hooks are attached; returns
+        ``term(iteration, images)`` added to the BNS loss before ``backward`` (``images``: this
+        iteration's generator output, possibly bf16), or ``None`` (Genie-D itself: no extra term, no
+        random draw). The plateau schedule and the progress trace keep seeing the BNS loss only."""
+        return None
+
     def make_batch(self, model: nn.Module, batch_index: int, generator: torch.Generator, *, batch_size: int,
                    image_shape: tuple[int, int, int], step: StepCallback | None = None) -> Tensor:
         cfg = self.config
@@ -144,6 +154,7 @@ class Genie(Synthesizer):
                                                              min_lr=cfg.plateau_min_lr)
         opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_generator)
         sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.g_decay)
+        extra = self.extra_loss(model, generator, batch_size=batch_size, image_shape=image_shape)
         handles = swing_hooks(model, generator, cfg.swing) if cfg.swing > 0 else []
         x = None
         try:
@@ -155,7 +166,7 @@ class Genie(Synthesizer):
                         x = gen(z)
                         model(x.contiguous(memory_format=self.memory_format()))
                     loss = bns.loss(x.float())
-                    loss.backward()
+                    (loss if extra is None else loss + extra(it, x)).backward()
                     opt_z.step()
                     opt_g.step()
                     value = loss.item()

@@ -26,6 +26,17 @@ def _zsq_env(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (small tensors: less overhead, results independent of the host)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def resnet20():
     import zsq

@@ -26,12 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR_TEST = REPO.parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n=24, seed=0):

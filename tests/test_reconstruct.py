@@ -24,12 +24,7 @@ from zsq.spec import PROTOCOLS
 CIFAR_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n=32, seed=0):

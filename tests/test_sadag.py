@@ -21,12 +21,7 @@ from zsq.synth.sadag import GradientMatching, SadagConfig, quantizers_off
 CIFAR_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _frozen(model: nn.Module) -> nn.Module:

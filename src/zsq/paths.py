@@ -98,3 +98,23 @@ def torch_load_checked(path: str | os.PathLike, what: str = "checkpoint"):
     if hashlib.sha256(data).hexdigest() != digest:
         raise ChecksumError(f"{what} {path} fails its SHA-256 check (corrupted); delete it or run without --resume")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def load_resume_checkpoint(path: Path, what: str, fmt: str, fingerprint: str) -> dict:
+    """A run's resume checkpoint (written by :func:`torch_save_checked` with ``format`` and
+    ``fingerprint`` keys), refused with a one-line :class:`~zsq.errors.BadValueError` when it cannot
+    be read or was written by a run with other settings or data (checksum failures stay
+    :class:`~zsq.errors.ChecksumError`)."""
+    from .errors import BadValueError, ChecksumError
+
+    try:
+        ck = torch_load_checked(path, what)
+    except ChecksumError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise BadValueError(f"cannot read the {what} {path} ({type(e).__name__}); "
+                            "delete it or run without --resume") from None
+    if not isinstance(ck, dict) or ck.get("format") != fmt or ck.get("fingerprint") != fingerprint:
+        raise BadValueError(f"{path} was written by a run with other settings or data; "
+                            "delete it or run without --resume")
+    return ck

@@ -53,8 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import BadValueError, ChecksumError
-from ..paths import torch_load_checked, torch_save_checked
+from ..errors import BadValueError
+from ..paths import load_resume_checkpoint, torch_save_checked
 from ..progress import LossBar, fmt_loss
 from ..quant.adaround import AdaRoundQuantizer
 from ..quant.graph import is_block
@@ -430,17 +430,7 @@ class Reconstructor:
     def _load(self) -> dict | None:
         if self.ckpt is None or not self.resume or not self.ckpt.is_file():
             return None
-        try:
-            ck = torch_load_checked(self.ckpt, "reconstruction checkpoint")
-        except ChecksumError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise BadValueError(f"cannot read the reconstruction checkpoint {self.ckpt} ({type(e).__name__}); "
-                                "delete it or run without --resume") from None
-        if ck.get("format") != CKPT_FORMAT or ck.get("fingerprint") != self.fingerprint:
-            raise BadValueError(f"{self.ckpt} was written by a run with other settings or data; "
-                                "delete it or run without --resume")
-        return ck
+        return load_resume_checkpoint(self.ckpt, "reconstruction checkpoint", CKPT_FORMAT, self.fingerprint)
 
     # -- caching -------------------------------------------------------------------------------------
     def _run_to(self, model: nn.Module, unit_mod: nn.Module, x: torch.Tensor, want_out: bool):

@@ -88,8 +88,8 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from ..errors import BadValueError, ChecksumError
-from ..paths import torch_load_checked, torch_save_checked
+from ..errors import BadValueError
+from ..paths import load_resume_checkpoint, torch_save_checked
 from ..progress import LossBar, fmt_loss
 from ..quant.modules import QUANT_LAYERS, Quantizer
 from ..quant.observers import Observer
@@ -502,17 +502,7 @@ class QATTrainer:
     def _load(self) -> dict | None:
         if self.ckpt is None or not self.resume or not self.ckpt.is_file():
             return None
-        try:
-            ck = torch_load_checked(self.ckpt, "QAT checkpoint")
-        except ChecksumError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise BadValueError(f"cannot read the QAT checkpoint {self.ckpt} ({type(e).__name__}); "
-                                "delete it or run without --resume") from None
-        if ck.get("format") != CKPT_FORMAT or ck.get("fingerprint") != self.fingerprint:
-            raise BadValueError(f"{self.ckpt} was written by a run with other settings or data; "
-                                "delete it or run without --resume")
-        return ck
+        return load_resume_checkpoint(self.ckpt, "QAT checkpoint", CKPT_FORMAT, self.fingerprint)
 
     # -- one step ------------------------------------------------------------------------------------
     def _batch(self, epoch: int, step: int) -> Tensor:

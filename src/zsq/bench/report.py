@@ -66,6 +66,7 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
             lines.append(f"| {label} | " + " | ".join(_fmt(groups[key][label].get(c, [])) for c in cols) + " |")
         lines.append("")
     lines += _onnx_section(Path(runs_dir) / "onnx")
+    lines += _genie_val_section(Path(runs_dir) / "genie-val")
     lines += ["## Every run", "",
               "| model | recipe | protocol | bits | budget | seed | top-1 | top-5 | wall s | CPU s | load | data | images | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -171,6 +172,28 @@ def _onnx_section(d: Path) -> list[str]:
                             or k in ("MatMulInteger", "ConvInteger")) or "—"
         out.append(f"| {r['name']} | {r.get('qdq_fusion')} | {r.get('top1_pytorch')} | {r.get('top1_onnxruntime')} | "
                    f"{lat.get(1, '—')} | {lat.get(64, '—')} | {r.get('threads')} | {int_ops} | {r.get('load_avg')} |")
+    return out + [""]
+
+
+def _genie_val_section(d: Path) -> list[str]:
+    """Rows of ``bench/genie_validation.py``: how the `genie` default budget was chosen (validation split)."""
+    recs = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    if not recs:
+        return []
+    out = ["## Genie default budget: chosen on a validation split (`bench/genie_validation.py`)", "",
+           "ResNet-20, `genie` recipe (`genie-native`), seed 0. Top-1 on the **validation split** (first 500 "
+           "images per class of `cifar10-jpeg/train.tar`, 5,000 images; never the test set). Synthetic sets: "
+           "Genie-D, 256 images in 2 batches of 128; `real` = 256 real training images (a reference, not "
+           "zero-shot). `p1000b8` is a cheap proxy reconstruction (1,000 steps per block, batch 8). Wall "
+           "times include other work running on the machine at the time (the `load` column).", "",
+           "| synthetic set | overrides | reconstruction | hparams | bits | val top-1 | synth s | recon s | load |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(recs, key=lambda r: (r["recon"], r["bits"], r["synth"])):
+        ov = ", ".join(f"{k}={v}" for k, v in (r["synth_overrides"] or {}).items()) or ("—" if r["synth_overrides"]
+                                                                                       is not None else "real")
+        hp = ", ".join(f"{k}={v}" for k, v in r["recon_hparams"].items())
+        out.append(f"| {r['synth']} | {ov} | {r['recon']} | {hp} | {r['bits']} | {r['val_top1']:.2f} | "
+                   f"{r['synth_wall_s']} | {r['recon_wall_s']} | {r.get('load_avg')} |")
     return out + [""]
 
 

@@ -1,0 +1,125 @@
+"""Choose Genie's `default` budget on a validation split, never on the test set.
+
+Each experiment = (synthesizer overrides, reconstruction hparams, bits, seed). The synthetic set is
+made (or reused from ZSQ_CACHE) with ``zsq.synthesize``; the model is quantized with the `genie`
+recipe on it and top-1 is measured on the **validation split**: the first 500 images of every class
+of ``cifar10-jpeg/train.tar`` (5,000 images; none of them is a test image, and the synthetic data
+never sees them). Results go to ``bench/runs/genie-val/<name>.json``; a finished experiment is
+skipped when the script runs again (resumable).
+
+    ZSQ_HOME=../shared/assets ZSQ_CACHE=... python bench/genie_validation.py [NAME ...]
+    python bench/genie_validation.py --list
+
+The table of results is printed at the end (and pasted, with its command, into docs/results.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "runs" / "genie-val"
+
+# synthesizer overrides on top of genie's `default` preset (256 images, 2 batches of 128)
+SYNTH = {
+    "s300c": {},  # the current default: 300 iterations, schedules compressed (patience / decay every 8)
+    "s300u": {"plateau_patience": 100, "g_decay_every": 100},  # 300 iterations, the official schedules
+    "s500u": {"iters": 500, "plateau_patience": 100, "g_decay_every": 100},  # the reduced official run
+    "s500c": {"iters": 500, "plateau_patience": 13, "g_decay_every": 13},
+    "s300f": {"precision": "fp32"},  # the default in fp32 (bf16 ablation)
+    "real": None,  # 256 real training images (a reference, not zero-shot)
+}
+# reconstruction hparams on top of the recipe's default budget
+RECON = {
+    "p1000b8": {"iters": 1000, "batch_size": 8},  # proxy: cheap, for ranking synthetic sets
+    "r3000b32": {"iters": 3000, "batch_size": 32},  # the current default
+    "r3000b8": {"iters": 3000, "batch_size": 8},  # the official code's effective batch for 256 images
+    "r5000b8": {"iters": 5000, "batch_size": 8},
+}
+
+EXPERIMENTS = {}
+for s in SYNTH:
+    for bits in ((4, 4), (3, 3)):
+        EXPERIMENTS[f"{s}__p1000b8__W{bits[0]}A{bits[1]}__s0"] = (s, "p1000b8", bits, 0)
+for s in ("s300c", "s300u", "s500u", "s300f", "real"):
+    for r in ("r3000b32", "r3000b8", "r5000b8"):
+        for bits in ((4, 4), (3, 3)):
+            EXPERIMENTS[f"{s}__{r}__W{bits[0]}A{bits[1]}__s0"] = (s, r, bits, 0)
+
+
+def run(name: str) -> dict:
+    from zsq.api import evaluate, peak_rss_mb, quantize
+    from zsq.data.eval import open_dataset
+    from zsq.models.zoo import load_model
+    from zsq.synth import synthesize
+
+    s, r, (w, a), seed = EXPERIMENTS[name]
+    home = Path(os.environ["ZSQ_HOME"])
+    model = load_model("cifar10_resnet20")
+    t0 = time.perf_counter()
+    synth_s = 0.0
+    kw = {}
+    if SYNTH[s] is None:
+        kw["calib"] = str(home / "cifar10-jpeg" / "train.tar")
+        kw["calib_n"] = 256
+    else:
+        sset = synthesize(model, "genie", budget="default", seed=seed, progress=False, overrides=SYNTH[s] or None)
+        synth_s = float(json.loads((Path(sset.dir) / "meta.json").read_text()).get("wall_s", 0.0))
+        kw["synthetic"] = str(sset.dir)
+    t1 = time.perf_counter()
+    q = quantize(model, "genie", w, a, seed=seed, hparams=RECON[r], progress=False, **kw)
+    recon_s = time.perf_counter() - t1
+    val = open_dataset(home / "cifar10-jpeg" / "train.tar", model.zsq_info.preprocess, limit=5000)
+    acc = evaluate(q, val, progress=False)
+    return {"name": name, "synth": s, "synth_overrides": SYNTH[s], "recon": r, "recon_hparams": RECON[r],
+            "bits": f"W{w}A{a}", "seed": seed, "val_top1": acc["top1"], "val_n": acc["n"],
+            "synth_wall_s": round(synth_s, 1), "recon_wall_s": round(recon_s, 1),
+            "process_wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "load_avg": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def table() -> str:
+    rows = ["| synthetic set | reconstruction | bits | seed | val top-1 | synth s | recon s |", "|---|---|---|---|---|---|---|"]
+    for f in sorted(OUT.glob("*.json")):
+        d = json.loads(f.read_text())
+        rows.append(f"| {d['synth']} {d['synth_overrides'] or ''} | {d['recon']} {d['recon_hparams']} | {d['bits']} | "
+                    f"{d['seed']} | {d['val_top1']:.2f} | {d['synth_wall_s']} | {d['recon_wall_s']} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> int:
+    if "--list" in argv:
+        print("\n".join(EXPERIMENTS))
+        return 0
+    if "--table" in argv:
+        print(table())
+        return 0
+    torch.set_num_threads(2)
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name in argv or list(EXPERIMENTS):
+        if name not in EXPERIMENTS:
+            print(f"unknown experiment {name}", file=sys.stderr)
+            return 2
+        path = OUT / f"{name}.json"
+        if path.exists():
+            continue
+        print(f"running {name} ...", flush=True)
+        d = run(name)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(d, indent=1))
+        tmp.replace(path)
+        print(f"  {name}: val top-1 {d['val_top1']:.2f} (synth {d['synth_wall_s']} s, recon {d['recon_wall_s']} s)",
+              flush=True)
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

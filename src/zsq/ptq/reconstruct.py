@@ -59,6 +59,7 @@ from ..progress import LossBar, fmt_loss
 from ..quant.adaround import AdaRoundQuantizer
 from ..quant.graph import is_block
 from ..quant.modules import QUANT_LAYERS, Quantizer
+from ..quant.protocol import frozen_fp_copy
 
 CKPT_NAME = "recon.pt"
 CKPT_FORMAT = "zsq-recon-2"  # 2: SHA-256 trailer (paths.torch_save_checked)
@@ -403,13 +404,7 @@ class Reconstructor:
         for _, q in _act_quantizers(qmodel):
             q.mode = "off"
             q.initialized = False
-        self.teacher = copy.deepcopy(qmodel)
-        for m in self.teacher.modules():
-            if isinstance(m, Quantizer):
-                m.mode = "off"
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher.eval()
+        self.teacher = frozen_fp_copy(qmodel)
         self.q.eval()
         self._grad_flags = [(p, p.requires_grad) for p in qmodel.parameters()]
         for p in qmodel.parameters():  # only what a unit learns gets gradients

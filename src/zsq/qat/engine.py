@@ -93,6 +93,7 @@ from ..paths import load_resume_checkpoint, torch_save_checked
 from ..progress import LossBar, fmt_loss
 from ..quant.modules import QUANT_LAYERS, Quantizer
 from ..quant.observers import Observer
+from ..quant.protocol import frozen_fp_copy
 
 CKPT_NAME = "qat.pt"
 CKPT_FORMAT = "zsq-qat-1"
@@ -438,13 +439,7 @@ class QATTrainer:
             q.observer = None
             q.mode = "quant"  # ranges come from the EMA hook during the first steps
         self.fingerprint = _fingerprint(student, self.images, cfg, self.seed)
-        self.teacher = copy.deepcopy(teacher)
-        for m in self.teacher.modules():
-            if isinstance(m, Quantizer):
-                m.mode = "off"
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher.eval()
+        self.teacher = frozen_fp_copy(teacher)
         student.eval()  # BN statistics frozen; BN affine parameters are trained
         self.params = [p for p in student.parameters()]
         for p in self.params:

@@ -186,3 +186,15 @@ def set_act_mode(model: nn.Module, mode: str) -> None:
     for name, m in model.named_modules():
         if isinstance(m, Quantizer) and not name.endswith("wq"):
             m.mode = mode
+
+
+def frozen_fp_copy(model: nn.Module) -> nn.Module:
+    """A copy of a laid-out model with every :class:`Quantizer` off, no gradients, eval mode: the FP
+    teacher with the same structure (folded BN or not) that reconstruction and QAT distil from."""
+    teacher = copy.deepcopy(model)
+    for m in teacher.modules():
+        if isinstance(m, Quantizer):
+            m.mode = "off"
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()

@@ -89,6 +89,8 @@ class Protocol:
     ``first_w8`` / ``last_w8``: first conv / last linear weights at 8 bits (else W).
     ``first_a8``: the first quantized activation (stem output / second layer's input) at 8 bits.
     ``last_a8``: the classifier's input (last quantized activation) at 8 bits (else A).
+    Matmuls between two activations (ViT attention, :class:`zsq.models.vit.MatMul`) have both
+    operands quantized at A under every protocol.
     """
 
     name: str
@@ -134,6 +136,26 @@ for _p in (
         "Genie's code: BN not folded; activation quantizers at quantized-layer inputs (shortcuts share "
         "them); first layer W8 with FP input; second layer's input A8; last layer W8 with A8 input",
         fold_bn=False, act_placement="input", first_w8=True, last_w8=True, first_a8=True, last_a8=True,
+    ),
+    # vit-ptq against PSAQ-ViT's code (zkkli/PSAQ-ViT models/vit_quant.py, layers_quant.py, quant_utils.py;
+    # SMI's quantizer is the same code): the same weights (every Conv/Linear incl. patch embedding and
+    # head at W, per-channel symmetric min-max; none kept at 8 bits) and the same per-tensor asymmetric
+    # activation quantizers at every GEMM input (qkv/fc1 inputs = LayerNorm outputs, q/k/v, proj input,
+    # fc2 input = GELU output, head input); LayerNorm, Softmax and GELU run in FP in both. Differences:
+    # PSAQ-ViT leaves the softmax output (attn @ v's first operand) FP, vit-ptq quantizes it (an
+    # integer attn @ v needs it; FQ-ViT and PTQ4ViT quantize it too, with log2 / twin-uniform grids);
+    # PSAQ-ViT also quantizes the input image at A bits and tensors that feed no GEMM (embeddings,
+    # pre-softmax scores, residual stream, proj/fc2 outputs, logits); vit-ptq keeps them FP, as zsq's
+    # CNN protocols keep the network input and the logits FP.
+    # PSAQ-ViT's symmetric step is amax / (2^(b-1) - 0.5), zsq's amax / (2^(b-1) - 1).
+    Protocol(
+        "vit-ptq",
+        "vision transformers (PSAQ-ViT / SMI code lineage): every Conv/Linear, patch embedding and head "
+        "included, at W per-channel symmetric; activations at A per tensor at every GEMM input: the inputs of "
+        "all layers but the patch embedding and both operands of the attention matmuls (q, k; softmax "
+        "probabilities, v); LayerNorm, Softmax, GELU, the residual stream and the logits FP",
+        fold_bn=False, act_placement="input", first_w8=False, last_w8=False, first_a8=False, last_a8=False,
+        w_symmetric=True,
     ),
 ):
     PROTOCOLS.add(_p.name, _p)

@@ -59,6 +59,9 @@ class ModelInfo:
 
 
 ZOO: Registry[ModelEntry] = Registry("model")
+# what every CIFAR-10 zoo entry shares: evaluated on the JPEG test set with the same preprocessing
+CIFAR10_JPEG = {"dataset": "CIFAR-10", "eval_set": "JPEG-CIFAR-10 test (cifar10-jpeg/test.tar)",
+                "preprocess": CIFAR10, "num_classes": 10}
 
 _AKA = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/resnet{d}-{p}.th"
 _AKA_SHA = {
@@ -73,13 +76,10 @@ for _d, (_sha, _top1) in _AKA_SHA.items():
         ModelEntry(
             name=f"cifar10_resnet{_d}",
             build=(lambda d=_d: cifar_resnet(d)),
-            dataset="CIFAR-10",
             top1=_top1,
-            eval_set="JPEG-CIFAR-10 test (cifar10-jpeg/test.tar)",
             source="github.com/akamaster/pytorch_resnet_cifar10",
             licence="BSD-2-Clause",
-            preprocess=CIFAR10,
-            num_classes=10,
+            **CIFAR10_JPEG,
             relpath=f"cifar10-resnet/resnet{_d}.th",
             url=_AKA.format(d=_d, p=_sha[:8]),
             sha256=_sha,
@@ -176,12 +176,28 @@ def _load_timm(name: str, weights: str | None) -> tuple[nn.Module, str | None]:
     if weights:
         model = timm.create_model(name, pretrained=False)
         apply_state_dict(model, _read_state_dict(Path(weights)), f"weights file {weights}")
-        return model, sha256_file(weights)
+        return _timm_vit(model), sha256_file(weights)
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as e:  # noqa: BLE001 - hub errors vary
         raise WeightsError(f"timm:{name} weights unavailable ({type(e).__name__}); pass --weights FILE") from None
-    return model, None
+    return _timm_vit(model), None
+
+
+def _timm_vit(model: nn.Module) -> nn.Module:
+    """A timm ViT/DeiT rebuilt as :class:`zsq.models.vit.VisionTransformer` (same weights, attention
+    matmuls as modules so they can be quantized); other timm models are returned unchanged."""
+    if "VisionTransformer" not in type(model).__name__:
+        return model
+    from .vit import from_timm
+
+    try:
+        return from_timm(model)
+    except ValueError as e:
+        import warnings
+
+        warnings.warn(f"{e}: kept as timm built it, so its attention matmuls stay FP", stacklevel=3)
+        return model
 
 
 def _load_file(spec: str, weights: str | None) -> tuple[nn.Module, str | None]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..models.vit import MatMul
 from .fake import fake_quant, grad_scale, qparams_from_range, quantize_int
 from .observers import Observer, weight_range
 
@@ -176,6 +177,18 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
+
+
+class QuantMatMul(MatMul):
+    """``a @ b`` between two activations (a ViT's ``q @ k^T`` and ``attn @ v``) with one activation
+    quantizer per operand, ``aq_a`` and ``aq_b`` (PTQ4ViT / FQ-ViT's quantized matmul)."""
+
+    def __init__(self, aq_a: Quantizer, aq_b: Quantizer):
+        super().__init__()
+        self.aq_a, self.aq_b = aq_a, aq_b
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.aq_a(a), self.aq_b(b))
 
 
 def quantizers(model: nn.Module, kind: str = "all"):

@@ -1,5 +1,8 @@
 """Apply a :class:`~zsq.spec.Protocol` to a model: fold BN, swap Conv2d/Linear for quantized
 layers, and place activation quantizers where the protocol says (see benchmarks.md's table).
+Matmuls between two activations written as :class:`zsq.models.vit.MatMul` modules (a ViT's
+``q @ k^T`` and ``attn @ v``) become :class:`QuantMatMul` with both operands quantized at A bits
+under every protocol (``--keep-fp`` / ``--layer-bits`` accept their names too).
 
 The result is the same ``nn.Module`` tree (names unchanged, so blocks can be reconstructed one by
 one), with ``model.zsq_layout`` describing every quantized tensor.
@@ -15,10 +18,11 @@ import torch
 from torch import nn
 
 from ..errors import BadValueError, UnsupportedLayerError
+from ..models.vit import MatMul
 from ..spec import LayerPolicy, Protocol, check_bits
 from .fold import fold_bn
 from .graph import ACTIVATIONS, WEIGHT_LAYERS, get_parent, is_block, trace, unsupported_layers
-from .modules import QuantConv2d, QuantLinear, Quantizer
+from .modules import QuantConv2d, QuantLinear, QuantMatMul, Quantizer
 
 
 @dataclass
@@ -96,17 +100,12 @@ def apply_protocol(
     folded = fold_bn(q, example) if protocol.fold_bn else []
 
     tr = trace(q, example)
-    layers = [c for c in tr.calls if isinstance(c.module, WEIGHT_LAYERS)]
-    seen, uniq = set(), []
-    for c in layers:  # a layer module called twice is quantized once
-        if c.name not in seen:
-            seen.add(c.name)
-            uniq.append(c)
-    layers = uniq
+    layers = _first_calls(tr, WEIGHT_LAYERS)
+    matmuls = _first_calls(tr, MatMul)
     if not layers:
         raise BadValueError("the model has no Conv2d/Linear layer to quantize")
     names = [c.name for c in layers]
-    bad = policy.unmatched(names)
+    bad = policy.unmatched(names + [c.name for c in matmuls])
     if bad:
         raise BadValueError(f"--keep-fp/--layer-bits pattern(s) match no layer: {', '.join(bad)} "
                             f"(layers are e.g. {', '.join(names[:3])})")
@@ -178,8 +177,38 @@ def apply_protocol(
             layer = q.get_submodule(s["layer_in"])
             layer.aq_in = aq
             layout.acts.append(ActSite(f"{s['layer_in']}.aq_in", s["bits"], "in"))
+
+    # 3. matmuls between activations: both operands at A (their own quantizers)
+    for c in matmuls:
+        if policy.is_fp(c.name):
+            layout.fp_layers.append(c.name)
+            continue
+        bits = ov[1] if (ov := policy.bits_for(c.name)) is not None else a_bits
+        pair = []
+        for _ in range(2):
+            aq = Quantizer(bits, symmetric=False, per_channel=False, observer=a_observer)
+            aq.mode = "observe"
+            pair.append(aq)
+        parent, attr = get_parent(q, c.name)
+        setattr(parent, attr, QuantMatMul(*pair))
+        layout.acts += [ActSite(f"{c.name}.aq_a", bits, "in"), ActSite(f"{c.name}.aq_b", bits, "in")]
+    # the layout lists activation quantizers in forward order
+    when = {f"{c.name}.aq_in": c.order for c in layers}
+    when |= {f"{c.name}.aq_{ab}": c.order for c in matmuls for ab in "ab"}
+    when |= {f"{s['owner'].name}.aq_out": s["owner"].order for s in sites.values() if s["owner"] is not None}
+    layout.acts.sort(key=lambda a: when[a.name])
     q.zsq_layout = layout
     return q
+
+
+def _first_calls(tr, types) -> list:
+    """The first call of every module of ``types``, in call order (a module called twice is quantized once)."""
+    seen, out = set(), []
+    for c in tr.calls:
+        if isinstance(c.module, types) and c.name not in seen:
+            seen.add(c.name)
+            out.append(c)
+    return out
 
 
 def set_act_mode(model: nn.Module, mode: str) -> None:

@@ -8,14 +8,19 @@ from .base import (
     SYNTHESIZERS, SynthConfig, Synthesizer, batch_generator, batch_seed, get_synthesizer, model_fingerprint, prepared,
     synthesize, synthetic_key,
 )
-from .losses import BNS_VARIANTS, BNStatsLoss, bn_layers, image_prior_loss
+from .losses import BNS_VARIANTS, BNStatsLoss, bn_layers, image_prior_loss, l2_image_loss, tv_loss
 from . import noise as _noise  # noqa: F401  (registers "gaussian")
 from . import zeroq as _zeroq  # noqa: F401  (registers "zeroq")
+from .deepinversion import GZNQ, DeepInversion, KnowledgeWithin, MixMix  # registers the four
+from .dsg import DSG  # registers "dsg"
+from .intraq import HAST, IntraQ, TexQ  # registers the three
 from .noise import GaussianConfig, GaussianNoise
+from .pixel import PixelConfig, PixelSynthesizer
 from .zeroq import ZeroQ, ZeroQConfig
 
 __all__ = [
-    "BNS_VARIANTS", "BNStatsLoss", "GaussianConfig", "GaussianNoise", "SYNTHESIZERS", "SynthConfig", "Synthesizer",
-    "SyntheticSet", "ZeroQ", "ZeroQConfig", "batch_generator", "batch_seed", "bn_layers", "get_synthesizer",
-    "image_prior_loss", "model_fingerprint", "prepared", "synthesize", "synthetic_key",
+    "BNS_VARIANTS", "BNStatsLoss", "DSG", "DeepInversion", "GZNQ", "GaussianConfig", "GaussianNoise", "HAST", "IntraQ",
+    "KnowledgeWithin", "MixMix", "PixelConfig", "PixelSynthesizer", "SYNTHESIZERS", "SynthConfig", "Synthesizer",
+    "SyntheticSet", "TexQ", "ZeroQ", "ZeroQConfig", "batch_generator", "batch_seed", "bn_layers", "get_synthesizer",
+    "image_prior_loss", "l2_image_loss", "model_fingerprint", "prepared", "synthesize", "synthetic_key", "tv_loss",
 ]

@@ -245,14 +245,17 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     """``{"id", "weights_sha256"}`` from ``model.zsq_info``; hashes the state_dict when unknown."""
     info = getattr(model, "zsq_info", None)
     mid = getattr(info, "id", None) or f"module:{type(model).__name__}"
-    sha = getattr(info, "weights_sha256", None)
-    if not sha:
-        h = hashlib.sha256()
-        for k, v in sorted(model.state_dict().items()):
-            h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
-            h.update(v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        sha = "state_dict:" + h.hexdigest()
+    sha = getattr(info, "weights_sha256", None) or state_dict_sha256(model)
     return {"id": mid, "weights_sha256": sha}
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """``state_dict:<sha256>`` of every state tensor's name, dtype, shape and bytes (current weights)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+        h.update(v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "state_dict:" + h.hexdigest()
 
 
 def _image_shape(model: nn.Module, image_size: int | None) -> tuple[int, int, int]:

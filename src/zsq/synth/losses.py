@@ -24,14 +24,21 @@ For BN layer ``l`` with input ``a_l`` (B, C, H, W) and running statistics ``mu_l
   - ``mse``: ``mean(D^2)``, and the layers are **averaged** (GDFQ: ``(1/L) sum_l``);
   - ``sql2_c``: ``||D||^2 / C``, layers summed (Genie's ``l2_loss`` on (C,) vectors);
   - ``sql2_b``: ``||D||^2 / B``, layers summed (ZeroQ's ``own_loss`` on (B, C) matrices);
-  - ``l2``: ``||D||_2`` (unsquared Frobenius norm), layers summed (DeepInversion).
+  - ``l2``: ``||D||_2`` (unsquared Frobenius norm), layers summed (DeepInversion);
+  - ``kl``: ``sum_c KL(N(mean_c, var_c) || N(mu_c, sigma_c^2))`` (the batch statistics read as a
+    per-channel Gaussian; needs ``dispersion="var"``), layers averaged (GZNQ's reading of BNS as
+    matching distributions, zsq's formulation).
 
 * optional per-layer weights ``w_l`` multiply each layer's term (DeepInversion: 10 on the first BN);
 * optional hinge ``margin`` (DSG's slack alignment): every difference becomes
   ``max(0, |D| - m)`` before the reduction (elementwise; ``m`` a scalar or per-layer per-channel).
 
+* optional per-image, per-layer ``sample_weights`` (:meth:`BNStatsLoss.loss`, per-image statistics
+  only): DSG's layerwise sample enhancement gives each image an extra weight on one layer.
+
 The input-image prior (ZeroQ, Genie) pushes each image's per-channel mean to 0 and std to 1 in the
 normalised input space: ``||mean_x||^2 / B + ||std_x - 1||^2 / B`` with per-image statistics.
+The pixel priors of DeepInversion (:func:`tv_loss`, :func:`l2_image_loss`) live here as well.
 
 Use as a context manager so the hooks never outlive the synthesis::
 
@@ -52,7 +59,7 @@ from ..errors import BadValueError
 
 STATS = ("batch", "image")
 DISPERSIONS = ("var", "std")
-REDUCTIONS = ("mse", "sql2_c", "sql2_b", "l2")
+REDUCTIONS = ("mse", "sql2_c", "sql2_b", "l2", "kl")
 
 #: Named settings of :class:`BNStatsLoss` reproducing each official implementation (methods.md C.1).
 BNS_VARIANTS: dict[str, dict[str, Any]] = {
@@ -154,6 +161,31 @@ def image_prior_loss(x: Tensor, unbiased: bool = True, data_eps: float = 1e-6, f
     return (mean.pow(2).sum() + (std - 1.0).pow(2).sum()) / b
 
 
+def _neighbour_diffs(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Differences to the right, down, and the two diagonal neighbours (DeepInversion's four)."""
+    return (x[:, :, :, :-1] - x[:, :, :, 1:], x[:, :, :-1, :] - x[:, :, 1:, :],
+            x[:, :, 1:, :-1] - x[:, :, :-1, 1:], x[:, :, :-1, :-1] - x[:, :, 1:, 1:])
+
+
+def tv_loss(x: Tensor, kind: str = "l2") -> Tensor:
+    """Total variation of a batch as DeepInversion computes it (``get_image_prior_losses``).
+
+    ``l2``: the sum over the four neighbour directions of the (unsquared) Frobenius norm of the
+    whole batch's differences; ``l1``: the sum over the directions of the mean absolute difference.
+    """
+    diffs = _neighbour_diffs(_upcast(x))
+    if kind == "l2":
+        return sum(torch.linalg.vector_norm(d) for d in diffs)
+    if kind == "l1":
+        return sum(d.abs().mean() for d in diffs)
+    raise BadValueError(f"tv_loss kind must be l1 or l2, got '{kind}'")
+
+
+def l2_image_loss(x: Tensor) -> Tensor:
+    """Mean over the batch of each image's L2 norm (DeepInversion's ``loss_l2``)."""
+    return torch.linalg.vector_norm(_upcast(x).flatten(1), dim=1).mean()
+
+
 class BNStatsLoss:
     """BN-statistics matching loss on a model's BatchNorm2d inputs (+ optional input prior).
 
@@ -161,7 +193,7 @@ class BNStatsLoss:
         model: the network whose BN running statistics are the targets (left unchanged).
         stats: ``"batch"`` or ``"image"`` (per-image statistics, ZeroQ).
         dispersion: ``"var"`` or ``"std"``.
-        reduction: ``"mse"``, ``"sql2_c"``, ``"sql2_b"`` or ``"l2"`` (see the module docstring).
+        reduction: ``"mse"``, ``"sql2_c"``, ``"sql2_b"``, ``"l2"`` or ``"kl"`` (module docstring).
         unbiased: Bessel-corrected variance (ZeroQ/Genie use ``torch.var``/``torch.std`` defaults).
         eps: added to the running variance before ``sqrt`` (``dispersion="std"``).
         data_eps: added to the data variance before ``sqrt``; ``None`` = ``eps``.
@@ -205,6 +237,8 @@ class BNStatsLoss:
                                    (reduction, REDUCTIONS, "reduction")):
             if val not in allowed:
                 raise BadValueError(f"BNStatsLoss {what} must be one of {', '.join(allowed)}, got '{val}'")
+        if reduction == "kl" and (dispersion != "var" or margin):
+            raise BadValueError("BNStatsLoss reduction 'kl' needs dispersion='var' and no margin")
         self.model = model
         self.stats, self.dispersion, self.reduction = stats, dispersion, reduction
         self.unbiased = bool(unbiased)
@@ -330,9 +364,8 @@ class BNStatsLoss:
             return d
         return torch.relu(d.abs() - m)
 
-    def layer_losses(self) -> Tensor:
-        """Per-layer terms ``mean_weight * r(D_mean) + disp_weight * r(D_disp)`` (unweighted by layer)."""
-        out = []
+    def _layer_diffs(self):
+        """``(i, D_mean, D_disp, batch)`` per layer of the last forward, margins applied."""
         for i, item in enumerate(self._diffs):
             if item is None:
                 raise RuntimeError(f"BN layer '{self.names[i]}' saw no input: call the model inside the "
@@ -340,19 +373,61 @@ class BNStatsLoss:
             dm, dd, b = item
             if self.margins is not None:
                 dm, dd = self._hinge(dm, self.margins[i][0]), self._hinge(dd, self.margins[i][1])
-            out.append(self.mean_weight * _reduce(dm, self.reduction, b)
-                       + self.disp_weight * _reduce(dd, self.reduction, b))
+            yield i, dm, dd, b
+
+    def _kl(self, i: int, dm: Tensor, dd: Tensor) -> Tensor:
+        """``KL(N(mu + dm, s2 + dd) || N(mu, s2))`` per channel, ``s2 = running_var + eps``."""
+        r = dd / (self._disp[i] + self.eps)  # (var - s2) / s2 up to eps
+        return 0.5 * (self.mean_weight * dm.pow(2) / (self._disp[i] + self.eps)
+                      + self.disp_weight * (r - torch.log1p(r)))
+
+    def layer_losses(self) -> Tensor:
+        """Per-layer terms ``mean_weight * r(D_mean) + disp_weight * r(D_disp)`` (unweighted by layer)."""
+        out = []
+        for i, dm, dd, b in self._layer_diffs():
+            if self.reduction == "kl":
+                out.append(self._kl(i, dm, dd).sum(-1).mean())
+            else:
+                out.append(self.mean_weight * _reduce(dm, self.reduction, b)
+                           + self.disp_weight * _reduce(dd, self.reduction, b))
         return torch.stack(out)
 
-    def loss(self, x: Tensor | None = None, parts: bool = False):
+    def image_layer_losses(self) -> Tensor:
+        """(L, B): each image's share of each layer's term; summed over images = :meth:`layer_losses`.
+
+        Per-image statistics (``stats="image"``) with a separable reduction only (not ``l2``): with
+        batch statistics no image has a term of its own.
+        """
+        if self.stats != "image" or self.reduction == "l2":
+            raise BadValueError("per-image BNS terms need stats='image' and a reduction other than 'l2'")
+        out = []
+        for i, dm, dd, b in self._layer_diffs():
+            if self.reduction == "kl":
+                out.append(self._kl(i, dm, dd).sum(-1) / b)
+                continue
+            per = self.mean_weight * dm.pow(2).sum(-1) + self.disp_weight * dd.pow(2).sum(-1)
+            div = {"mse": dm.numel(), "sql2_c": dm.shape[-1], "sql2_b": b}[self.reduction]
+            out.append(per / div)
+        return torch.stack(out)
+
+    def loss(self, x: Tensor | None = None, parts: bool = False, sample_weights: Tensor | None = None):
         """The total loss of the last forward; ``x`` overrides the captured input for the prior.
 
-        With ``parts=True`` returns ``(total, {"bns": ..., "prior": ...})`` (tensors).
+        ``sample_weights`` (L, B), per-image statistics only: image ``b``'s term of layer ``l`` is
+        multiplied by ``sample_weights[l, b]`` (on top of the layer weights; all ones = the plain
+        loss). With ``parts=True`` returns ``(total, {"bns": ..., "prior": ...})`` (tensors).
         """
-        per_layer = self.layer_losses()
+        if sample_weights is None:
+            per_layer = self.layer_losses()
+        else:
+            per_image = self.image_layer_losses()
+            if tuple(sample_weights.shape) != tuple(per_image.shape):
+                raise BadValueError(f"sample_weights must have shape {tuple(per_image.shape)} (layers, images), "
+                                    f"got {tuple(sample_weights.shape)}")
+            per_layer = (per_image * sample_weights.to(per_image)).sum(1)
         w = torch.tensor(self.layer_weights, dtype=per_layer.dtype, device=per_layer.device)
         bns = (per_layer * w).sum()
-        if self.reduction == "mse":
+        if self.reduction in ("mse", "kl"):
             bns = bns / len(self.modules)
         total = bns
         prior = None

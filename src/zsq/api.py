@@ -133,7 +133,7 @@ def quantize(
     if res.pre:
         fp = PRE_STEPS[res.pre](_copy(model), res.hparams)
     data_info = {"dir": None, "sha256": None, "n_images": 0, "kind": "none"}
-    images = None
+    images = labels = None
     if calib:
         from .data.eval import load_images
 
@@ -145,13 +145,13 @@ def quantize(
     else:
         sset = synthetic_data(fp, res, seed, synthetic=synthetic, progress=progress)
         if sset is not None:
-            images = sset.images
+            images, labels = sset.images, sset.labels  # labels: None unless the synthesizer made them
             data_info = {"dir": str(sset.dir), "sha256": sset.sha256, "n_images": int(sset.n_images),
                          "kind": "synthetic"}
     ctx = QuantContext(model=fp, images=images, protocol=PROTOCOLS[res.protocol], w_bits=w_bits, a_bits=a_bits,
                        policy=policy or LayerPolicy(), hparams=res.hparams, budget=res.budget, seed=seed,
                        progress=progress, ckpt_dir=Path(ckpt_dir) if ckpt_dir else None, resume=resume,
-                       strict=strict)
+                       strict=strict, labels=labels)
     torch.manual_seed(seed)
     qmodel = QUANTIZERS[res.quant](ctx)
     wall = time.perf_counter() - t0

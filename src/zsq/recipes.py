@@ -22,7 +22,9 @@ from .spec import LayerPolicy, Protocol
 
 @dataclass
 class QuantContext:
-    """Everything a quantizer may use. ``images`` are calibration images (synthetic or real)."""
+    """Everything a quantizer may use. ``images`` are calibration images (synthetic or real);
+    ``labels`` the synthesis labels aligned with them when the synthesizer made some (``None`` for
+    real-data calibration and label-free synthesizers)."""
 
     model: nn.Module
     images: torch.Tensor | None
@@ -37,6 +39,7 @@ class QuantContext:
     ckpt_dir: Path | None = None
     resume: bool = False
     strict: bool = False
+    labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -103,6 +106,9 @@ _add(Recipe(
     budgets={"smoke": {"n_images": 64}, "default": {"n_images": 256}, "paper": {"n_images": 256}},
     doc="Weights per-channel min-max; activation min-max over 256 N(0,1) images (benchmarks.md's noise row).",
 ))
+#: ZeroQ's calibration budgets (quantizer side; see the zeroq recipe), shared by the recipes calibrating as it does
+_ZEROQ_BUDGETS = {"smoke": {"quant": {"w_observer": "mse"}}, "default": {"quant": {"w_observer": "mse"}}}
+
 _add(Recipe(
     name="zeroq", family="noise-optimization", kind="PTQ",
     paper="ZeroQ: A Novel Zero Shot Quantization Framework (Cai et al., CVPR 2020)",
@@ -113,7 +119,7 @@ _add(Recipe(
     # chosen on a validation split (first 5,000 images of cifar10-jpeg/train.tar, ResNet-20, `ptq`,
     # seed 0): W4A8 83.30 -> 84.66, W4A4 80.30 -> 82.32; min-max activations kept (L_p activations
     # +0.1/+0.2 there, not worth leaving the paper's activation ranges).
-    budgets={"smoke": {"quant": {"w_observer": "mse"}}, "default": {"quant": {"w_observer": "mse"}}},
+    budgets=_ZEROQ_BUDGETS,
     doc=("Distilled data by per-image BN-statistics matching (Adam lr 0.5, 500 iterations, batch 32), "
          "then per-channel min-max weights and running min-max activation ranges "
          "[code: amirgholami/ZeroQ]. Native protocol = the official code's placement (every layer "
@@ -121,6 +127,33 @@ _add(Recipe(
          "`paper` is the official run (32 images x 500 iterations, min-max weights); `default` (256 "
          "images x 120 iterations, bf16) also searches each weight channel's range by L_p error "
          "(p = 2.4), chosen on a train.tar validation split (+1.4 / +2.0 points at W4A8 / W4A4)."),
+))
+
+# The other noise-optimization PTQ papers, calibrated as the zeroq recipe does (calib quantizer, its budgets).
+# Their synthesizers' default presets make 5,120 images (sized for QAT); the default budget here takes
+# 256, zeroq's default calibration set, so the PTQ rows share one calibration budget. (mixmix: after brecq.)
+_ZEROQ_BUDGETS_256 = {**_ZEROQ_BUDGETS, "default": {"n_images": 256, **_ZEROQ_BUDGETS["default"]}}
+_add(Recipe(
+    name="dsg", family="noise-optimization", kind="PTQ",
+    paper="DSG: Diversifying Sample Generation for Accurate Data-Free Quantization (Zhang et al., CVPR 2021)",
+    protocol="qat", synth="dsg", quant="calib",
+    hparams={"w_observer": "minmax", "a_observer": "minmax"},
+    budgets=_ZEROQ_BUDGETS_256,
+    doc=("ZeroQ's loop with DSG's slack BN-statistics alignment and layerwise sample enhancement (no public code; "
+         "details unverified), then ZeroQ's calibration: per-channel weights, running min-max activation ranges. "
+         "Native protocol = zeroq's (DSG builds on ZeroQ's code and quantization: zsq's `qat` layout). `paper`: "
+         "1,024 images, min-max weights; `default`: 256 images, L_p weight ranges as zeroq."),
+))
+_add(Recipe(
+    name="kw", family="noise-optimization", kind="PTQ",
+    paper="The Knowledge Within: Methods for Data-Free Model Compression (Haroush et al., CVPR 2020)",
+    protocol="ptq", synth="kw", quant="calib",
+    hparams={"w_observer": "minmax", "a_observer": "minmax"},
+    budgets=_ZEROQ_BUDGETS_256,
+    doc=("BN-statistics data (batch mean / std, L2) + CE to target labels (no public code; details unverified), "
+         "calibrated as zeroq: per-channel weights, min-max activation ranges (KW's BN re-estimation and KD are left "
+         "out). Protocol `ptq` (the survey marks KW's setting as not GDFQ's; zsq's BRECQ-style layout). "
+         "`paper`: 1,024 images; `default`: 256 images, L_p weight ranges as zeroq."),
 ))
 
 
@@ -211,6 +244,16 @@ _add(Recipe(
     doc=("BRECQ's sequential block reconstruction (weights, then activation steps) on zero-shot data. The "
          "synthesizer is Genie-D (the Genie paper's zero-shot BRECQ baseline uses distilled data; Genie-D is the "
          "strongest BNS synthesizer here); override with --synth. paper: 20,000 + 5,000 steps per block."),
+))
+_add(Recipe(
+    name="mixmix", family="noise-optimization", kind="PTQ",
+    paper="MixMix: All You Need for Data-Free Compression Are Feature and Data Mixing (Li et al., ICCV 2021)",
+    protocol="ptq", synth="mixmix", quant="brecq",
+    hparams={"w_observer": "mse", "a_observer": "mse"},
+    budgets={**RECIPES["brecq"].budgets, "default": {"n_images": 256, **RECIPES["brecq"].budgets["default"]}},
+    doc=("MixMix's data (feature mixing: BN statistics of several models; data mixing: CutMix of synthesized images "
+         "with mixed labels; no public code, details unverified) reconstructed with BRECQ as in the paper (first / "
+         "last layer 8-bit, `ptq`). Budgets: the brecq recipe's; `paper` 1,024 images, `default` 256 (genie's)."),
 ))
 _add(Recipe(
     name="qdrop", family="reconstruction", kind="PTQ",

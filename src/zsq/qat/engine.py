@@ -31,8 +31,8 @@ Choices, and where they differ from the official code:
   run reports its **last** epoch: no model selection on a test set (the official code keeps the
   best test epoch).
 * **Loss terms**: the lineage's CE uses the synthesis labels (GDFQ, IntraQ); zsq's synthetic sets
-  need not carry labels, so ``ce_weight`` puts CE on the teacher's argmax instead, 0 by default (as
-  AIT and HAST, which drop the CE). ``bns_weight`` (0 by default; no official student loss has it)
+  need not carry labels, so without them ``ce_weight`` puts CE on the teacher's argmax instead; 0
+  by default (as AIT and HAST, which drop the CE). ``bns_weight`` (0 by default; no official student loss has it)
   matches the student's BN-input statistics to the running ones, ``bns_variant`` of C.1.
 * **BN**: kept unfolded with **frozen statistics**: the student stays in ``eval()`` all along
   (IntraQ's ``self.model.eval()`` in ``train``), so running means/variances never move, while the BN
@@ -58,14 +58,58 @@ Choices, and where they differ from the official code:
   shuffles the set each pass and drops the last incomplete batch; IntraQ's batch is
   ``min(batch, n)`` like here).
 
+**Method-specific terms** (issue 8; each off by default, and then not computed at all). The trainer
+takes optional ``labels`` aligned with ``images`` (the synthesis labels of a set that has them);
+every batch indexes both with the same draw.
+
+* ``ce_weight`` x CE(Q(x), y): ``ce_target`` ``labels`` = the synthesis labels (GDFQ, IntraQ
+  [code: zysxmu/IntraQ trainer_direct.py]), or the teacher's argmax when the set has none;
+  ``teacher`` = always the teacher's argmax. ``ce_select`` keeps only some samples (CE summed over
+  them, divided by the batch size): ``easy`` = SynQ's selective CE, samples whose teacher difficulty
+  ``1 - p_y`` (softmax at T = 1, on the batch as trained) is below ``ce_tau`` = 0.5 [code:
+  snudm-starlab/SynQ trainer_direct.py; its masked rows add a constant log(C) each to the value, not
+  to the gradient: left out]; ``reliable`` = PLF's pseudo-label filtering [paper; details
+  unverified, zsq's reading]: once, before training, each image's reliability is the teacher's
+  self-entropy divided by log(C); the CE (hard pseudo-label) keeps the images below ``ce_tau`` whose
+  teacher argmax agrees with the synthesis label, the KD (soft label) keeps all.
+* ``fa_weight`` x L_FA (HAST lam = 1000 on CIFAR, SynQ 4000 on ImageNet) [code: lihuantong/HAST
+  trainer_direct.py]: sum over layers of mean((A_Q - A_f)^2), A = the L2-normalised channel attention
+  (per-channel mean of squared activations, :func:`channel_attention`) of each residual block's
+  branch output, the block's last BN (the official hooks: pytorchcv ``ResUnit.body``, ``conv3``
+  of ``LinearBottleneck``), :func:`feature_layers`.
+* ``adv_eps`` > 0: HAST's sample difficulty promotion [code: lihuantong/HAST trainer_direct.py]:
+  x' = x + eps sign(grad_x L_S), with L_S = the weighted KD + CE + FA (+ BNS) on x and the gradient
+  through student *and* teacher as in the official code; the loss adds ``adv_weight`` (SynQ
+  ``lambda_pert`` = 1) x L_S(x'), the teacher on x' without gradient, the CE samples of x. HAST and
+  SynQ: eps = 0.01 in the normalised input space. (SynQ's CIFAR branch leaves FA out of L_S(x');
+  here L_S(x') always has the terms of L_S.)
+* ``lpf_d0`` > 0: SynQ's low-pass filter on every batch, after the augmentation [code:
+  snudm-starlab/SynQ trainer_direct.py ``apply_filters``]: the centred 2D spectrum times
+  exp(-D^2 / (2 D0^2)), D the distance to the DC bin (:func:`lowpass_filter`). ``lpf_d0`` is D0 for
+  a 224-pixel side (SynQ's ImageNet value, 80) and scales with the side: D0 = 80 x 32 / 224 = 11.4
+  on CIFAR, the same filter in normalised frequency (a Gaussian blur of sigma = side / (2 pi D0) =
+  0.45 px at both sizes, 37% gain at Nyquist); 80 unscaled would keep >= 96% of every frequency of
+  a 32-pixel image, i.e. no filter.
+* ``cam_weight`` x MSE(CAM_f(x), CAM_Q(x)) (SynQ ``lambda_cam``: 200 argparse default, 50 in its
+  ImageNet run script) [code: snudm-starlab/SynQ gradcam.py]: Grad-CAM at the last Conv2d's output
+  for each model's own top class (:func:`grad_cam`); the gradient weights are constants (no double
+  backward), the student map is differentiable through its activations.
+* ``mixup_weight`` x KD(Q(x_mix), f(x_mix)) (TexQ's mixup-based distillation [paper; details
+  unverified]): x_mix = lam x + (1 - lam) x[perm], one lam ~ Beta(``mixup_alpha``, ``mixup_alpha``)
+  per batch (standard mixup).
+
+The warm-up measures these terms too (every epoch's history has the same keys; with ``adv_eps`` or
+``cam_weight`` its steps run with autograd, without an update); the EMA activation ranges follow
+only the student's forward on the batch itself (not x' or x_mix).
+
 **Determinism and resume.** Every random draw of step ``s`` of epoch ``e`` (batch indices, crops,
-flips) comes from a ``torch.Generator`` seeded with a hash of ``(seed, e, s)``; nothing else is
-random. ``ckpt_dir/qat.pt`` (atomic, SHA-256 trailer) is rewritten after every epoch with the model,
-the optimizer state, the EMA observers and the loss history, under a fingerprint of the config, the
-seed, the initial student and the images; ``resume=True`` continues from it and ends with tensors
-equal to an uninterrupted run. Ctrl-C finishes the current step, writes the checkpoint at that step
-and raises ``KeyboardInterrupt`` (a second Ctrl-C stops at once, leaving the last epoch's
-checkpoint).
+flips, mixup pairs and weights) comes from a ``torch.Generator`` seeded with a hash of ``(seed, e,
+s)``; nothing else is random. ``ckpt_dir/qat.pt`` (atomic, SHA-256 trailer) is rewritten after every
+epoch with the model, the optimizer state, the EMA observers and the loss history, under a
+fingerprint of the config, the seed, the initial student, the images and the labels;
+``resume=True`` continues from it and ends with tensors equal to an uninterrupted run. Ctrl-C
+finishes the current step, writes the checkpoint at that step and raises ``KeyboardInterrupt`` (a
+second Ctrl-C stops at once, leaving the last epoch's checkpoint).
 """
 
 from __future__ import annotations
@@ -82,8 +126,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
@@ -101,6 +146,14 @@ KD_REDUCTIONS = ("batchmean", "mean")
 PRECISIONS = ("fp32", "bf16")
 #: fraction of the steps with EMA activation ranges when the run has no more epochs than ``ema_epochs``
 EMA_FRACTION = 0.02
+CE_TARGETS = ("labels", "teacher")
+CE_SELECTS = ("all", "easy", "reliable")
+_LOSS_WEIGHTS = ("kd_weight", "ce_weight", "bns_weight", "fa_weight", "cam_weight", "mixup_weight")
+_METHOD_FLOATS = ("ce_tau", "fa_weight", "adv_eps", "adv_weight", "lpf_d0", "cam_weight", "mixup_weight",
+                  "mixup_alpha")
+#: fields added with the method terms: left out of the resume fingerprint at their default (off), so
+#: checkpoints written before they existed still resume
+_METHOD_FIELDS = ("ce_target", "ce_select") + _METHOD_FLOATS
 
 
 @dataclass
@@ -112,12 +165,17 @@ class QATConfig:
     in the official trainers, not a pass over the set). ``lr`` peaks the cosine schedule; SGD with
     ``momentum``, ``nesterov`` and ``weight_decay``. Loss weights: ``kd_weight`` (alpha), with
     ``temperature`` T and ``kd_reduction`` (``batchmean``: IntraQ/HAST/SynQ; ``mean``: GDFQ's
-    elementwise mean), ``ce_weight`` (CE on the teacher's argmax), ``bns_weight`` (student BN-input
-    statistics, ``bns_variant`` of :data:`zsq.synth.losses.BNS_VARIANTS`). ``ema_epochs``: warm-up
-    epochs with EMA activation ranges (``ema_momentum``) and no training; frozen ranges after.
-    ``augment``: per-image random resized crop (``crop_scale`` of the area) + horizontal flip.
-    ``precision``: ``fp32`` | ``bf16`` (autocast of the teacher and student forwards; losses and
-    activation fake-quantization in fp32); ``channels_last``: NHWC batches and weights.
+    elementwise mean), ``ce_weight`` (CE on ``ce_target``: the synthesis labels, else the teacher's
+    argmax; ``ce_select`` / ``ce_tau``: SynQ's easy samples or PLF's reliable ones), ``bns_weight``
+    (student BN-input statistics, ``bns_variant`` of :data:`zsq.synth.losses.BNS_VARIANTS`).
+    Method terms, all off by default (module docstring, with sources): ``fa_weight`` (HAST feature
+    alignment), ``adv_eps`` / ``adv_weight`` (HAST sample difficulty promotion), ``lpf_d0`` (SynQ
+    low-pass filter, D0 at 224 px), ``cam_weight`` (SynQ Grad-CAM alignment), ``mixup_weight`` /
+    ``mixup_alpha`` (TexQ mixup KD). ``ema_epochs``: warm-up epochs with EMA activation ranges
+    (``ema_momentum``) and no training; frozen ranges after. ``augment``: per-image random resized
+    crop (``crop_scale`` of the area) + horizontal flip. ``precision``: ``fp32`` | ``bf16`` (autocast
+    of the teacher and student forwards; losses and activation fake-quantization in fp32);
+    ``channels_last``: NHWC batches and weights.
     """
 
     epochs: int = 151  # IntraQ cifar*.hocon nEpochs (ImageNet: 151 too; SynQ 101)
@@ -139,12 +197,23 @@ class QATConfig:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     precision: str = "fp32"
     channels_last: bool = True  # ResNet-20, batch 256, fp32, 1 thread: 1.29 vs 1.50 s/step (13% faster)
+    # method-specific terms (module docstring); the defaults switch them off
+    ce_target: str = "labels"  # labels (GDFQ, IntraQ; teacher argmax without labels) | teacher
+    ce_select: str = "all"  # all | easy (SynQ selective CE) | reliable (PLF, unverified)
+    ce_tau: float = 0.5  # SynQ tau_selce; PLF: normalised self-entropy threshold (zsq's choice)
+    fa_weight: float = 0.0  # HAST lam (CIFAR 1000; SynQ ImageNet 4000)
+    adv_eps: float = 0.0  # HAST / SynQ eps 0.01
+    adv_weight: float = 1.0  # SynQ lambda_pert (HAST: 1)
+    lpf_d0: float = 0.0  # SynQ d_zero 80 at 224 px (scaled with the image side)
+    cam_weight: float = 0.0  # SynQ lambda_cam (200 default, 50 in run_imagenet.sh)
+    mixup_weight: float = 0.0  # TexQ mixup KD (unverified)
+    mixup_alpha: float = 1.0  # Beta(alpha, alpha) of the mixup weight
 
     def __post_init__(self):
         for name in ("epochs", "steps_per_epoch", "batch_size", "ema_epochs"):
             setattr(self, name, _as(int, getattr(self, name), name))
         for name in ("lr", "momentum", "weight_decay", "temperature", "kd_weight", "ce_weight", "bns_weight",
-                     "ema_momentum"):
+                     "ema_momentum") + _METHOD_FLOATS:
             setattr(self, name, _as(float, getattr(self, name), name))
         for name in ("nesterov", "augment", "channels_last"):
             setattr(self, name, _as_bool(getattr(self, name), name))
@@ -162,11 +231,21 @@ class QATConfig:
             raise BadValueError("nesterov needs momentum > 0 (set nesterov=false or a momentum)")
         if self.temperature <= 0:
             raise BadValueError(f"temperature must be > 0, got {self.temperature}")
-        if min(self.kd_weight, self.ce_weight, self.bns_weight) < 0:
-            raise BadValueError(f"loss weights must be >= 0, got kd {self.kd_weight}, ce {self.ce_weight}, "
-                                f"bns {self.bns_weight}")
-        if self.kd_weight == self.ce_weight == self.bns_weight == 0:
+        weights = {n: getattr(self, n) for n in _LOSS_WEIGHTS}
+        if min(weights.values()) < 0:
+            raise BadValueError("loss weights must be >= 0, got " + ", ".join(f"{n} {v}" for n, v in weights.items()))
+        if not any(weights.values()):
             raise BadValueError("every loss weight is 0: set kd_weight, ce_weight or bns_weight > 0")
+        for name, allowed in (("ce_target", CE_TARGETS), ("ce_select", CE_SELECTS)):
+            if getattr(self, name) not in allowed:
+                raise BadValueError(f"{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
+        if self.ce_select != "all" and self.ce_weight == 0:
+            raise BadValueError(f"ce_select={self.ce_select} selects CE samples but ce_weight is 0: set ce_weight > 0")
+        if not 0.0 < self.ce_tau <= 1.0:
+            raise BadValueError(f"ce_tau must be in (0, 1], got {self.ce_tau}")
+        if min(self.adv_eps, self.adv_weight, self.lpf_d0) < 0 or self.mixup_alpha <= 0:
+            raise BadValueError(f"adv_eps, adv_weight and lpf_d0 must be >= 0 and mixup_alpha > 0, got "
+                                f"{self.adv_eps}, {self.adv_weight}, {self.lpf_d0}, {self.mixup_alpha}")
         if self.kd_reduction not in KD_REDUCTIONS:
             raise BadValueError(f"kd_reduction must be one of {', '.join(KD_REDUCTIONS)}, got '{self.kd_reduction}'")
         if self.precision not in PRECISIONS:
@@ -238,6 +317,27 @@ class QATInterrupted(Exception):
     """Raised at ``stop_at`` (tests) after the checkpoint is written."""
 
 
+class Batch(NamedTuple):
+    """One step's draw: images (augmented, filtered), their labels, their indices in the set, and the
+    mixup pairing ``(perm, lam)``."""
+
+    x: Tensor
+    labels: Tensor | None
+    idx: Tensor
+    mix: tuple[Tensor, float] | None
+
+
+class _Pass(NamedTuple):
+    """Teacher and student logits of one forward pair and what the hooks recorded."""
+
+    t: Tensor
+    s: Tensor
+    fa_t: list[Tensor]
+    fa_s: list[Tensor]
+    cam_t: list[Tensor]
+    cam_s: list[Tensor]
+
+
 # --------------------------------------------------------------------------------------------------
 # pieces
 # --------------------------------------------------------------------------------------------------
@@ -290,6 +390,112 @@ def random_resized_crop_flip(x: Tensor, generator: torch.Generator, scale: tuple
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def channel_attention(a: Tensor) -> Tensor:
+    """HAST's channel attention of a (B, C, H, W) activation: the per-channel mean of the squared
+    activation, L2-normalised over the channels of each sample (B, C), in fp32."""
+    return F.normalize(a.float().pow(2).mean((2, 3)).flatten(1), dim=1)
+
+
+def lowpass_filter(x: Tensor, d0: float) -> Tensor:
+    """SynQ's Gaussian low-pass filter: the 2D spectrum of each image channel, centred, times
+    ``exp(-D^2 / (2 d0^2))`` with ``D`` the distance (in frequency bins) to the DC bin at
+    ``(H // 2, W // 2)``; the real part of the inverse transform."""
+    h, w = x.shape[-2:]
+    d2 = ((torch.arange(h, device=x.device) - h // 2).pow(2)[:, None]
+          + (torch.arange(w, device=x.device) - w // 2).pow(2)[None, :]).float()
+    gain = torch.exp(-d2 / (2.0 * float(d0) ** 2))
+    spec = torch.fft.fftshift(torch.fft.fft2(x.float(), dim=(-2, -1)), dim=(-2, -1)) * gain
+    return torch.fft.ifft2(torch.fft.ifftshift(spec, dim=(-2, -1)), dim=(-2, -1)).real
+
+
+def grad_cam(logits: Tensor, act: Tensor, size: tuple[int, int], eps: float = 1e-10) -> Tensor:
+    """SynQ's Grad-CAM map (B, 1, H, W) of ``act`` (the target layer's output, in ``logits``'
+    graph) for each sample's own top class: channel weights = the spatial mean of the gradient of
+    the top logit, clamped at ``eps`` (SynQ's clamp: no negative weights); ReLU of the weighted sum
+    of channels, bilinear upsampling to ``size``, min-max normalisation per sample. The weights are
+    constants (no double backward); the map is differentiable through ``act``."""
+    score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+    (g,) = torch.autograd.grad(score, act, retain_graph=True)
+    weights = g.float().mean((2, 3), keepdim=True).clamp(min=eps)
+    cam = F.relu((weights * act.float()).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+    lo, hi = cam.amin((2, 3), keepdim=True), cam.amax((2, 3), keepdim=True)
+    return (cam - lo) / (hi - lo + eps)
+
+
+def masked_ce(logits: Tensor, target: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Cross-entropy summed over the samples with ``keep`` (all when ``None``), divided by the batch
+    size (SynQ's selective CE, without the constant its masked rows add)."""
+    if keep is None:
+        return F.cross_entropy(logits, target)
+    return (F.cross_entropy(logits, target, reduction="none") * keep).sum() / logits.shape[0]
+
+
+def normalized_entropy(logits: Tensor) -> Tensor:
+    """Self-entropy of ``softmax(logits)`` divided by log(C): 0 = one-hot, 1 = uniform (PLF's
+    reliability metric, normalised so one threshold fits any class count)."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return -(logp.exp() * logp).sum(1) / math.log(logits.shape[1])
+
+
+_SHORTCUT_NAMES = ("shortcut", "downsample", "identity")
+
+
+def feature_layers(model: nn.Module) -> list[str]:
+    """HAST's feature-alignment sites: for every residual block (:func:`zsq.quant.graph.is_block`),
+    its last BatchNorm2d outside the shortcut (named ``shortcut`` / ``downsample`` / ``identity``
+    ...), whose output is the residual branch before the addition (pytorchcv ``ResUnit.body``)."""
+    from ..quant.graph import is_block
+
+    names = []
+    for bname, block in model.named_modules():
+        if not bname or not is_block(block):
+            continue
+        last = None
+        for n, m in block.named_modules():
+            if isinstance(m, nn.BatchNorm2d) and not any(k in n.lower() for k in _SHORTCUT_NAMES):
+                last = f"{bname}.{n}"
+        if last is not None and not any(last.startswith(p + ".") for p in names):
+            names.append(last)
+    return names
+
+
+def cam_layer(model: nn.Module) -> str | None:
+    """SynQ's Grad-CAM target: the last Conv2d of the model in registration order."""
+    return next((n for n, m in reversed(list(model.named_modules())) if isinstance(m, nn.Conv2d)), None)
+
+
+class _Recorder:
+    """Forward hooks on named modules of a model keeping each output, transformed (``fn``), in call
+    order; ``leaf=True`` makes an output that needs no gradient a leaf that does, while autograd is
+    on (so Grad-CAM can differentiate the frozen teacher's logits w.r.t. it)."""
+
+    def __init__(self, model: nn.Module, names: list[str], fn: Callable[[Tensor], Tensor] | None = None,
+                 leaf: bool = False):
+        self.mods = [model.get_submodule(n) for n in names]
+        self.fn, self.leaf = fn, leaf
+        self.out: list[Tensor] = []
+        self.handles: list[Any] = []
+
+    def _hook(self, mod, args, out):
+        if self.leaf and torch.is_grad_enabled() and not out.requires_grad:
+            out = out.detach().requires_grad_()
+        self.out.append(self.fn(out) if self.fn is not None else out)
+        return out
+
+    def register(self) -> None:
+        self.handles = [m.register_forward_hook(self._hook) for m in self.mods]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.out = [], []
+
+    def take(self) -> list[Tensor]:
+        out, self.out = self.out, []
+        return out
+
+
 def refresh_weight_ranges(model: nn.Module) -> None:
     """Every quantized layer's weight range = the per-channel min-max of its current weights."""
     with torch.no_grad():
@@ -307,10 +513,12 @@ def _state(model: nn.Module) -> dict[str, Any]:
             for k, v in model.state_dict().items()}
 
 
-def _fingerprint(student: nn.Module, images: Tensor, cfg: QATConfig, seed: int) -> str:
+def _fingerprint(student: nn.Module, images: Tensor, cfg: QATConfig, seed: int, labels: Tensor | None = None) -> str:
     h = hashlib.sha256()
     layout = getattr(student, "zsq_layout", None)
-    h.update(json.dumps({"config": cfg.to_dict(), "seed": int(seed),
+    default = QATConfig.__dataclass_fields__
+    config = {k: v for k, v in cfg.to_dict().items() if k not in _METHOD_FIELDS or v != default[k].default}
+    h.update(json.dumps({"config": config, "seed": int(seed),
                          "layout": layout.to_dict() if layout is not None else None},
                         sort_keys=True, default=str).encode())
     for k, v in sorted(student.state_dict().items()):
@@ -318,6 +526,8 @@ def _fingerprint(student: nn.Module, images: Tensor, cfg: QATConfig, seed: int) 
             h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
             h.update(v.detach().float().contiguous().cpu().numpy().tobytes())
     h.update(images.detach().float().contiguous().cpu().numpy().tobytes())
+    if labels is not None:
+        h.update(b"labels:" + labels.detach().to(torch.int64).contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -411,19 +621,27 @@ class QATTrainer:
     """Fine-tunes ``student`` (fresh from ``apply_protocol``: activation quantizers not calibrated) in
     place by distillation from ``teacher`` on ``images``; see the module docstring.
 
-    ``stop_at=(epoch, k)``: write the checkpoint after step ``k`` (1-based) of ``epoch`` (0-based) and
-    raise :class:`QATInterrupted` (tests); ``callback(epoch, step, loss)`` runs after every step.
+    ``labels``: optional synthesis labels aligned with ``images`` (int, shape (N,)), used by the CE
+    terms. ``stop_at=(epoch, k)``: write the checkpoint after step ``k`` (1-based) of ``epoch``
+    (0-based) and raise :class:`QATInterrupted` (tests); ``callback(epoch, step, loss)`` runs after
+    every step.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, images: Tensor, cfg: QATConfig, *, seed: int = 0,
                  progress: bool = True, ckpt_dir: str | Path | None = None, resume: bool = False,
                  stop_at: tuple[int, int] | None = None,
-                 callback: Callable[[int, int, float], None] | None = None):
+                 callback: Callable[[int, int, float], None] | None = None, labels: Tensor | None = None):
         if images is None or not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] < 1:
             raise BadValueError("QAT needs training images (a synthesizer, --synthetic or --calib)")
+        if labels is not None and (not isinstance(labels, Tensor) or labels.shape != images.shape[:1]
+                                   or labels.is_floating_point()):
+            raise BadValueError(f"labels must be an integer tensor of shape ({images.shape[0]},), one per image, "
+                                f"got {getattr(labels, 'dtype', type(labels).__name__)} "
+                                f"{tuple(getattr(labels, 'shape', ()))}")
         self.cfg = cfg
         self.q = student
         self.images = images.detach().float().cpu()
+        self.labels = labels.detach().to(torch.int64).cpu() if labels is not None else None
         self.seed = int(seed)
         self.progress = progress
         self.ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir else None
@@ -438,7 +656,7 @@ class QATTrainer:
         for _, q in self.aqs:
             q.observer = None
             q.mode = "quant"  # ranges come from the EMA hook during the first steps
-        self.fingerprint = _fingerprint(student, self.images, cfg, self.seed)
+        self.fingerprint = _fingerprint(student, self.images, cfg, self.seed, self.labels)
         self.teacher = frozen_fp_copy(teacher)
         student.eval()  # BN statistics frozen; BN affine parameters are trained
         self.params = [p for p in student.parameters()]
@@ -457,6 +675,23 @@ class QATTrainer:
                 raise BadValueError(f"bns_weight > 0 needs BatchNorm layers in the student, but protocol {proto} "
                                     "folds them (use --protocol qat or bns_weight=0)")
             self.bns = BNStatsLoss.preset(cfg.bns_variant, student, input_prior=False)
+        # method terms: hooks on the same layer names of teacher and student (registered by run())
+        self.fa: tuple[_Recorder, _Recorder] | None = None
+        if cfg.fa_weight > 0:
+            names = feature_layers(self.teacher)
+            if not names:
+                raise BadValueError("fa_weight > 0 needs residual blocks with BatchNorm (HAST's feature alignment "
+                                    "sites); this model has none: set fa_weight=0")
+            self.fa = (_Recorder(self.teacher, names, channel_attention), _Recorder(student, names, channel_attention))
+        self.cam: tuple[_Recorder, _Recorder] | None = None
+        if cfg.cam_weight > 0:
+            name = cam_layer(self.teacher)
+            if name is None:
+                raise BadValueError("cam_weight > 0 needs a Conv2d (Grad-CAM's target layer): set cam_weight=0")
+            self.cam = (_Recorder(self.teacher, [name], leaf=True), _Recorder(student, [name]))
+        #: warm-up steps need autograd too (input gradient / Grad-CAM)
+        self._autograd_terms = cfg.adv_eps > 0 or cfg.cam_weight > 0
+        self.reliable = self._reliable() if cfg.ce_select == "reliable" else None
 
     # -- EMA activation ranges -------------------------------------------------------------------------
     def _ema_hook(self, mod: Quantizer, args) -> None:
@@ -464,7 +699,7 @@ class QATTrainer:
             return
         if mod.observer is None:
             mod.observer = Observer("ema", momentum=self.cfg.ema_momentum)
-        mod.observer.update(args[0])
+        mod.observer.update(args[0].detach())
         mod.set_range(mod.observer.lo, mod.observer.hi)
 
     def _observer_state(self) -> dict[str, dict[str, Any]]:
@@ -500,7 +735,9 @@ class QATTrainer:
         return load_resume_checkpoint(self.ckpt, "QAT checkpoint", CKPT_FORMAT, self.fingerprint)
 
     # -- one step ------------------------------------------------------------------------------------
-    def _batch(self, epoch: int, step: int) -> Tensor:
+    def _draw(self, epoch: int, step: int) -> Batch:
+        """Batch ``step`` of ``epoch``: images drawn without replacement (with their labels), augmented,
+        low-pass filtered, and the mixup pairing; every draw from the step's own generator."""
         cfg = self.cfg
         g = torch.Generator().manual_seed(step_seed(self.seed, epoch, step))
         n = self.images.shape[0]
@@ -508,34 +745,146 @@ class QATTrainer:
         x = self.images[idx]
         if cfg.augment:
             x = random_resized_crop_flip(x, g, cfg.crop_scale)
+        if cfg.lpf_d0 > 0:  # D0 given for a 224-pixel side, scaled with the image
+            x = lowpass_filter(x, cfg.lpf_d0 * math.sqrt(x.shape[-2] * x.shape[-1]) / 224.0)
+        mix = None
+        if cfg.mixup_weight > 0:
+            perm = torch.randperm(x.shape[0], generator=g)
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g)))
+            mix = (perm.to(self.device), float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha)))
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        return x.to(self.device).contiguous(memory_format=fmt)
+        y = self.labels[idx].to(self.device) if self.labels is not None else None
+        return Batch(x.to(self.device).contiguous(memory_format=fmt), y, idx, mix)
+
+    def _batch(self, epoch: int, step: int) -> Tensor:
+        return self._draw(epoch, step).x
 
     def _autocast(self):
         if self.cfg.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def losses(self, x: Tensor) -> dict[str, Tensor]:
-        """The loss terms of the student on batch ``x`` (with gradients); ``total`` is their weighted sum."""
+    def _recorders(self) -> list[_Recorder]:
+        return [r for pair in (self.fa, self.cam) if pair is not None for r in pair]
+
+    @contextlib.contextmanager
+    def hooked(self):
+        """While inside, the hooks the losses read are on: EMA activation ranges (active only while
+        ``_ema_on``), the student's BN statistics, the feature-alignment and Grad-CAM layers."""
+        self._hooks = [q.register_forward_pre_hook(self._ema_hook) for _, q in self.aqs]
+        if self.bns is not None:
+            self.bns.register()
+        for r in self._recorders():
+            r.register()
+        try:
+            yield self
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            self._ema_on = False
+            if self.bns is not None:
+                self.bns.remove()
+            for r in self._recorders():
+                r.remove()
+
+    def _reliable(self) -> Tensor:
+        """PLF's filter, once on the set as given (no augmentation): 1.0 for each image whose teacher
+        self-entropy / log(C) is below ``ce_tau`` and whose teacher argmax is its synthesis label
+        (when CE targets the labels), else 0.0."""
+        keep = []
+        for i in range(0, self.images.shape[0], 256):
+            with torch.inference_mode():
+                t = self.teacher(self.images[i:i + 256].to(self.device)).float().cpu()
+            ok = normalized_entropy(t) < self.cfg.ce_tau
+            if self.labels is not None and self.cfg.ce_target == "labels":
+                ok &= t.argmax(1) == self.labels[i:i + 256]
+            keep.append(ok)
+        return torch.cat(keep).float()
+
+    def _forward(self, x: Tensor, clean: bool) -> _Pass:
+        """Teacher and student on ``x`` with what the hooks recorded. ``clean``: the batch itself: the
+        teacher keeps its graph when a term differentiates through it, the EMA hooks may fire."""
+        if clean and self._autograd_terms and torch.is_grad_enabled():
+            with self._autocast():
+                t = self.teacher(x).float()
+            fresh = False
+        else:
+            with torch.inference_mode(), self._autocast():
+                t = self.teacher(x)
+            t = t.float().clone()  # a normal tensor (inference tensors cannot be saved for backward)
+            fresh = True
+        fa_t = self.fa[0].take() if self.fa is not None else []
+        if fresh:
+            fa_t = [a.clone() for a in fa_t]
+        cam_t = self.cam[0].take() if self.cam is not None else []
+        ema, self._ema_on = self._ema_on, self._ema_on and clean
+        try:
+            with self._autocast():
+                s = self.q(x)
+        finally:
+            self._ema_on = ema
+        fa_s = self.fa[1].take() if self.fa is not None else []
+        cam_s = self.cam[1].take() if self.cam is not None else []
+        if (self.fa is not None and not fa_s) or (self.cam is not None and not cam_s):
+            raise RuntimeError("the feature-alignment / Grad-CAM hooks are off: call losses() inside trainer.hooked()")
+        return _Pass(t, s.float(), fa_t, fa_s, cam_t, cam_s)
+
+    def _student_loss(self, p: _Pass, target: Tensor, keep: Tensor | None) -> dict[str, Tensor]:
+        """The weighted KD, CE, BNS and FA terms of one pass (``total`` = L_S)."""
         cfg = self.cfg
-        with torch.inference_mode(), self._autocast():
-            t = self.teacher(x)
-        t = t.float().clone()  # a normal tensor (inference tensors cannot be saved for backward)
-        with self._autocast():
-            s = self.q(x)
-        s = s.float()
         out = {}
-        total = torch.zeros((), device=s.device)
+        total = torch.zeros((), device=p.s.device)
         if cfg.kd_weight > 0:
-            out["kd"] = kd_loss(s, t, cfg.temperature, cfg.kd_reduction)
+            out["kd"] = kd_loss(p.s, p.t, cfg.temperature, cfg.kd_reduction)
             total = total + cfg.kd_weight * out["kd"]
         if cfg.ce_weight > 0:
-            out["ce"] = F.cross_entropy(s, t.argmax(1))
+            out["ce"] = masked_ce(p.s, target, keep)
             total = total + cfg.ce_weight * out["ce"]
         if self.bns is not None:
             out["bns"] = self.bns.loss()
             total = total + cfg.bns_weight * out["bns"]
+        if self.fa is not None:
+            out["fa"] = sum((a_s - a_t).pow(2).mean() for a_s, a_t in zip(p.fa_s, p.fa_t))
+            total = total + cfg.fa_weight * out["fa"]
+        out["total"] = total
+        return out
+
+    def losses(self, x: Tensor, labels: Tensor | None = None, *, idx: Tensor | None = None,
+               mix: tuple[Tensor, float] | None = None) -> dict[str, Tensor]:
+        """The loss terms of the student on batch ``x`` (with gradients; ``labels`` / ``idx`` / ``mix``
+        as :meth:`_draw` gives them); ``total`` is their weighted sum. Terms read by hooks need
+        :meth:`hooked` (``run`` holds it)."""
+        cfg = self.cfg
+        if cfg.adv_eps > 0:
+            x = x.detach().requires_grad_()
+        p = self._forward(x, clean=True)
+        target = labels if labels is not None and cfg.ce_target == "labels" else p.t.detach().argmax(1)
+        keep = None
+        if cfg.ce_select == "easy":  # SynQ: teacher difficulty 1 - p_y below tau
+            p_y = F.softmax(p.t.detach(), dim=1).gather(1, target[:, None]).squeeze(1)
+            keep = (1.0 - p_y < cfg.ce_tau).float()
+        elif cfg.ce_select == "reliable":
+            keep = self.reliable[idx].to(p.s.device)
+        out = self._student_loss(p, target, keep)
+        ls = out["total"]
+        total = ls
+        if self.cam is not None:
+            size = tuple(x.shape[-2:])
+            cam_t = grad_cam(p.t, p.cam_t[0], size).detach()
+            out["cam"] = F.mse_loss(grad_cam(p.s, p.cam_s[0], size), cam_t)
+            total = total + cfg.cam_weight * out["cam"]
+        if cfg.adv_eps > 0:  # HAST: one signed-gradient step on the input, L_S again there
+            (g,) = torch.autograd.grad(ls, x, retain_graph=True)
+            pp = self._forward((x + cfg.adv_eps * g.sign()).detach(), clean=False)
+            out["adv"] = self._student_loss(pp, target, keep)["total"]
+            total = total + cfg.adv_weight * out["adv"]
+        if mix is not None:  # TexQ: KD on mixed images
+            perm, lam = mix
+            xd = x.detach()
+            pm = self._forward(lam * xd + (1.0 - lam) * xd[perm], clean=False)
+            out["mix"] = kd_loss(pm.s, pm.t, cfg.temperature, cfg.kd_reduction)
+            total = total + cfg.mixup_weight * out["mix"]
         out["total"] = total
         return out
 
@@ -552,21 +901,22 @@ class QATTrainer:
         a training step (ranges frozen, SGD on the loss)."""
         cfg = self.cfg
         gstep = epoch * cfg.steps_per_epoch + step
-        x = self._batch(epoch, step)
+        b = self._draw(epoch, step)
         refresh_weight_ranges(self.q)
         if gstep < cfg.ema_steps:
             self._ema_on = True
             try:
-                with torch.no_grad():  # not inference_mode: the ranges set here are used with autograd later
-                    terms = self.losses(x)
+                # not inference_mode: the ranges set here are used with autograd later
+                with contextlib.nullcontext() if self._autograd_terms else torch.no_grad():
+                    terms = self.losses(b.x, b.labels, idx=b.idx, mix=b.mix)
             finally:
                 self._ema_on = False
         else:
             for grp in self.opt.param_groups:
                 grp["lr"] = self.lr_at(gstep)
-            terms = self.losses(x)
+            terms = self.losses(b.x, b.labels, idx=b.idx, mix=b.mix)
             self.opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
+            terms["total"].backward(inputs=self.params)  # not into the teacher's graph (HAST's input gradient)
             self.opt.step()
         self.steps_run += 1
         return {k: float(v.detach()) for k, v in terms.items()}
@@ -585,12 +935,9 @@ class QATTrainer:
         if cfg.channels_last:
             self.q.to(memory_format=torch.channels_last)
             self.teacher.to(memory_format=torch.channels_last)
-        self._hooks = [q.register_forward_pre_hook(self._ema_hook) for _, q in self.aqs]
-        if self.bns is not None:
-            self.bns.register()
         t_run = time.perf_counter()
         try:
-            with _deferred_sigint() as sigint, _fused_act_quant(self.aqs), \
+            with self.hooked(), _deferred_sigint() as sigint, _fused_act_quant(self.aqs), \
                     _Bar(self.progress, cfg.epochs, start_epoch) as bar:
                 for epoch in range(start_epoch, cfg.epochs):
                     first = start_step if epoch == start_epoch else 0
@@ -625,12 +972,6 @@ class QATTrainer:
                             raise KeyboardInterrupt
                     bar.end(self.history[-1]["total"] if self.history else None)
         finally:
-            for h in self._hooks:
-                h.remove()
-            self._hooks = []
-            self._ema_on = False
-            if self.bns is not None:
-                self.bns.remove()
             if cfg.channels_last:
                 self.q.to(memory_format=torch.contiguous_format)
         # the finished model: weight ranges of the final weights, frozen activation ranges, no observers
@@ -647,21 +988,27 @@ class QATTrainer:
 def qat_finetune(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: QATConfig | None = None,
                  **kw) -> nn.Module:
     """Fine-tune ``student`` (fresh from ``apply_protocol``) in place by distillation from ``teacher`` on
-    ``images``; see :class:`QATTrainer` for the keywords. The result carries ``zsq_qat`` = the per-epoch
-    mean losses, steps run in this call, EMA steps, ms per step."""
+    ``images``; see :class:`QATTrainer` for the keywords (``labels``: synthesis labels). The result
+    carries ``zsq_qat`` = the per-epoch mean losses, steps run in this call, EMA steps, ms per step,
+    whether synthesis labels were given, and (``ce_select="reliable"``) the fraction of images PLF's
+    filter keeps for the CE."""
     cfg = cfg or QATConfig()
     tr = QATTrainer(student, teacher, images, cfg, **kw)
     q = tr.run()
     q.zsq_qat = {"epochs": tr.history, "steps_run": tr.steps_run, "ema_steps": cfg.ema_steps,
                  "total_steps": cfg.total_steps,
-                 "ms_per_step": round(1000 * tr.wall_s / tr.steps_run, 1) if tr.steps_run else None}
+                 "ms_per_step": round(1000 * tr.wall_s / tr.steps_run, 1) if tr.steps_run else None,
+                 "labels": tr.labels is not None}
+    if tr.reliable is not None:
+        q.zsq_qat["ce_reliable"] = round(float(tr.reliable.mean()), 4)
     return q
 
 
 def quantize_qat(ctx) -> nn.Module:
     """The registered quantizer ``qat-kd``: lay the model out by ``ctx.protocol`` (per-channel min-max
-    weights), then :func:`qat_finetune` it on ``ctx.images`` with the FP model as teacher
-    (``ctx.hparams`` = :class:`QATConfig` fields; ``stop_at`` is a test hook)."""
+    weights), then :func:`qat_finetune` it on ``ctx.images`` (and ``ctx.labels``, the synthesis labels
+    when the set has them) with the FP model as teacher (``ctx.hparams`` = :class:`QATConfig` fields;
+    ``stop_at`` is a test hook)."""
     from ..quant.protocol import apply_protocol
 
     if ctx.images is None:
@@ -672,5 +1019,5 @@ def quantize_qat(ctx) -> nn.Module:
                              w_observer="minmax", a_observer="minmax", strict=ctx.strict)
     stop_at = hp.get("stop_at")
     return qat_finetune(student, ctx.model, ctx.images, cfg, seed=ctx.seed, progress=ctx.progress,
-                        ckpt_dir=ctx.ckpt_dir, resume=ctx.resume,
+                        ckpt_dir=ctx.ckpt_dir, resume=ctx.resume, labels=getattr(ctx, "labels", None),
                         stop_at=tuple(stop_at) if stop_at is not None else None)

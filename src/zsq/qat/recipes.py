@@ -1,4 +1,4 @@
-"""QAT recipes (issue 8): the ``qat-kd`` quantizer and the ``qat-zeroq`` baseline recipe.
+"""QAT recipes (issue 8): the ``qat-kd`` quantizer, the ``qat-zeroq`` baseline and the QAT methods.
 
 Registered on import (``recipes.py`` imports this module at its end):
 
@@ -6,7 +6,19 @@ Registered on import (``recipes.py`` imports this module at its end):
   fine-tuned by distillation from the FP model on the synthetic set (GDFQ-lineage student loop);
   hparams = the :class:`~zsq.qat.engine.QATConfig` fields (plus the ``stop_at`` test hook);
 * recipe ``qat-zeroq``: ZeroQ's distilled data + ``qat-kd``, the ablation baseline of the QAT
-  methods (IntraQ, HAST, SynQ ... change the data or add loss terms to exactly this loop).
+  methods (IntraQ, HAST, SynQ ... change the data or add loss terms to exactly this loop);
+* recipes ``intraq``, ``hast``, ``synq``, ``plf``, ``texq``, ``deepinversion``, ``gznq``: each
+  method's synthesizer (synthesis labels passed on) + ``qat-kd`` with the method's student terms
+  (:mod:`zsq.qat.engine` documents each term and its source), native protocol ``qat``.
+
+Every QAT recipe has the budgets of ``qat-zeroq``, so ``default`` is one equal budget for all:
+5,120 synthetic images (the synthesizer's ``default`` preset sizes its iterations) and the same
+4 x 250 steps of batch 256. ``paper`` is the method's own fine-tuning (epochs, batch) on 5,120
+images. The learning rate is qat-zeroq's, except HAST / SynQ's own 1e-5 (their loss is the KD
+twice plus extra terms; measured: KD alone at batch 256 already diverges at 1e-4 within ten steps
+on real CIFAR images, HAST's loss trains at 1e-5). The methods' terms cost time per step at equal
+steps (measured at batch 256 on a loaded core): HAST/SynQ ~2.4x a KD step (input gradient through
+student and teacher, a second pass on x'), TexQ ~2.3x (a pass on the mixed batch).
 
 Budgets of ``qat-zeroq`` (ResNet-20, CIFAR-10):
 
@@ -48,17 +60,23 @@ HPARAM_KEYS["qat-kd"] = frozenset({f.name for f in dataclasses.fields(QATConfig)
 #: default budget: see the module docstring (sized from measured s/step)
 _DEFAULT_QUANT = {"epochs": 4, "steps_per_epoch": 250, "batch_size": 256}
 
+
+def _budgets(paper_quant: dict | None = None, **synth: object) -> dict[str, dict]:
+    """smoke / default / paper of a QAT recipe: ``qat-zeroq``'s (module docstring), with the
+    method's fine-tuning in ``paper`` and synthesizer overrides ``synth`` in every budget."""
+    return {
+        "smoke": {**synth, "quant": {"epochs": 1, "steps_per_epoch": 4, "batch_size": 16}},
+        "default": {"n_images": 5120, **synth, "quant": dict(_DEFAULT_QUANT)},
+        "paper": {"n_images": 5120, **synth, **({"quant": dict(paper_quant)} if paper_quant else {})},
+    }
+
 RECIPES.add("qat-zeroq", Recipe(
     name="qat-zeroq", family="baseline", kind="QAT",
     paper="(baseline) ZeroQ data + KD fine-tuning, the GDFQ-lineage QAT loop (IntraQ/HAST protocol)",
     protocol="qat", synth="zeroq", quant="qat-kd",
     # the loss and optimiser defaults (= QATConfig's), listed so `zsq methods` and zsq.json show them
     hparams={"lr": 1e-4, "kd_weight": 20.0, "temperature": 20.0, "ce_weight": 0.0, "ema_epochs": 4},
-    budgets={
-        "smoke": {"quant": {"epochs": 1, "steps_per_epoch": 4, "batch_size": 16}},
-        "default": {"n_images": 5120, "quant": dict(_DEFAULT_QUANT)},
-        "paper": {"n_images": 5120},
-    },
+    budgets=_budgets(),
     doc=("ZeroQ's distilled images (per-image BN-statistics matching) as a fixed training set, then the "
          "shared QAT loop: the `qat` layout (every Conv/Linear at W bits, activations after every ReLU, BN "
          "kept with frozen statistics), a warm-up of EMA activation ranges (4 epochs, no training; then "
@@ -69,3 +87,78 @@ RECIPES.add("qat-zeroq", Recipe(
          "lr 1e-4 [code: zysxmu/IntraQ]. default: 5,120 images, 4 x 250 steps of batch 256 (20 warm-up "
          "steps), ~25 min on 2 cores."),
 ))
+
+
+# -- the QAT methods (noise-optimization family): data + student terms on the same loop -------------------
+
+#: the shared loop's loss and optimiser values (qat-zeroq's), listed in every recipe (``zsq methods``, zsq.json)
+_KD = {k: RECIPES["qat-zeroq"].hparams[k] for k in ("lr", "kd_weight", "temperature", "ema_epochs")}
+_LOOP_DOC = ("Fine-tuning: the shared QAT loop of qat-zeroq (the `qat` layout, 4 epochs of EMA activation ranges, "
+             "KD alpha 20 / T 20 batchmean, SGD-Nesterov, cosine lr, crop + flip)")
+_BUDGET_DOC = "default: 5,120 images and qat-zeroq's 4 x 250 steps of batch 256 (one equal budget)."
+
+
+def _qat_method(name: str, paper: str, synth: str, hparams: dict, doc: str, paper_quant: dict | None = None,
+                **synth_overrides: object) -> Recipe:
+    return RECIPES.add(name, Recipe(
+        name=name, family="noise-optimization", kind="QAT", paper=paper, protocol="qat", synth=synth,
+        quant="qat-kd", hparams={**_KD, **hparams}, budgets=_budgets(paper_quant, **synth_overrides),
+        doc=f"{doc} {_LOOP_DOC}. {_BUDGET_DOC}"))
+
+
+_qat_method(
+    "intraq", "IntraQ: Learning Synthetic Images with Intra-Class Heterogeneity (Zhong et al., CVPR 2022)", "intraq",
+    {"ce_weight": 1.0, "ce_target": "labels"},
+    "IntraQ's data (BNS + soft target + marginal distance to class centres, random-resized crops) and its "
+    "student loss CE(Q(x), y) on the synthesis labels + KD [code: zysxmu/IntraQ trainer_direct.py]. "
+    "paper: 151 x 200 steps of batch 256, lr 1e-4 (CIFAR).")
+_qat_method(
+    "hast", "HAST: Hard Sample Matters a Lot in Zero-Shot Quantization (Li et al., CVPR 2023)", "hast",
+    {"lr": 1e-5, "ce_weight": 0.0, "fa_weight": 1000.0, "adv_eps": 0.01, "adv_weight": 1.0},
+    "HAST's data (BNS + focal CE keeping hard samples hard, beta 10, gamma 2) and its student loss: KD + "
+    "1000 x feature alignment (L2-normalised channel attention of every residual branch), plus the same loss on "
+    "x' = x + 0.01 sign(grad_x), no CE [code: lihuantong/HAST trainer_direct.py, cifar10_resnet20.hocon]. "
+    "lr 1e-5 (HAST's CIFAR-10 value: its loss is twice the KD's, and at 1e-4 it diverges within steps). "
+    "paper: 151 x 200 steps of batch 64 (CIFAR-10).",
+    paper_quant={"batch_size": 64})
+_qat_method(
+    "synq", "SynQ: Accurate Zero-shot Quantization by Synthesis-aware Fine-tuning (Kim et al., ICLR 2025)", "hast",
+    {"lr": 1e-5, "ce_weight": 5.0, "ce_target": "labels", "ce_select": "easy", "ce_tau": 0.5, "fa_weight": 1000.0,
+     "adv_eps": 0.01, "adv_weight": 1.0, "lpf_d0": 80.0, "cam_weight": 200.0},
+    "SynQ on HAST-style data with its focal CE at beta 0.1, gamma 0.5 (run_generate_*.sh): a Gaussian low-pass "
+    "filter on every batch (D0 80 at 224 px, scaled: 11.4 on 32 px), Grad-CAM alignment (200), CE on the "
+    "synthesis labels only for samples the teacher finds easy (1 - p_y < 0.5, weight 5), HAST's KD + feature "
+    "alignment (1000, HAST's CIFAR value: SynQ released only ImageNet's 4000) and perturbation branch (eps 0.01) "
+    "[code: snudm-starlab/SynQ trainer_direct.py, main_direct.py argparse defaults; the ImageNet run script uses "
+    "CE 0.5, CAM 50; the paper searched tau, D0, CE and CAM weights per setting, CIFAR values unpublished]; "
+    "lr 1e-5 as HAST (SynQ's CIFAR lr unpublished). paper: 100 x 200 steps of batch 256 (SynQ's CIFAR epochs "
+    "and batch).",
+    paper_quant={"epochs": 100}, beta=0.1, gamma=0.5)
+_qat_method(
+    "plf", "PLF: Data-Free Quantization via Pseudo-label Filtering (Fan et al., CVPR 2024)", "hast",
+    {"ce_weight": 1.0, "ce_target": "labels", "ce_select": "reliable", "ce_tau": 0.5},
+    "PLF (no public code; details unverified, zsq's reading): HAST's data (the hard-sample set where label "
+    "reliability varies most); before fine-tuning each image's reliability = the teacher's self-entropy / log C; "
+    "the CE on the synthesis label (hard pseudo-label) keeps the images below 0.5 whose teacher argmax agrees "
+    "with the label, KD (soft pseudo-label) keeps all. paper: IntraQ's 151 x 200 steps of batch 256, lr 1e-4 "
+    "(unverified).")
+_qat_method(
+    "texq", "TexQ: Zero-shot Network Quantization with Texture Feature Distribution Calibration "
+    "(Chen et al., NeurIPS 2023)", "texq",
+    {"ce_weight": 0.0, "mixup_weight": 20.0, "mixup_alpha": 1.0},
+    "TexQ (no public code; details unverified): texture-calibrated data (Laws texture energy of class "
+    "calibration centres) and KD plus mixup-based KD: KD on x_mix = lam x + (1 - lam) x[perm], lam ~ Beta(1, 1) "
+    "per batch, weighted like the KD (20). paper: IntraQ's 151 x 200 steps of batch 256, lr 1e-4 (unverified).")
+_qat_method(
+    "deepinversion", "DeepInversion: Dreaming to Distill (Yin et al., CVPR 2020)", "deepinversion",
+    {"ce_weight": 0.0},
+    "DeepInversion's data (batch BN statistics with unsquared L2, CE to random labels, TV and L2 image priors, "
+    "jitter + flip) [code: NVlabs/DeepInversion] distilled into the quantized model by KD (the data-free KD "
+    "the survey lists under QAT). paper: 5,120 images and IntraQ's 151 x 200 steps of batch 256 (the QAT "
+    "lineage's fixed-set size; DeepInversion itself reports no quantization fine-tuning).")
+_qat_method(
+    "gznq", "GZNQ: Generative Zero-shot Network Quantization (He et al., CVPRW 2021)", "gznq",
+    {"ce_weight": 0.0},
+    "GZNQ (no public code; details unverified): BN statistics matched as per-channel Gaussians (KL) + CE to "
+    "the synthesis labels, then distillation fine-tuning (KD). paper: 5,120 images and IntraQ's 151 x 200 "
+    "steps of batch 256 (unverified).")

@@ -269,3 +269,4 @@ from .synth import genie as _genie  # noqa: E402,F401  (registers the "genie" sy
 from .synth import sadag as _sadag  # noqa: E402,F401  (registers the "sadag" synthesizer)
 from .ptq import datafree as _datafree  # noqa: E402,F401  (registers dfq / squant / udfc)
 from .qat import recipes as _qat  # noqa: E402,F401  (registers qat-kd / qat-zeroq)
+from .gen import recipes as _gen  # noqa: E402,F401  (registers the generator-based QAT recipes: gdfq, qimera, ait ...)

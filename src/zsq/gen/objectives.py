@@ -1,0 +1,395 @@
+"""The games of the generator-based methods: what each method adds to the shared alternating loop
+(:mod:`zsq.gen.loop`), as a generator loss and a student loss, not as another copy of the loop.
+
+A game is a dataclass whose fields are its hyperparameters (recipe hparams of the same names; the
+defaults are the official CIFAR ones) with these hooks:
+
+* ``make_generator(num_classes, image_size)``: the generator (:mod:`zsq.gen.generators`);
+* ``make_bns(teacher)``: the BN-statistics loss on the teacher the generator step adds (``None``: none);
+* ``setup(trainer)``: once, e.g. feature hooks (ZAQ);
+* ``sample(g, batch, num_classes)``: latents, labels and soft targets of one batch, drawn from ``g``;
+* ``generator_loss(play)`` / ``student_loss(play)``: dicts of loss terms with a ``total``.
+
+Class attributes say how the loop plays: ``student_in_g`` (the generator step also runs the student,
+for losses that look at the teacher-student disagreement), ``fresh_batches`` (every student step
+draws its own batch from the generator instead of reusing the generator step's images),
+``s_first`` (student steps before the generator step in an iteration).
+
+Sign conventions, as the papers state them: GDFQ/Qimera generators *minimise* CE + BNS (images the
+teacher classifies as the sampled label, with BN statistics of real data); ZAQ and DFQ-AKD
+generators *maximise* the teacher-student discrepancy the student minimises (adversarial);
+AdaSG/AdaDFQ generators keep the normalised entropy of the disagreement ``f - Q`` inside
+``[lambda_l, lambda_u]`` while the student maximises that entropy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+from ..errors import BadValueError, UnknownNameError
+from ..qat.engine import kd_loss
+from ..synth.losses import BNStatsLoss
+from .generators import ARC_GENOTYPES, AutoReConGenerator, GDFQGenerator, make_generator
+
+
+@dataclass
+class Sample:
+    """One batch's draws: latents ``z``, ``labels`` ((B,) or (B, K) for mixed batches), mixing
+    weights ``mix`` ((B, K) or ``None``) and the soft target ``target`` ((B, classes) or ``None``)."""
+
+    z: Tensor
+    labels: Tensor | None = None
+    mix: Tensor | None = None
+    target: Tensor | None = None
+
+
+@dataclass
+class Play:
+    """What a loss hook sees: images ``x``, teacher and student logits (fp32; ``s`` is ``None`` in a
+    generator step of a game without ``student_in_g``), the batch's :class:`Sample`, the teacher's
+    BNS loss of ``x`` (generator steps), stage features (ZAQ), the loop config, and whether the
+    student is still in its warm-up."""
+
+    x: Tensor
+    t: Tensor
+    s: Tensor | None
+    sample: Sample
+    cfg: Any
+    bns: Tensor | None = None
+    t_feats: list[Tensor] = dataclasses.field(default_factory=list)
+    s_feats: list[Tensor] = dataclasses.field(default_factory=list)
+    warmup: bool = False
+
+
+def soft_ce(logits: Tensor, target: Tensor) -> Tensor:
+    """``mean_b -sum_c target * log_softmax(logits)``: CE on (soft) targets, as the lineage writes it."""
+    return -(target * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-row entropy of ``softmax(logits / T)``."""
+    z = logits.float() / temperature
+    return -(F.softmax(z, 1) * F.log_softmax(z, 1)).sum(1)
+
+
+def _total(terms: dict[str, Tensor], weights: dict[str, float]) -> dict[str, Tensor]:
+    terms["total"] = sum(weights[k] * v for k, v in terms.items())
+    return terms
+
+
+@dataclass
+class Game:
+    """Base game = GDFQ [code: xushoukai/GDFQ trainer.py]: the conditional generator minimises
+    ``ce_g * CE(f(G(z, y)), y) + bns_g * L_BNS`` (BNS variant ``gdfq``); the student minimises
+    ``kd_weight * T^2 KL(f || Q) + ce_weight * CE(Q, y)`` (the loop config's KD fields; ``ait=True``
+    drops the CE) on the generator step's images, detached."""
+
+    name: ClassVar[str] = "gdfq"
+    student_in_g: ClassVar[bool] = False
+    fresh_batches: ClassVar[bool] = False
+    s_first: ClassVar[bool] = False
+
+    latent_dim: int = 100  # cifar100_resnet20.hocon latent_dim
+    ce_g: float = 1.0  # loss_G = loss_one_hot + 0.1 * BNS_loss
+    bns_g: float = 0.1
+    g_steps: int = 1
+    s_steps: int = 1
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kind = int if isinstance(f.default, int) and not isinstance(f.default, bool) else type(f.default)
+            try:
+                cast = kind(v) if kind is not bool else _as_bool(v, f.name)
+            except (TypeError, ValueError):
+                raise BadValueError(f"{f.name} expects {kind.__name__}, got {v!r}") from None
+            if kind in (int, float) and (isinstance(v, bool) or not math.isfinite(cast) or cast < 0
+                                         or (kind is int and cast != v)):
+                raise BadValueError(f"{f.name} expects a non-negative {kind.__name__}, got {v!r}")
+            setattr(self, f.name, cast)
+        if self.g_steps < 1 or self.s_steps < 1 or self.latent_dim < 1:
+            raise BadValueError("g_steps, s_steps and latent_dim must be >= 1")
+
+    @classmethod
+    def from_hparams(cls, hp: dict[str, Any] | None) -> Game:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (hp or {}).items() if k in names})
+
+    @classmethod
+    def keys(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"game": self.name, **dataclasses.asdict(self)}
+
+    # -- parts -------------------------------------------------------------------------------------
+    def make_generator(self, num_classes: int, image_size: int) -> GDFQGenerator:
+        return make_generator(num_classes, image_size, latent_dim=self.latent_dim)
+
+    def make_bns(self, teacher: nn.Module) -> BNStatsLoss | None:
+        return BNStatsLoss.preset("gdfq", teacher)
+
+    def setup(self, trainer) -> None:
+        pass
+
+    def sample(self, g: torch.Generator, batch: int, num_classes: int) -> Sample:
+        z = torch.randn(batch, self.latent_dim, generator=g)
+        y = torch.randint(0, num_classes, (batch,), generator=g)
+        return Sample(z, y, None, F.one_hot(y, num_classes).float())
+
+    # -- losses ------------------------------------------------------------------------------------
+    def generator_loss(self, p: Play) -> dict[str, Tensor]:
+        return _total({"ce": soft_ce(p.t, p.sample.target), "bns": p.bns}, {"ce": self.ce_g, "bns": self.bns_g})
+
+    def student_loss(self, p: Play) -> dict[str, Tensor]:
+        cfg = p.cfg
+        ce_w = 0.0 if cfg.ait else cfg.ce_weight
+        terms = {"kd": kd_loss(p.s, p.t, cfg.temperature, cfg.kd_reduction)}
+        weights = {"kd": cfg.kd_weight}
+        if ce_w > 0 and p.sample.target is not None:
+            terms["ce"], weights["ce"] = soft_ce(p.s, p.sample.target), ce_w
+        return _total(terms, weights)
+
+
+def _as_bool(v: Any, name: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0"):
+        return v.lower() in ("true", "1")
+    raise BadValueError(f"{name} expects true or false, got {v!r}")
+
+
+@dataclass
+class QimeraGame(Game):
+    """Qimera [code: iamkanghyunchoi/qimera trainer.py, main.py, run_cifar10_4bit.sh]: GDFQ's game
+    on boundary-supporting samples. With probability ``mix_prob`` (0.4) a batch is *mixed*: each
+    image gets ``mix_k`` (2 on CIFAR-10) labels and softmax(randn) weights, the generator superposes
+    the label embeddings with those weights (``--randemb``: a random embedding table) and the
+    targets of both CE terms become the weighted soft labels. Generator input: latent 64, mapping
+    to 100 (``intermediate_dim``; the disentanglement layer, on by default), noise scale 1."""
+
+    name: ClassVar[str] = "qimera"
+    latent_dim: int = 64  # cifar10_resnet20.hocon
+    intermediate_dim: int = 100  # options.py (the resnet20 branch never matches "resnet20_cifar10")
+    noise_scale: float = 1.0
+    mix_prob: float = 0.4
+    mix_k: int = 2
+    mapping: bool = True  # --no_DM is store_false: the mapping is on unless the flag is given
+
+    def make_generator(self, num_classes: int, image_size: int) -> GDFQGenerator:
+        return make_generator(num_classes, image_size, latent_dim=self.latent_dim, superpose=True,
+                              intermediate_dim=self.intermediate_dim if self.mapping else None,
+                              noise_scale=self.noise_scale)
+
+    def sample(self, g: torch.Generator, batch: int, num_classes: int) -> Sample:
+        if float(torch.rand(1, generator=g)) >= self.mix_prob:
+            return super().sample(g, batch, num_classes)
+        k = self.mix_k
+        z = torch.randn(batch, k, self.latent_dim, generator=g)
+        y = torch.randint(0, num_classes, (batch, k), generator=g)
+        mix = F.softmax(torch.randn(batch, k, generator=g), dim=1)
+        target = torch.zeros(batch, num_classes).scatter_add_(1, y, mix)
+        return Sample(z, y, mix, target)
+
+
+@dataclass
+class AutoReConGame(Game):
+    """AutoReCon / ARC (Zhu et al., IJCAI 2021): GDFQ's game with the NAS-searched generator
+    (:class:`~zsq.gen.generators.AutoReConGenerator`; the derived architecture of
+    iamkanghyunchoi/ait AutoReCon_AIT, whose trainer keeps GDFQ's CE + 0.1 BNS). ``arc_genotype``:
+    ``auto`` = ``cifar100`` for 100 classes at 32 px, ``cifar10`` below 64 px otherwise, ``resnet18``
+    from 64 px on (the search itself is not reproduced)."""
+
+    name: ClassVar[str] = "autorecon"
+    arc_genotype: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.arc_genotype != "auto" and self.arc_genotype not in ARC_GENOTYPES:
+            raise UnknownNameError("AutoReCon genotype", self.arc_genotype, ["auto", *ARC_GENOTYPES])
+
+    def make_generator(self, num_classes: int, image_size: int) -> AutoReConGenerator:
+        geno = self.arc_genotype
+        if geno == "auto":
+            geno = "resnet18" if image_size >= 64 else ("cifar100" if num_classes == 100 else "cifar10")
+        return AutoReConGenerator(num_classes, image_size, self.latent_dim, geno)
+
+
+@dataclass
+class AdaptiveGame(Game):
+    """AdaSG (AAAI 2023) / AdaDFQ (CVPR 2023) [code: hfutqian/AdaSG, hfutqian/AdaDFQ CIFAR/trainer.py].
+
+    Disagreement ``d = f(x) - Q(x)``; ``H'`` = the entropy of ``softmax(d)`` (T = 1) normalised per
+    batch, ``(H - min_b H) / (log C - min_b H)``. Generator (student in the loop, gradients to the
+    generator only)::
+
+        mean max(0, lambda_l - H') + mean max(0, H' - lambda_u)
+        + beta * (alpha_ds * CE(f - Q, y) + alpha_as * CE(f + Q, y)) + gamma * L_BNS
+
+    Student: ``-T^2 mean H(softmax((f - Q) / T))`` with T = ``temperature`` (20): Q follows f up to
+    a constant. Defaults = AdaSG (lambda 0.3 / 0.8, alpha 0.1 / 0.1, beta = gamma = 1; its
+    ``torch.zeros(16)`` hinge ties the official code to batch 16, here any batch works)."""
+
+    name: ClassVar[str] = "adasg"
+    student_in_g: ClassVar[bool] = True
+    lambda_l: float = 0.3
+    lambda_u: float = 0.8
+    alpha_ds: float = 0.1
+    alpha_as: float = 0.1
+    beta: float = 1.0
+    gamma: float = 1.0
+
+    def generator_loss(self, p: Play) -> dict[str, Tensor]:
+        h = entropy(p.t - p.s)
+        hn = (h - h.min()) / (math.log(p.t.shape[1]) - h.min())
+        target = p.sample.target
+        terms = {"margin": torch.relu(self.lambda_l - hn).mean() + torch.relu(hn - self.lambda_u).mean(),
+                 "ds": soft_ce(p.t - p.s, target), "as": soft_ce(p.t + p.s, target), "bns": p.bns}
+        return _total(terms, {"margin": 1.0, "ds": self.beta * self.alpha_ds, "as": self.beta * self.alpha_as,
+                              "bns": self.gamma})
+
+    def student_loss(self, p: Play) -> dict[str, Tensor]:
+        t = p.cfg.temperature
+        return _total({"entropy": -(t * t) * entropy(p.t - p.s, t).mean()}, {"entropy": 1.0})
+
+
+@dataclass
+class AdaDFQGame(AdaptiveGame):
+    """AdaDFQ: AdaSG's game with the margins and balance weights of cifar10_resnet20.hocon
+    (alpha_ds 0.2, alpha_as 0.1, lambda_l 0.1, lambda_u 0.8, beta = gamma = 1)."""
+
+    name: ClassVar[str] = "adadfq"
+    lambda_l: float = 0.1
+    alpha_ds: float = 0.2
+
+
+def scrm_map(x: Tensor, gamma: float = 0.1) -> tuple[Tensor, Tensor]:
+    """ZAQ's spatial- and channel-wise relation maps of a (B, C, H, W) feature [code: FLHonker/ZAQ-code
+    utils/loss.py ``SCRM``]: self-attention over positions / over channels (channel energies
+    ``max - e``), ``gamma * attended + x``, each (B, C, H*W)."""
+    b, c = x.shape[:2]
+    v = x.reshape(b, c, -1)
+    spatial = torch.bmm(v, F.softmax(torch.bmm(v.transpose(1, 2), v), -1).transpose(1, 2))
+    energy = torch.bmm(v, v.transpose(1, 2))
+    channel = torch.bmm(F.softmax(energy.amax(-1, keepdim=True) - energy, -1), v)
+    return gamma * spatial + v, gamma * channel + v
+
+
+def scrm_loss(s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
+    """Sum over stages of ``L1(spatial(s), spatial(t)) + L1(channel(s), channel(t))`` of the
+    channel-normalised features (ZAQ's intermediate-level discrepancy)."""
+    total = t_feats[0].new_zeros((), dtype=torch.float32)
+    for fs, ft in zip(s_feats, t_feats):
+        (ss, sc), (ts, tc) = scrm_map(F.normalize(fs.float(), dim=1)), scrm_map(F.normalize(ft.float(), dim=1))
+        total = total + F.l1_loss(ss, ts) + F.l1_loss(sc, tc)
+    return total
+
+
+def stage_modules(model: nn.Module) -> list[str]:
+    """Names of the top-level ``nn.Sequential`` children (ResNet stages ``layer1`` ...): where ZAQ
+    reads its intermediate features (the official ResNets return each stage's output)."""
+    return [n for n, m in model.named_children() if isinstance(m, nn.Sequential)]
+
+
+@dataclass
+class _UnconditionalGame(Game):
+    """The adversarial games' generator: unconditional (``z`` only), plain BN eps (ZAQ's
+    ``network/gan.py``; DFQ-AKD's code uses a similar unconditional DCGAN generator)."""
+
+    def make_generator(self, num_classes: int, image_size: int) -> GDFQGenerator:
+        return GDFQGenerator(num_classes, image_size, self.latent_dim, cond="none", body_eps=1e-5)
+
+    def sample(self, g: torch.Generator, batch: int, num_classes: int) -> Sample:
+        return Sample(torch.randn(batch, self.latent_dim, generator=g))
+
+
+@dataclass
+class ZAQGame(_UnconditionalGame):
+    """ZAQ (CVPR 2021) [code: FLHonker/ZAQ-code main.py]: unconditional generator (latent 256, plain
+    BN eps); per iteration 5 student steps on fresh generator batches, then one generator step.
+    Student: ``L1(Q, f) + alpha * SCRM(Q_stages, f_stages)``; generator: the negation (it
+    maximises the two-level discrepancy) ``- beta * mean |f_last stage|`` (activation magnitude)."""
+
+    name: ClassVar[str] = "zaq"
+    student_in_g: ClassVar[bool] = True
+    fresh_batches: ClassVar[bool] = True
+    s_first: ClassVar[bool] = True
+    latent_dim: int = 256  # --nz
+    s_steps: int = 5  # for k in range(5)
+    zaq_alpha: float = 1.0
+    zaq_beta: float = 0.1
+
+    def make_bns(self, teacher: nn.Module) -> BNStatsLoss | None:
+        return None
+
+    def setup(self, trainer) -> None:
+        names = stage_modules(trainer.teacher)
+        if not names:
+            raise BadValueError("ZAQ reads stage features from top-level nn.Sequential children (ResNet "
+                                "stages); this model has none")
+        trainer.feature_hooks(names)
+
+    def _discrepancy(self, p: Play) -> dict[str, Tensor]:
+        return {"l1": F.l1_loss(p.s, p.t), "scrm": scrm_loss(p.s_feats, p.t_feats)}
+
+    def student_loss(self, p: Play) -> dict[str, Tensor]:
+        return _total(self._discrepancy(p), {"l1": 1.0, "scrm": self.zaq_alpha})
+
+    def generator_loss(self, p: Play) -> dict[str, Tensor]:
+        terms = self._discrepancy(p)
+        terms["act"] = p.t_feats[-1].float().abs().mean()
+        return _total(terms, {"l1": -1.0, "scrm": -self.zaq_alpha, "act": -self.zaq_beta})
+
+
+@dataclass
+class AKDGame(_UnconditionalGame):
+    """DFQ-AKD (Choi et al., CVPRW 2020), after the unofficial code [code: da2so/Data-Free_Network_
+    Quantization_With_Adversarial_Knowledge_Distillation dfqad.py]: unconditional generator (latent
+    512); per iteration one generator step, then 10 student steps on fresh batches. Student:
+    ``KL(f || Q)`` (T = 1, batchmean). Generator: ``-KL(f || Q) + akd_alpha * (IE + OH + BNS)`` with
+    IE = ``sum_c p_mean log p_mean`` (batch-mean teacher prediction: diversity), OH = mean entropy of
+    the teacher predictions (confidence), BNS = the per-channel Gaussian KL of BN statistics summed
+    over channels and layers (reduction ``kl``), ``akd_alpha`` 0.01. During the student warm-up the
+    generator drops the adversarial term (the code's generator warm-up)."""
+
+    name: ClassVar[str] = "dfq-akd"
+    student_in_g: ClassVar[bool] = True
+    fresh_batches: ClassVar[bool] = True
+    latent_dim: int = 512
+    s_steps: int = 10
+    akd_alpha: float = 0.01
+    akd_temperature: float = 1.0
+
+    def make_bns(self, teacher: nn.Module) -> BNStatsLoss | None:
+        bns = BNStatsLoss(teacher, stats="batch", dispersion="var", unbiased=False, reduction="kl")
+        self._n_bn = len(bns.modules)  # "kl" averages the layers; the code sums them
+        return bns
+
+    def generator_loss(self, p: Play) -> dict[str, Tensor]:
+        prob = F.softmax(p.t, 1)
+        mean = prob.mean(0)
+        terms = {"kd": kd_loss(p.s, p.t, self.akd_temperature), "ie": (mean * torch.log(mean)).sum(),
+                 "oh": entropy(p.t).mean(), "bns": p.bns * self._n_bn}
+        return _total(terms, {"kd": 0.0 if p.warmup else -1.0, "ie": self.akd_alpha, "oh": self.akd_alpha,
+                              "bns": self.akd_alpha})
+
+    def student_loss(self, p: Play) -> dict[str, Tensor]:
+        return _total({"kd": kd_loss(p.s, p.t, self.akd_temperature)}, {"kd": 1.0})
+
+
+GAMES: dict[str, type[Game]] = {c.name: c for c in (Game, QimeraGame, AutoReConGame, AdaptiveGame, AdaDFQGame,
+                                                      ZAQGame, AKDGame)}
+
+
+def get_game(name: str, hp: dict[str, Any] | None = None) -> Game:
+    """The game ``name`` with its fields taken from ``hp`` (other keys ignored)."""
+    if name not in GAMES:
+        raise UnknownNameError("game", name, GAMES)
+    return GAMES[name].from_hparams(hp)

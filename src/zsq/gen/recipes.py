@@ -1,0 +1,151 @@
+"""Generator-based QAT recipes (issue 10): one quantizer per game, one recipe per method.
+
+Registered on import (``zsq.recipes`` imports this module at its end). Every recipe is protocol
+``qat`` (the lineage's layout: every Conv/Linear at W bits, activations after every ReLU, BN kept)
+with ``synth=None``: the generator lives inside the quantizer, which makes the batches on the fly.
+hparams = :class:`~zsq.gen.loop.GenConfig` fields and the game's fields
+(:mod:`zsq.gen.objectives`); ``ait=true`` adds AIT to any of them.
+
+Budgets (ResNet-20, CIFAR-10):
+
+* ``paper``: the official run of each method (iterations, batch; lrs and weights are the recipe's
+  hparams, which are the official CIFAR values);
+* ``default``: the **same for every generator recipe**: 1,200 student steps of batch 32 after a
+  100-iteration warm-up (EMA ranges and generator only; ZAQ, which has no warm-up, starts training
+  at once); iterations = 1,200 / ``s_steps`` (+ the warm-up epoch): 13 x 100 for the one-student-step
+  games, 12 x 20 for ZAQ (5 student steps per iteration), 13 x 10 for DFQ-AKD (10); multi-step lr
+  decays at 25/50/75% of the iterations as the official schedule. Sized from timed smoke-scale
+  iterations (ResNet-20 W4A4, batch 32, 1 thread, CPU seconds on the 2-core machine while two other
+  jobs ran; wall time was ~2x that): GDFQ 0.65 s per iteration (warm-up 0.68), Qimera and AIT about
+  the same, AutoReCon 1.9 s (its searched generator: 64-channel 5x5 and dilated convolutions up to
+  32 px), AdaSG/AdaDFQ 0.75 s (one more student forward), ZAQ 8.5 s (5 student steps at ~1.7 s:
+  the spatial relation maps of the 32x32 stage-1 features are (B, 1024, 1024); generator step ~0.9
+  s), DFQ-AKD 3.3 s (10 student steps). Estimated default runs on one free core: GDFQ / Qimera /
+  AIT ~14 min, AutoReCon ~41 min, AdaSG / AdaDFQ ~17 min, ZAQ ~34 min (batch 64 would take ~70 min),
+  DFQ-AKD ~7 min; two cores shorten that (not measured here);
+* ``smoke``: 2 epochs x 2 iterations of batch 8 (1 warm-up epoch): seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from torch import nn
+
+from ..recipes import HPARAM_KEYS, QUANTIZERS, RECIPES, QuantContext, Recipe
+from ..qat.engine import QATConfig
+from .loop import STUDENT_FIELDS, GenConfig, quantize_gen
+from .objectives import GAMES
+
+_FIXED_SET_KEYS = {f.name for f in dataclasses.fields(QATConfig)} - STUDENT_FIELDS
+_LOOP_KEYS = frozenset({f.name for f in dataclasses.fields(GenConfig)} - _FIXED_SET_KEYS | {"stop_at"})
+
+#: the default budget, shared: 1,200 student steps of batch 32 after one 100-iteration warm-up epoch
+_DEFAULT_STUDENT_STEPS, _DEFAULT_BATCH, _WARMUP = 1200, 32, 100
+
+
+def _budgets(s_steps: int, paper: dict[str, Any], warmup: bool = True) -> dict[str, dict[str, Any]]:
+    per_epoch = _WARMUP // s_steps
+    default = {"epochs": int(warmup) + _DEFAULT_STUDENT_STEPS // _WARMUP, "steps_per_epoch": per_epoch,
+               "batch_size": _DEFAULT_BATCH, "warmup_epochs": int(warmup), "ema_epochs": 1}
+    return {
+        "smoke": {"quant": {"epochs": 2, "steps_per_epoch": 2, "batch_size": 8, "warmup_epochs": int(warmup),
+                            "ema_epochs": 1}},
+        "default": {"quant": default},
+        "paper": {"quant": paper},
+    }
+
+
+def _quantizer(name: str, game: str, doc: str) -> Callable[[QuantContext], nn.Module]:
+    def run(ctx: QuantContext) -> nn.Module:
+        return quantize_gen(ctx, game)
+
+    run.__name__, run.__doc__ = f"quant_{name.replace('-', '_')}", doc
+    HPARAM_KEYS[name] = _LOOP_KEYS | GAMES[game].keys()
+    return QUANTIZERS.add(name, run)
+
+
+def _recipe(name: str, paper: str, quant: str, hparams: dict[str, Any], paper_budget: dict[str, Any], doc: str,
+            s_steps: int = 1) -> Recipe:
+    budgets = _budgets(s_steps, paper_budget, warmup=hparams.get("warmup_epochs", 1) > 0)
+    return RECIPES.add(name, Recipe(name=name, family="generator", kind="QAT", paper=paper, protocol="qat", synth=None,
+                                    quant=quant, hparams=hparams, budgets=budgets, doc=doc))
+
+
+_LINEAGE = {"epochs": 400, "steps_per_epoch": 200, "warmup_epochs": 4, "ema_epochs": 4}
+
+_quantizer("gdfq", "gdfq", "GDFQ's game: conditional generator on CE + 0.1 BNS, student on KD + CE (zsq.gen).")
+_quantizer("qimera", "qimera", "Qimera's game: GDFQ with superposed label embeddings and soft labels (zsq.gen).")
+_quantizer("autorecon", "autorecon", "AutoReCon's game: GDFQ's losses with the NAS-searched generator (zsq.gen).")
+_quantizer("adasg", "adasg", "AdaSG's zero-sum game on the disagreement entropy (zsq.gen).")
+_quantizer("adadfq", "adadfq", "AdaDFQ's game: AdaSG with AdaDFQ's margins and weights (zsq.gen).")
+_quantizer("zaq", "zaq", "ZAQ's adversarial game on output L1 + SCRM feature discrepancy (zsq.gen).")
+_quantizer("dfq-akd", "dfq-akd", "DFQ-AKD's adversarial KD game with BNS / entropy regularisers (zsq.gen).")
+
+_recipe(
+    "gdfq", "Generative Low-bitwidth Data Free Quantization (Xu et al., ECCV 2020)", "gdfq", {},
+    {**_LINEAGE, "batch_size": 200},
+    "A conditional generator (label embedding x z, latent 100) learns images the FP model classifies as the "
+    "sampled label with BN statistics of the real data (CE + 0.1 BNS; Adam 1e-3, betas 0.5/0.999); the "
+    "quantized model is distilled on each batch (KD alpha 1, T 20, KLDivLoss mean + CE on the labels; "
+    "SGD-Nesterov 1e-4, wd 1e-4) after 4 warm-up epochs of EMA activation ranges; lrs x0.1 at 25/50/75% "
+    "[code: xushoukai/GDFQ]. paper: 400 x 200 iterations of batch 200. default: 1,200 student steps of "
+    "batch 32 after a 100-iteration warm-up (~14 CPU-minutes).")
+_recipe(
+    "qimera", "Qimera: Data-free Quantization with Synthetic Boundary Supporting Samples (Choi et al., NeurIPS 2021)",
+    "qimera", {}, {**_LINEAGE, "batch_size": 200},
+    "GDFQ's loop with boundary-supporting samples: in 40% of the batches each image superposes 2 label "
+    "embeddings with softmax(randn) weights (normalised embedding + noise, disentanglement mapping to 100), "
+    "the generator's CE and the student's CE use the mixed soft labels [code: iamkanghyunchoi/qimera, "
+    "run_cifar10_4bit.sh]. paper: 400 x 200 of batch 200; default as gdfq.")
+_recipe(
+    "ait", "It's All In the Teacher: Zero-Shot Quantization Brought Closer to the Teacher (Choi et al., CVPR 2022)",
+    "gdfq", {"ait": True, "weight_decay": 0.0, "gi_threshold": 1e-3}, {**_LINEAGE, "batch_size": 200},
+    "GDFQ's generator with AIT's student: KL-only distillation (no CE) and gradient inundation (per weight "
+    "tensor a lr multiplier making >= 0.1% of the integer weights move; threshold x0.1 at the lr milestones) "
+    "[code: iamkanghyunchoi/ait GDFQ_AIT, run_cifar10_4bit.sh: wd 0, --passing_threshold 0.001]. Any "
+    "generator recipe takes it with --set ait=true (e.g. Qimera+AIT, AdaSG+AIT). paper: 400 x 200 of batch "
+    "200; default as gdfq.")
+_recipe(
+    "autorecon", "AutoReCon: Neural Architecture Search-based Reconstruction for Data-free Compression (Zhu et al., "
+    "IJCAI 2021)", "autorecon", {}, {**_LINEAGE, "batch_size": 200},
+    "GDFQ's game (CE + 0.1 BNS; KD + CE student) with the searched generator: three cells of searched "
+    "upsamplings, convolutions and cross-cell edges with conditional BN [code: iamkanghyunchoi/ait "
+    "AutoReCon_AIT model_generator.py, generator_architecture.py; the architecture search itself is not "
+    "reproduced]. ARC+AIT (the survey's row) is --set ait=true. paper: 400 x 200 of batch 200; default as gdfq.")
+_recipe(
+    "adasg", "Rethinking Data-Free Quantization as a Zero-Sum Game (Qian et al., AAAI 2023)", "adasg",
+    {"batch_size": 16}, {**_LINEAGE, "batch_size": 16},
+    "A zero-sum game over sample adaptability: the generator keeps the normalised entropy of the "
+    "disagreement f - Q within [0.3, 0.8] with balance terms 0.1 CE(f - Q) + 0.1 CE(f + Q) and BNS; the "
+    "quantized model maximises T^2 H((f - Q) / T), T 20 [code: hfutqian/AdaSG]. paper: 400 x 200 of batch "
+    "16; default as gdfq (batch 32).")
+_recipe(
+    "adadfq", "Adaptive Data-Free Quantization (Qian et al., CVPR 2023)", "adadfq", {"batch_size": 16},
+    {**_LINEAGE, "batch_size": 16},
+    "AdaSG's game with AdaDFQ's margins lambda [0.1, 0.8] and balance weights 0.2 CE(f - Q) + 0.1 CE(f + Q) "
+    "[code: hfutqian/AdaDFQ cifar10_resnet20.hocon]. paper: 400 x 200 of batch 16; default as gdfq.")
+_ZAQ = {"batch_size": 256, "lr": 0.1, "nesterov": False, "weight_decay": 5e-4, "g_betas": [0.9, 0.999],
+        "milestones": [1 / 3, 2 / 3], "warmup_epochs": 0}
+_recipe(
+    "zaq", "Zero-shot Adversarial Quantization (Liu et al., CVPR 2021)", "zaq", _ZAQ,
+    {"epochs": 300, "steps_per_epoch": 60, "ema_epochs": 4},
+    "An unconditional generator (latent 256) maximises the two-level discrepancy between the FP and the "
+    "quantized model - output L1 and the spatial/channel relation maps (SCRM) of the stage features - plus "
+    "0.1 x the teacher's last-stage activation magnitude; the quantized model minimises the discrepancy, 5 "
+    "student steps (fresh batches) per generator step, SGD lr 0.1, momentum 0.9, wd 5e-4, Adam 1e-3, x0.1 "
+    "at epochs 100/200 [code: FLHonker/ZAQ-code main.py]. No warm-up (the code trains the student from the "
+    "start). paper: 300 x 60 iterations of batch 256; default: the shared 1,200 student steps of batch 32 "
+    "(~34 CPU-minutes).",
+    s_steps=5)
+_recipe(
+    "dfq-akd", "Data-Free Network Quantization With Adversarial Knowledge Distillation (Choi et al., CVPRW 2020)",
+    "dfq-akd", {"batch_size": 256, "lr_schedule": "cosine", "weight_decay": 0.0},
+    {"epochs": 250, "steps_per_epoch": 400, "warmup_epochs": 50, "ema_epochs": 4},
+    "An unconditional generator (latent 512) maximises KL(f || Q) (T 1) regularised by 0.01 x (batch "
+    "prediction diversity + per-image confidence + Gaussian-KL BN statistics); the quantized model "
+    "minimises the KL, 10 student steps (fresh batches) per generator step; cosine lrs; 50 generator-only "
+    "warm-up epochs. No official code: after da2so's unofficial one, whose student (trained from scratch, "
+    "lr 0.1) is replaced by the lineage's quantized student (SGD-Nesterov 1e-4). paper: 50 + 200 epochs x "
+    "400 iterations of batch 256; default: the shared 1,200 student steps of batch 32.", s_steps=10)

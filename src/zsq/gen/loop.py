@@ -62,7 +62,6 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import BadValueError
-from ..paths import load_resume_checkpoint, torch_save_checked
 from ..qat.engine import QATConfig, QATTrainer, _as, _as_bool, _state, cosine_lr, refresh_weight_ranges, step_seed
 from ..quant.modules import QUANT_LAYERS
 from .ait import InundationSGD
@@ -216,21 +215,15 @@ class GenTrainer(QATTrainer):
             self._feat_handles, self._feats, self._last = [], {}, None
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def _save(self, epoch: int, step: int, acc: dict[str, float]) -> None:
-        if self.ckpt is None:
-            return
-        torch_save_checked({"format": CKPT_FORMAT, "fingerprint": self.fingerprint, "epoch": epoch, "step": step,
-                            "model": _state(self.q), "optimizer": self.opt.state_dict(),
-                            "generator": _state(self.gen), "optimizer_g": self.opt_g.state_dict(),
-                            "observers": self._observer_state(), "history": self.history, "acc": acc}, self.ckpt)
+    ckpt_format = CKPT_FORMAT
+    ckpt_what = "generator QAT checkpoint"
 
-    def _load(self) -> dict | None:
-        if self.ckpt is None or not self.resume or not self.ckpt.is_file():
-            return None
-        ck = load_resume_checkpoint(self.ckpt, "generator QAT checkpoint", CKPT_FORMAT, self.fingerprint)
+    def _ckpt_extra(self) -> dict[str, Any]:
+        return {"generator": _state(self.gen), "optimizer_g": self.opt_g.state_dict()}
+
+    def _ckpt_restore(self, ck: dict[str, Any]) -> None:
         self.gen.load_state_dict(ck["generator"])
         self.opt_g.load_state_dict(ck["optimizer_g"])
-        return ck
 
     # -- schedules -----------------------------------------------------------------------------------
     def lr_at(self, gstep: int) -> float:

@@ -722,17 +722,32 @@ class QATTrainer:
             q.observer = o
 
     # -- checkpoints ---------------------------------------------------------------------------------
+    #: checkpoint format tag and the name errors use; subclasses that add state (the generator loop)
+    #: override these and :meth:`_ckpt_extra` / :meth:`_ckpt_restore`
+    ckpt_format = CKPT_FORMAT
+    ckpt_what = "QAT checkpoint"
+
+    def _ckpt_extra(self) -> dict[str, Any]:
+        """Further entries of the checkpoint (none here)."""
+        return {}
+
+    def _ckpt_restore(self, ck: dict[str, Any]) -> None:
+        """Restore what :meth:`_ckpt_extra` saved (nothing here)."""
+
     def _save(self, epoch: int, step: int, acc: dict[str, float]) -> None:
         if self.ckpt is None:
             return
-        torch_save_checked({"format": CKPT_FORMAT, "fingerprint": self.fingerprint, "epoch": epoch, "step": step,
-                            "model": _state(self.q), "optimizer": self.opt.state_dict(),
-                            "observers": self._observer_state(), "history": self.history, "acc": acc}, self.ckpt)
+        torch_save_checked({"format": self.ckpt_format, "fingerprint": self.fingerprint, "epoch": epoch,
+                            "step": step, "model": _state(self.q), "optimizer": self.opt.state_dict(),
+                            **self._ckpt_extra(), "observers": self._observer_state(), "history": self.history,
+                            "acc": acc}, self.ckpt)
 
     def _load(self) -> dict | None:
         if self.ckpt is None or not self.resume or not self.ckpt.is_file():
             return None
-        return load_resume_checkpoint(self.ckpt, "QAT checkpoint", CKPT_FORMAT, self.fingerprint)
+        ck = load_resume_checkpoint(self.ckpt, self.ckpt_what, self.ckpt_format, self.fingerprint)
+        self._ckpt_restore(ck)
+        return ck
 
     # -- one step ------------------------------------------------------------------------------------
     def _draw(self, epoch: int, step: int) -> Batch:

@@ -270,3 +270,4 @@ from .synth import sadag as _sadag  # noqa: E402,F401  (registers the "sadag" sy
 from .ptq import datafree as _datafree  # noqa: E402,F401  (registers dfq / squant / udfc)
 from .qat import recipes as _qat  # noqa: E402,F401  (registers qat-kd / qat-zeroq)
 from .gen import recipes as _gen  # noqa: E402,F401  (registers the generator-based QAT recipes: gdfq, qimera, ait ...)
+from . import vit_recipes as _vit  # noqa: E402,F401  (registers psaq-vit / psaq-vit-v2 / smi / clamp-vit, calib-sparse)

@@ -16,6 +16,7 @@ from .dsg import DSG  # registers "dsg"
 from .intraq import HAST, IntraQ, TexQ  # registers the three
 from .noise import GaussianConfig, GaussianNoise
 from .pixel import PixelConfig, PixelSynthesizer
+from .vit import CLAMPViT, PSAQViT, PSAQViTV2, SMI  # registers psaq-vit, psaq-vit-v2, smi, clamp-vit
 from .zeroq import ZeroQ, ZeroQConfig
 
 __all__ = [
@@ -24,3 +25,4 @@ __all__ = [
     "SyntheticSet", "TexQ", "ZeroQ", "ZeroQConfig", "batch_generator", "batch_seed", "bn_layers", "get_synthesizer",
     "image_prior_loss", "l2_image_loss", "model_fingerprint", "prepared", "synthesize", "synthetic_key", "tv_loss",
 ]
+__all__ += ["CLAMPViT", "PSAQViT", "PSAQViTV2", "SMI"]

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import valsplit
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "runs" / "genie-val"
@@ -54,8 +54,7 @@ for s in ("s300c", "s300u", "s500u", "s300f", "real"):
 
 
 def run(name: str) -> dict:
-    from zsq.api import evaluate, peak_rss_mb, quantize
-    from zsq.data.eval import open_dataset
+    from zsq.api import evaluate, quantize
     from zsq.models.zoo import load_model
     from zsq.synth import synthesize
 
@@ -75,14 +74,11 @@ def run(name: str) -> dict:
     t1 = time.perf_counter()
     q = quantize(model, "genie", w, a, seed=seed, hparams=RECON[r], progress=False, **kw)
     recon_s = time.perf_counter() - t1
-    val = open_dataset(home / "cifar10-jpeg" / "train.tar", model.zsq_info.preprocess, limit=5000)
-    acc = evaluate(q, val, progress=False)
+    acc = evaluate(q, valsplit.val_dataset(model), progress=False)
     return {"name": name, "synth": s, "synth_overrides": SYNTH[s], "recon": r, "recon_hparams": RECON[r],
             "bits": f"W{w}A{a}", "seed": seed, "val_top1": acc["top1"], "val_n": acc["n"],
             "synth_wall_s": round(synth_s, 1), "recon_wall_s": round(recon_s, 1),
-            "process_wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-            "load_avg": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "process_wall_s": round(time.perf_counter() - t0, 1), **valsplit.env_fields()}
 
 
 def table() -> str:
@@ -95,30 +91,9 @@ def table() -> str:
 
 
 def main(argv: list[str]) -> int:
-    if "--list" in argv:
-        print("\n".join(EXPERIMENTS))
-        return 0
-    if "--table" in argv:
-        print(table())
-        return 0
-    torch.set_num_threads(2)
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name in argv or list(EXPERIMENTS):
-        if name not in EXPERIMENTS:
-            print(f"unknown experiment {name}", file=sys.stderr)
-            return 2
-        path = OUT / f"{name}.json"
-        if path.exists():
-            continue
-        print(f"running {name} ...", flush=True)
-        d = run(name)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(d, indent=1))
-        tmp.replace(path)
-        print(f"  {name}: val top-1 {d['val_top1']:.2f} (synth {d['synth_wall_s']} s, recon {d['recon_wall_s']} s)",
-              flush=True)
-    print(table())
-    return 0
+    return valsplit.main(argv, EXPERIMENTS, run, OUT, table,
+                         lambda d: f"val top-1 {d['val_top1']:.2f} (synth {d['synth_wall_s']} s, "
+                                   f"recon {d['recon_wall_s']} s)")
 
 
 if __name__ == "__main__":

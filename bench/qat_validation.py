@@ -1,0 +1,60 @@
+"""Choose the QAT loop's learning rate (issue 8) on a validation split, never on the test set.
+
+The lineage's lr (1e-4 at batch 256 with the KD loss scaled by alpha * T^2 = 8,000 [code:
+zysxmu/IntraQ]) was set for 30,200 steps with a step schedule; zsq's `default` budget runs 980
+training steps with a cosine. Each experiment = (recipe, lr, bits, seed): the recipe's synthetic set
+(made or reused from ZSQ_CACHE with the recipe's `default` budget), the recipe's `default` QAT budget
+with ``lr`` overridden, top-1 on the validation split (the first 500 images per class of
+``cifar10-jpeg/train.tar``, see bench/valsplit.py). One JSON per experiment in
+``bench/runs/qat-val/``; finished experiments are skipped (resumable).
+
+    ZSQ_HOME=../shared/assets ZSQ_CACHE=... python bench/qat_validation.py [NAME ...]
+    python bench/qat_validation.py --list | --table
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import valsplit
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "runs" / "qat-val"
+
+LRS = {"lr1e-4": 1e-4, "lr3e-5": 3e-5, "lr1e-5": 1e-5}
+EXPERIMENTS = {f"{r}__{lr}__W{w}A{a}__s0": (r, lr, (w, a), 0)
+               for r in ("qat-zeroq", "hast") for (w, a) in ((4, 4), (3, 3)) for lr in LRS}
+
+
+def run(name: str) -> dict:
+    from zsq.api import evaluate, quantize
+    from zsq.models.zoo import load_model
+    from zsq.recipes import RECIPES
+
+    r, lr, (w, a), seed = EXPERIMENTS[name]
+    model = load_model("cifar10_resnet20")
+    t0 = time.perf_counter()
+    hp = dict(RECIPES[r].budgets["default"].get("quant", {}), lr=LRS[lr])
+    q = quantize(model, r, w, a, seed=seed, hparams=hp, progress=False)
+    wall = time.perf_counter() - t0
+    acc = evaluate(q, valsplit.val_dataset(model), progress=False)
+    hist = getattr(q, "zsq_qat", {}).get("epochs", [])
+    return {"name": name, "recipe": r, "lr": LRS[lr], "bits": f"W{w}A{a}", "seed": seed, "hparams": hp,
+            "val_top1": acc["top1"], "val_n": acc["n"], "wall_s": round(wall, 1), "history": hist,
+            **valsplit.env_fields()}
+
+
+def table() -> str:
+    rows = ["| recipe | lr | bits | seed | val top-1 | wall s (synthesis + QAT) |", "|---|---|---|---|---|---|"]
+    for f in sorted(OUT.glob("*.json")):
+        d = json.loads(f.read_text())
+        rows.append(f"| {d['recipe']} | {d['lr']:g} | {d['bits']} | {d['seed']} | {d['val_top1']:.2f} | {d['wall_s']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(valsplit.main(sys.argv[1:], EXPERIMENTS, run, OUT, table,
+                                   lambda d: f"val top-1 {d['val_top1']:.2f} ({d['wall_s']} s)"))

@@ -1,0 +1,65 @@
+"""Shared parts of the validation-split scripts (bench/*_validation.py): choosing a default on data
+that is not the test set.
+
+The validation split is the first 500 images of every class of ``cifar10-jpeg/train.tar`` (5,000
+images; none is a test image, and no synthesizer ever sees them). Each script names its experiments;
+:func:`main` runs the ones asked for (all by default), writes one JSON per experiment under the
+script's folder in ``bench/runs/`` and skips an experiment whose JSON exists (resumable), then prints
+the script's table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+VAL_N = 5000  # the first 500 images per class of train.tar
+
+
+def val_dataset(model):
+    """The validation split, preprocessed for ``model``."""
+    from zsq.data.eval import open_dataset
+
+    home = Path(os.environ["ZSQ_HOME"])
+    return open_dataset(home / "cifar10-jpeg" / "train.tar", model.zsq_info.preprocess, limit=VAL_N)
+
+
+def env_fields() -> dict:
+    """Machine facts recorded with every experiment (peak memory, load, torch version, date)."""
+    from zsq.api import peak_rss_mb
+
+    return {"peak_rss_mb": round(peak_rss_mb(), 1), "load_avg": round(os.getloadavg()[0], 2),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def main(argv: list[str], experiments: dict, run: Callable[[str], dict], out: Path, table: Callable[[], str],
+         summary: Callable[[dict], str]) -> int:
+    if "--list" in argv:
+        print("\n".join(experiments))
+        return 0
+    if "--table" in argv:
+        print(table())
+        return 0
+    torch.set_num_threads(int(os.environ.get("ZSQ_THREADS", "2")))
+    out.mkdir(parents=True, exist_ok=True)
+    for name in argv or list(experiments):
+        if name not in experiments:
+            print(f"unknown experiment {name}", file=sys.stderr)
+            return 2
+        path = out / f"{name}.json"
+        if path.exists():
+            continue
+        print(f"running {name} ...", flush=True)
+        d = run(name)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(d, indent=1))
+        tmp.replace(path)
+        print(f"  {name}: {summary(d)}", flush=True)
+    print(table())
+    return 0

@@ -67,6 +67,7 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
         lines.append("")
     lines += _onnx_section(Path(runs_dir) / "onnx")
     lines += _genie_val_section(Path(runs_dir) / "genie-val")
+    lines += _qat_val_section(Path(runs_dir) / "qat-val")
     lines += ["## Every run", "",
               "| model | recipe | protocol | bits | budget | seed | top-1 | top-5 | wall s | CPU s | load | data | images | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -194,6 +195,24 @@ def _genie_val_section(d: Path) -> list[str]:
         hp = ", ".join(f"{k}={v}" for k, v in r["recon_hparams"].items())
         out.append(f"| {r['synth']} | {ov} | {r['recon']} | {hp} | {r['bits']} | {r['val_top1']:.2f} | "
                    f"{r['synth_wall_s']} | {r['recon_wall_s']} | {r.get('load_avg')} |")
+    return out + [""]
+
+
+def _qat_val_section(d: Path) -> list[str]:
+    """Rows of ``bench/qat_validation.py``: the QAT loop's learning rate chosen on the validation split."""
+    recs = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    if not recs:
+        return []
+    out = ["## QAT learning rate: chosen on a validation split (`bench/qat_validation.py`)", "",
+           "ResNet-20, `qat` protocol, seed 0, the recipe's own synthetic set (5,120 images). Top-1 on the "
+           "**validation split** (first 500 images per class of `cifar10-jpeg/train.tar`; never the test set). "
+           "`q250` = a quarter of the default QAT budget (4 x 63 steps of batch 256, 5 EMA warm-up steps), a "
+           "cheap proxy for ranking learning rates; `full` = the default (4 x 250 steps). Wall times include "
+           "other work on the machine (the `load` column) and the synthesis when the set was not cached.", "",
+           "| recipe | lr | QAT budget | bits | val top-1 | wall s | load |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(recs, key=lambda r: (r["recipe"], r.get("budget", ""), r["bits"], -r["lr"])):
+        out.append(f"| {r['recipe']} | {r['lr']:g} | {r.get('budget', 'full')} | {r['bits']} | {r['val_top1']:.2f} | "
+                   f"{r['wall_s']} | {r.get('load_avg')} |")
     return out + [""]
 
 

@@ -49,16 +49,25 @@ def genie(seeds=(0, 1, 2)) -> list[Run]:
     return runs
 
 
-def qat(seeds=(0,)) -> list[Run]:
+def qat(seeds=(0,), recipes=None) -> list[Run]:
     """Issue 8: the QAT recipes on ResNet-20 under ``qat`` at W4A4 and W3A3 (default budget = 5,120
     synthetic images, the shared KD loop), the ablation baseline ``qat-zeroq`` first."""
     m = "cifar10_resnet20"
-    return [Run(m, r, "qat", w, a, seed=s) for r in QAT_RECIPES for s in seeds for w, a in [(4, 4), (3, 3)]]
+    return [Run(m, r, "qat", w, a, seed=s) for r in (recipes or QAT_RECIPES) for s in seeds
+            for w, a in [(4, 4), (3, 3)]]
+
+
+def gen(seeds=(0,)) -> list[Run]:
+    """Issue 10: the generator recipes on ResNet-20 under ``qat`` at W4A4 and W3A3 (one equal default
+    budget: the generator game inside the quantizer)."""
+    return qat(seeds, GEN_RECIPES)
 
 
 #: recipes of the ``qat`` suite, in run order (the baseline first)
 QAT_RECIPES = ["qat-zeroq", "intraq", "hast", "synq", "plf", "texq", "deepinversion", "gznq"]
+#: recipes of the ``gen`` suite, in run order
+GEN_RECIPES = ["gdfq", "qimera", "ait", "adasg", "adadfq", "dfq-akd", "zaq", "autorecon"]
 
 from .suites_datafree import datafree  # noqa: E402
 
-SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie, "qat": qat}
+SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie, "qat": qat, "gen": gen}

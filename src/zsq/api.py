@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import DataError, OutputExistsError, UnknownNameError, ZsqError
+from .errors import BadValueError, DataError, OutputExistsError, UnknownNameError, ZsqError
 from .models import load_model
 from .paths import torch_save_atomic, write_json_atomic
 from .recipes import HPARAM_KEYS, PRE_STEPS, QUANTIZERS, RECIPES, QuantContext
@@ -95,6 +95,11 @@ def synthetic_data(model: nn.Module, res: Resolved, seed: int, *, synthetic: str
     rb = RECIPES[res.name].budgets.get(res.budget, {}) if res.synth == RECIPES[res.name].synth else {}
     overrides = {k: v for k, v in rb.items() if k not in ("quant", "n_images")}
     n = n_images or rb.get("n_images")
+    from .distributed import is_distributed, synthesize_sharded
+
+    if is_distributed():  # under torchrun: each rank makes every WORLD_SIZE-th batch (zsq synthesize's sharding)
+        return synthesize_sharded(model, res.synth, budget=res.budget, seed=seed, n_images=n, progress=progress,
+                                  overrides=overrides or None)
     return synthesize(model, res.synth, budget=res.budget, seed=seed, n_images=n, progress=progress,
                       overrides=overrides or None)
 
@@ -121,57 +126,81 @@ def quantize(
     ckpt_dir: str | os.PathLike | None = None,
     resume: bool = False,
 ) -> nn.Module:
-    """Quantize ``model`` with ``recipe``; returns the fake-quantized model with ``.zsq_result``."""
+    """Quantize ``model`` with ``recipe``; returns the fake-quantized model with ``.zsq_result``.
+
+    Under torchrun with more than one process (every rank calls this with the same arguments): the
+    synthesis is sharded over the ranks and the ``qat-kd`` quantizer trains data-parallel (other
+    quantizers are refused, :mod:`zsq.distributed`); every rank returns the same model, rank 0 alone
+    writes checkpoints (and should alone :func:`save`)."""
     w_bits, a_bits = check_bits(w_bits, "--w"), check_bits(a_bits, "--a")
     if isinstance(model, str):
         model = load_model(model)
     elif not hasattr(model, "zsq_info"):
         model = load_model(model)
     res = resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget, hparams=hparams)
-    t0, c0 = time.perf_counter(), time.process_time()
-    fp = model
-    if res.pre:
-        fp = PRE_STEPS[res.pre](_copy(model), res.hparams)
-    data_info = {"dir": None, "sha256": None, "n_images": 0, "kind": "none"}
-    images = labels = None
-    if calib:
-        from .data.eval import load_images
+    with _data_parallel(res, model):  # under torchrun: sharded synthesis, data-parallel QAT
+        t0, c0 = time.perf_counter(), time.process_time()
+        fp = model
+        if res.pre:
+            fp = PRE_STEPS[res.pre](_copy(model), res.hparams)
+        data_info = {"dir": None, "sha256": None, "n_images": 0, "kind": "none"}
+        images = labels = None
+        if calib:
+            from .data.eval import load_images
 
-        if calib_n <= 0:
-            raise DataError(f"--calib-n must be > 0, got {calib_n}")
-        images, _ = load_images(calib, model.zsq_info.preprocess, calib_n, seed=seed)
-        data_info = {"dir": str(calib), "sha256": None, "n_images": int(images.shape[0]), "kind": "real"}
-        res.synth = None
-    else:
-        sset = synthetic_data(fp, res, seed, synthetic=synthetic, progress=progress)
-        if sset is not None:
-            images, labels = sset.images, sset.labels  # labels: None unless the synthesizer made them
-            data_info = {"dir": str(sset.dir), "sha256": sset.sha256, "n_images": int(sset.n_images),
-                         "kind": "synthetic"}
-    ctx = QuantContext(model=fp, images=images, protocol=PROTOCOLS[res.protocol], w_bits=w_bits, a_bits=a_bits,
-                       policy=policy or LayerPolicy(), hparams=res.hparams, budget=res.budget, seed=seed,
-                       progress=progress, ckpt_dir=Path(ckpt_dir) if ckpt_dir else None, resume=resume,
-                       strict=strict, labels=labels)
-    torch.manual_seed(seed)
-    qmodel = QUANTIZERS[res.quant](ctx)
-    wall = time.perf_counter() - t0
-    cpu = time.process_time() - c0
-    qmodel.eval()
-    qmodel.zsq_info = model.zsq_info
-    qmodel.zsq_result = {
-        "recipe": {"name": res.name, "pre": res.pre, "synth": res.synth, "quant": res.quant, "hparams": res.hparams},
-        "protocol": res.protocol,
-        "bits": {"w": w_bits, "a": a_bits},
-        "budget": res.budget,
-        "seed": seed,
-        "synthetic": data_info,
-        "policy": {"keep_fp": list(ctx.policy.keep_fp),
-                   "layer_bits": {k: f"W{w}A{a}" for k, (w, a) in ctx.policy.layer_bits.items()}},
-        "wall_s": round(wall, 2),
-        "cpu_s": round(cpu, 2),
-        "size": model_size(model, qmodel),
-    }
-    return qmodel
+            if calib_n <= 0:
+                raise DataError(f"--calib-n must be > 0, got {calib_n}")
+            images, _ = load_images(calib, model.zsq_info.preprocess, calib_n, seed=seed)
+            data_info = {"dir": str(calib), "sha256": None, "n_images": int(images.shape[0]), "kind": "real"}
+            res.synth = None
+        else:
+            sset = synthetic_data(fp, res, seed, synthetic=synthetic, progress=progress)
+            if sset is not None:
+                images, labels = sset.images, sset.labels  # labels: None unless the synthesizer made them
+                data_info = {"dir": str(sset.dir), "sha256": sset.sha256, "n_images": int(sset.n_images),
+                             "kind": "synthetic"}
+        ctx = QuantContext(model=fp, images=images, protocol=PROTOCOLS[res.protocol], w_bits=w_bits, a_bits=a_bits,
+                           policy=policy or LayerPolicy(), hparams=res.hparams, budget=res.budget, seed=seed,
+                           progress=progress, ckpt_dir=Path(ckpt_dir) if ckpt_dir else None, resume=resume,
+                           strict=strict, labels=labels)
+        torch.manual_seed(seed)
+        qmodel = QUANTIZERS[res.quant](ctx)
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        qmodel.eval()
+        qmodel.zsq_info = model.zsq_info
+        qmodel.zsq_result = {
+            "recipe": {"name": res.name, "pre": res.pre, "synth": res.synth, "quant": res.quant,
+                       "hparams": res.hparams},
+            "protocol": res.protocol,
+            "bits": {"w": w_bits, "a": a_bits},
+            "budget": res.budget,
+            "seed": seed,
+            "synthetic": data_info,
+            "policy": {"keep_fp": list(ctx.policy.keep_fp),
+                       "layer_bits": {k: f"W{w}A{a}" for k, (w, a) in ctx.policy.layer_bits.items()}},
+            "wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 2),
+            "size": model_size(model, qmodel),
+        }
+        return qmodel
+
+
+def _data_parallel(res: Resolved, model: nn.Module):
+    """Under torchrun with more than one process: the process group for the run (synthesis sharded
+    over the ranks, the quantizer data-parallel), refusing quantizers that cannot split their work;
+    outside torchrun nothing."""
+    import contextlib
+
+    from .distributed import DATA_PARALLEL_QUANTIZERS, is_distributed, process_group, world
+
+    if not is_distributed():
+        return contextlib.nullcontext()
+    if res.quant not in DATA_PARALLEL_QUANTIZERS:
+        raise BadValueError(f"quantizer {res.quant} has no data-parallel mode ({world()[1]} processes under torchrun; "
+                            f"only {', '.join(DATA_PARALLEL_QUANTIZERS)} has one): run it in one process, e.g. "
+                            "`torchrun ... -m zsq synthesize ... -o DIR` then `zsq quantize ... --synthetic DIR`")
+    return process_group(next((p.device for p in model.parameters()), torch.device("cpu")))
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -240,6 +269,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _processes() -> int:
+    """torchrun's world size (1 outside torchrun): the run's processes, each with ``threads`` threads."""
+    from .distributed import world
+
+    return world()[1]
+
+
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -294,7 +330,7 @@ def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = No
         "policy": result.get("policy"),
         "layout": layout.to_dict(),
         "versions": _versions(),
-        "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads()},
+        "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "processes": _processes()},
         "wall_s": result.get("wall_s"),
         "cpu_s": result.get("cpu_s"),  # CPU seconds of all threads: robust to a shared machine
         "peak_rss_mb": peak_rss_mb(),

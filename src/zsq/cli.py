@@ -155,10 +155,17 @@ def quantize(
         from .data.eval import open_dataset
 
         open_dataset(eval_path, m.zsq_info.preprocess, limit=eval_limit)  # layout and --eval-limit
-    api.check_output_dir(out, overwrite)
+    from .distributed import world
+
+    rank = world()[0]  # under torchrun: rank 0 alone writes OUT and evaluates; the others only train
+    if rank == 0:
+        api.check_output_dir(out, overwrite)
     qmodel = api.quantize(m, recipe, w, a, protocol=protocol, pre=pre, synth=synth, quant=quant, budget=budget,
                           seed=seed, synthetic=synthetic, calib=calib, calib_n=calib_n, policy=policy,
-                          hparams=hparams, strict=strict, progress=not quiet, ckpt_dir=out / ".ckpt", resume=resume)
+                          hparams=hparams, strict=strict, progress=not quiet and rank == 0,
+                          ckpt_dir=out / ".ckpt", resume=resume)
+    if rank != 0:
+        return
     metrics = None
     if eval_path:
         metrics = api.evaluate(qmodel, eval_path, limit=eval_limit, progress=not quiet)

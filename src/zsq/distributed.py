@@ -15,6 +15,13 @@ across machines).
 Synthesizers whose batches depend on each other cannot shard (a generator trained across batches,
 as in GDFQ-style recipes, would see a different sequence of batches on each rank); they set
 ``Synthesizer.shardable = False`` and are refused with a clear error.
+
+``torchrun ... -m zsq quantize ...`` shards the synthesis the same way, then trains data-parallel
+when the quantizer is one of :data:`DATA_PARALLEL_QUANTIZERS` (the QAT engine, ``qat-kd``: each rank
+takes its rows of every global batch, gradients are summed over the ranks before the optimizer step,
+the EMA activation ranges see the global batch's min/max; :mod:`zsq.qat.engine` documents what
+equals the one-process run); other quantizers are refused under more than one process. The helpers
+at the end of this module are the engine's collectives.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from torch import nn
 
 from .errors import BadValueError
 
+#: quantizers that split their work over torchrun's processes (the others run in one process only)
+DATA_PARALLEL_QUANTIZERS = ("qat-kd",)
 
 def world() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
@@ -96,3 +105,92 @@ def synthesize_sharded(model: nn.Module, synth: str, *, budget: str = "default",
     if rank == 0:
         return full
     return SyntheticSet.load(d[0]) if Path(d[0]).is_dir() else part
+
+
+# -- helpers of the data-parallel QAT engine (zsq.qat.engine, ``ddp=True``) --------------------------
+def share(n: int, rank: int, size: int) -> slice:
+    """The rows of a batch of ``n`` that rank ``rank`` of ``size`` takes: contiguous, sizes differing
+    by at most one (``torch.tensor_split``'s split)."""
+    q, r = divmod(int(n), int(size))
+    start = rank * q + min(rank, r)
+    return slice(start, start + q + (1 if rank < r else 0))
+
+
+def rank0_call(fn):
+    """``fn()`` run on rank 0 only, its result (or the error it raised) broadcast to every rank: all
+    ranks return the same object or raise the same error (no rank is left waiting)."""
+    import pickle
+
+    rank = dist.get_rank()
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            try:
+                pickle.dumps(e)
+            except Exception:  # noqa: BLE001
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            box[0] = ("error", e)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def broadcast_tensors(tensors, src: int = 0) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s values (same shapes on every rank)."""
+    for t in tensors:
+        if t.numel():
+            dist.broadcast(t.data, src=src)
+
+
+def broadcast_data(images: torch.Tensor, labels: torch.Tensor | None, device: torch.device | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rank 0's training images (float32) and labels (int64) on every rank, returned on the CPU (a
+    rank on another machine may hold only its own shards of a synthetic set); ``device``: where the
+    collective runs (the model's: CUDA under nccl)."""
+    meta = [(tuple(images.shape), labels is not None)] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(meta, src=0)
+    shape, has_labels = meta[0]
+
+    def bcast(t: torch.Tensor | None, shp: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if dist.get_rank() != 0:  # a fresh tensor: the caller's is left alone
+            t = torch.empty(shp, dtype=dtype)
+        t = t.to(device=device, dtype=dtype).contiguous()
+        dist.broadcast(t, src=0)
+        return t.cpu()
+
+    return bcast(images, shape, torch.float32), bcast(labels, shape[:1], torch.int64) if has_labels else None
+
+
+def all_reduce_grads(params) -> None:
+    """Sum the gradients of ``params`` over the ranks in one flat all-reduce (each rank's loss was
+    already scaled by its share of the global batch, so the sum is the global batch's gradient).
+    Parameters without a gradient are skipped (the same ones on every rank: one graph)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    i = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[i:i + n].view_as(g))
+        i += n
+
+
+def global_min_max(x: torch.Tensor) -> torch.Tensor:
+    """``[min, max]`` of ``x`` over every rank's tensor (exact: one MAX all-reduce of ``[-min, max]``)."""
+    f = x.detach().float()
+    t = torch.stack([-f.min(), f.max()])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return torch.stack([-t[0], t[1]])
+
+
+def all_reduce_sum(values: list[float], device: torch.device | None = None) -> list[float]:
+    """Elementwise sum over the ranks of a list of floats (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()

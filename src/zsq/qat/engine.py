@@ -110,6 +110,39 @@ fingerprint of the config, the seed, the initial student, the images and the lab
 ``resume=True`` continues from it and ends with tensors equal to an uninterrupted run. Ctrl-C
 finishes the current step, writes the checkpoint at that step and raises ``KeyboardInterrupt`` (a
 second Ctrl-C stops at once, leaving the last epoch's checkpoint).
+
+**Data parallelism** (``ddp=True``; ``torchrun --nproc-per-node N -m zsq quantize ...`` with the
+``qat-kd`` quantizer, :mod:`zsq.distributed`). Every rank draws the step's *global* batch from the
+step's generator exactly as one process does (indices, crop boxes and flips, mixup pairing) and
+takes its rows (contiguous, sizes differing by at most one); only those rows are augmented and run
+through teacher and student. The rank's loss (a mean over its rows) is scaled by its share of the
+batch and backpropagated locally, then the gradients are summed over the ranks in one flat
+all-reduce before the optimizer step, so every rank applies the global batch's gradient to identical
+weights (SGD state, weight ranges and BN stay identical without further traffic). Explicit
+all-reduce rather than ``DistributedDataParallel``: a step may run the student several times before
+one backward (HAST's x', TexQ's mixed batch) and take ``autograd.grad`` in between (the input
+gradient, Grad-CAM), which DDP's reducer (one forward per backward) does not allow; DDP would also
+re-broadcast the quantizers' buffers at every forward and prefix the state-dict names; the hooks and
+the fused activation quantizer work on the bare module unchanged. During the warm-up each
+activation quantizer's EMA hook all-reduces ``[-min, max]`` of its input (MAX), so every observer
+sees the global batch's min/max (exact) and the ranges are the same on every rank. The loss terms
+reported per step and in the history are the global batch's (rank means weighted by their shares,
+all-reduced together with a Ctrl-C flag, so every rank stops at the same step). Rank 0 broadcasts the
+images, labels and initial student at the start, reads the checkpoint on ``resume`` and broadcasts
+it, computes PLF's reliability filter (once, on the set) and alone writes the checkpoint (the others
+wait on a barrier).
+
+*What equals the one-process run*: the same global batches, ranges and updates, up to floating
+point: a sum of per-rank means in place of one mean (reduction order), and the convolutions of a
+smaller batch may round differently; a fake-quantized value next to a rounding boundary can then
+land one level apart, so the weights agree to a tolerance, not bitwise (tests/test_distributed.py:
+2 ranks vs 1 process with every method term on, 5 training steps: the weights' difference is 5e-7
+of their update, tested below 1e-4). Every term is a mean over samples with per-sample inputs (KD,
+CE and its ``easy`` / ``reliable`` selections, FA, Grad-CAM, HAST's x', whose input-gradient sign
+is per sample; TexQ's partners are drawn globally and augmented by the rank that needs them), so it
+splits exactly, except ``bns_weight``: the student's BN-input statistics of the whole batch are not
+a mean of per-rank terms, and it is refused under more than one process. Not split: the per-step
+batch draw and PLF's one-off filter (rank 0); the global batch must hold at least one image per rank.
 """
 
 from __future__ import annotations
@@ -130,9 +163,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 import torch.nn.functional as F
 
+from .. import distributed as zdist
 from ..errors import BadValueError
 from ..paths import load_resume_checkpoint, torch_save_checked
 from ..progress import LossBar, fmt_loss
@@ -319,7 +354,8 @@ class QATInterrupted(Exception):
 
 class Batch(NamedTuple):
     """One step's draw: images (augmented, filtered), their labels, their indices in the set, and the
-    mixup pairing ``(perm, lam)``."""
+    mixup pairing ``(perm, lam)`` (a data-parallel rank's slice: ``(partner images, lam)``, since
+    ``perm`` pairs rows across the ranks' slices)."""
 
     x: Tensor
     labels: Tensor | None
@@ -366,15 +402,18 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float, reduction: str
     return kl / student.shape[1] if reduction == "mean" else kl
 
 
-def random_resized_crop_flip(x: Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.5, 1.0),
-                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+def random_resized_crop_flip(x: Tensor, generator: torch.Generator | None,
+                             scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                             *, u: Tensor | None = None) -> Tensor:
     """Per image: a random crop box covering ``scale`` of the area with aspect ratio in ``ratio``
     (log-uniform), resized back to the full size (bilinear), mirrored with probability 0.5: IntraQ's
     ``RandomResizedCrop(scale=(0.5, 1)) + RandomHorizontalFlip()``, batched as one affine resampling
     (box sides clipped to the image instead of torchvision's rejection loop). Draws 5 uniforms per
-    image from ``generator``."""
+    image from ``generator``, or takes them from ``u`` (B, 5) (a rank's rows of a global draw)."""
     b = x.shape[0]
-    u = torch.rand(b, 5, generator=generator, device=generator.device).to(x.device)
+    if u is None:
+        u = torch.rand(b, 5, generator=generator, device=generator.device)
+    u = u.to(x.device)
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(lr0 + (lr1 - lr0) * u[:, 1])
@@ -624,13 +663,15 @@ class QATTrainer:
     ``labels``: optional synthesis labels aligned with ``images`` (int, shape (N,)), used by the CE
     terms. ``stop_at=(epoch, k)``: write the checkpoint after step ``k`` (1-based) of ``epoch``
     (0-based) and raise :class:`QATInterrupted` (tests); ``callback(epoch, step, loss)`` runs after
-    every step.
+    every step. ``ddp=True``: data-parallel over the ranks of the initialised ``torch.distributed``
+    process group (module docstring, "Data parallelism").
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, images: Tensor, cfg: QATConfig, *, seed: int = 0,
                  progress: bool = True, ckpt_dir: str | Path | None = None, resume: bool = False,
                  stop_at: tuple[int, int] | None = None,
-                 callback: Callable[[int, int, float], None] | None = None, labels: Tensor | None = None):
+                 callback: Callable[[int, int, float], None] | None = None, labels: Tensor | None = None,
+                 ddp: bool = False):
         if images is None or not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] < 1:
             raise BadValueError("QAT needs training images (a synthesizer, --synthetic or --calib)")
         if labels is not None and (not isinstance(labels, Tensor) or labels.shape != images.shape[:1]
@@ -643,12 +684,15 @@ class QATTrainer:
         self.images = images.detach().float().cpu()
         self.labels = labels.detach().to(torch.int64).cpu() if labels is not None else None
         self.seed = int(seed)
-        self.progress = progress
+        self.device = next((p.device for p in student.parameters()), torch.device("cpu"))
+        self.rank, self.world = 0, 1
+        if ddp:
+            self._ddp_setup(student, cfg)
+        self.progress = progress and self.rank == 0
         self.ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir else None
         self.resume = resume
         self.stop_at = tuple(int(v) for v in stop_at) if stop_at is not None else None
         self.callback = callback
-        self.device = next((p.device for p in student.parameters()), torch.device("cpu"))
         self.steps_run = 0
         self.history: list[dict[str, Any]] = []
 
@@ -691,7 +735,31 @@ class QATTrainer:
             self.cam = (_Recorder(self.teacher, [name], leaf=True), _Recorder(student, [name]))
         #: warm-up steps need autograd too (input gradient / Grad-CAM)
         self._autograd_terms = cfg.adv_eps > 0 or cfg.cam_weight > 0
-        self.reliable = self._reliable() if cfg.ce_select == "reliable" else None
+        self.reliable = None
+        if cfg.ce_select == "reliable":  # data-parallel: rank 0's filter on every rank
+            self.reliable = zdist.rank0_call(self._reliable) if self.world > 1 else self._reliable()
+
+    # -- data parallelism ----------------------------------------------------------------------------
+    def _ddp_setup(self, student: nn.Module, cfg: QATConfig) -> None:
+        """Rank and world size; refuse what cannot be split; rank 0's images, labels and student
+        tensors on every rank; this rank's rows of every global batch."""
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ddp=True needs an initialised torch.distributed process group "
+                               "(zsq.distributed.process_group, under torchrun)")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if cfg.bns_weight > 0:
+            raise BadValueError("bns_weight > 0 matches the statistics of the whole batch, which cannot be split "
+                                f"over {self.world} processes: set bns_weight=0 or run in one process")
+        self.images, self.labels = zdist.broadcast_data(self.images, self.labels, self.device)
+        b = min(cfg.batch_size, self.images.shape[0])
+        if b < self.world:
+            raise BadValueError(f"a batch of {b} images cannot be split over {self.world} processes: raise "
+                                "batch_size (or the image count) or use fewer processes")
+        zdist.broadcast_tensors(v for v in student.state_dict().values() if isinstance(v, Tensor))
+        self._rows = zdist.share(b, self.rank, self.world)
+        #: this rank's share of the global batch: its loss (a mean over its rows) is scaled by it, so
+        #: the summed gradients are those of the global batch's mean
+        self._weight = (self._rows.stop - self._rows.start) / b
 
     # -- EMA activation ranges -------------------------------------------------------------------------
     def _ema_hook(self, mod: Quantizer, args) -> None:
@@ -699,7 +767,10 @@ class QATTrainer:
             return
         if mod.observer is None:
             mod.observer = Observer("ema", momentum=self.cfg.ema_momentum)
-        mod.observer.update(args[0].detach())
+        x = args[0].detach()
+        if self.world > 1:  # the global batch's min and max (exact), so every rank's observer is the same
+            x = zdist.global_min_max(x)
+        mod.observer.update(x)
         mod.set_range(mod.observer.lo, mod.observer.hi)
 
     def _observer_state(self) -> dict[str, dict[str, Any]]:
@@ -735,18 +806,29 @@ class QATTrainer:
         """Restore what :meth:`_ckpt_extra` saved (nothing here)."""
 
     def _save(self, epoch: int, step: int, acc: dict[str, float]) -> None:
+        """Write the checkpoint (data-parallel: rank 0 writes, every rank waits for it)."""
         if self.ckpt is None:
             return
-        torch_save_checked({"format": self.ckpt_format, "fingerprint": self.fingerprint, "epoch": epoch,
-                            "step": step, "model": _state(self.q), "optimizer": self.opt.state_dict(),
-                            **self._ckpt_extra(), "observers": self._observer_state(), "history": self.history,
-                            "acc": acc}, self.ckpt)
+        if self.rank == 0:
+            torch_save_checked({"format": self.ckpt_format, "fingerprint": self.fingerprint, "epoch": epoch,
+                                "step": step, "model": _state(self.q), "optimizer": self.opt.state_dict(),
+                                **self._ckpt_extra(), "observers": self._observer_state(),
+                                "history": self.history, "acc": acc}, self.ckpt)
+        if self.world > 1:
+            dist.barrier()
+
+    def _read_ckpt(self) -> dict | None:
+        if not self.ckpt.is_file():
+            return None
+        return load_resume_checkpoint(self.ckpt, self.ckpt_what, self.ckpt_format, self.fingerprint)
 
     def _load(self) -> dict | None:
-        if self.ckpt is None or not self.resume or not self.ckpt.is_file():
+        """The checkpoint to resume from, or ``None`` (data-parallel: rank 0 reads it, every rank gets it)."""
+        if self.ckpt is None or not self.resume:
             return None
-        ck = load_resume_checkpoint(self.ckpt, self.ckpt_what, self.ckpt_format, self.fingerprint)
-        self._ckpt_restore(ck)
+        ck = zdist.rank0_call(self._read_ckpt) if self.world > 1 else self._read_ckpt()
+        if ck is not None:
+            self._ckpt_restore(ck)
         return ck
 
     # -- one step ------------------------------------------------------------------------------------
@@ -757,19 +839,29 @@ class QATTrainer:
         g = torch.Generator().manual_seed(step_seed(self.seed, epoch, step))
         n = self.images.shape[0]
         idx = torch.randperm(n, generator=g)[: min(cfg.batch_size, n)]
-        x = self.images[idx]
-        if cfg.augment:
-            x = random_resized_crop_flip(x, g, cfg.crop_scale)
-        if cfg.lpf_d0 > 0:  # D0 given for a 224-pixel side, scaled with the image
-            x = lowpass_filter(x, cfg.lpf_d0 * math.sqrt(x.shape[-2] * x.shape[-1]) / 224.0)
-        mix = None
+        b = idx.shape[0]
+        u = torch.rand(b, 5, generator=g) if cfg.augment else None  # crop boxes and flips of the global batch
+        perm = lam = None
         if cfg.mixup_weight > 0:
-            perm = torch.randperm(x.shape[0], generator=g)
+            perm = torch.randperm(b, generator=g)
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g)))
-            mix = (perm.to(self.device), float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha)))
+            lam = float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        y = self.labels[idx].to(self.device) if self.labels is not None else None
-        return Batch(x.to(self.device).contiguous(memory_format=fmt), y, idx, mix)
+
+        def images(rows: Tensor | slice) -> Tensor:
+            x = self.images[idx[rows]]
+            if u is not None:
+                x = random_resized_crop_flip(x, None, cfg.crop_scale, u=u[rows])
+            if cfg.lpf_d0 > 0:  # D0 given for a 224-pixel side, scaled with the image
+                x = lowpass_filter(x, cfg.lpf_d0 * math.sqrt(x.shape[-2] * x.shape[-1]) / 224.0)
+            return x.to(self.device).contiguous(memory_format=fmt)
+
+        rows = self._rows if self.world > 1 else slice(0, b)  # a data-parallel rank: its rows only
+        mix = None
+        if perm is not None:  # the partners of a rank's rows may lie in other ranks' rows
+            mix = (perm.to(self.device), lam) if self.world == 1 else (images(perm[rows]), lam)
+        y = self.labels[idx[rows]].to(self.device) if self.labels is not None else None
+        return Batch(images(rows), y, idx[rows], mix)
 
     def _batch(self, epoch: int, step: int) -> Tensor:
         return self._draw(epoch, step).x
@@ -897,7 +989,8 @@ class QATTrainer:
         if mix is not None:  # TexQ: KD on mixed images
             perm, lam = mix
             xd = x.detach()
-            pm = self._forward(lam * xd + (1.0 - lam) * xd[perm], clean=False)
+            partner = perm if perm.is_floating_point() else xd[perm]  # (partner images, lam): a rank's slice
+            pm = self._forward(lam * xd + (1.0 - lam) * partner, clean=False)
             out["mix"] = kd_loss(pm.s, pm.t, cfg.temperature, cfg.kd_reduction)
             total = total + cfg.mixup_weight * out["mix"]
         out["total"] = total
@@ -931,10 +1024,22 @@ class QATTrainer:
                 grp["lr"] = self.lr_at(gstep)
             terms = self.losses(b.x, b.labels, idx=b.idx, mix=b.mix)
             self.opt.zero_grad(set_to_none=True)
-            terms["total"].backward(inputs=self.params)  # not into the teacher's graph (HAST's input gradient)
+            total = terms["total"] * self._weight if self.world > 1 else terms["total"]
+            total.backward(inputs=self.params)  # not into the teacher's graph (HAST's input gradient)
+            if self.world > 1:  # the global batch's gradient on every rank, then the same update everywhere
+                zdist.all_reduce_grads(self.params)
             self.opt.step()
         self.steps_run += 1
         return {k: float(v.detach()) for k, v in terms.items()}
+
+    def _sync_step(self, vals: dict[str, float], hit: bool) -> tuple[dict[str, float], bool]:
+        """Data-parallel: the global batch's loss terms (this rank's means weighted by its share,
+        summed) and whether any rank got a Ctrl-C, in one all-reduce; as given in one process."""
+        if self.world == 1:
+            return vals, hit
+        keys = sorted(vals)
+        out = zdist.all_reduce_sum([vals[k] * self._weight for k in keys] + [float(hit)], self.device)
+        return dict(zip(keys, out[:-1])), out[-1] > 0
 
     # -- all epochs ----------------------------------------------------------------------------------
     def run(self) -> nn.Module:
@@ -962,6 +1067,7 @@ class QATTrainer:
                     t0 = time.perf_counter()
                     for step in range(first, cfg.steps_per_epoch):
                         vals = self._step(epoch, step)
+                        vals, sigint["hit"] = self._sync_step(vals, sigint["hit"])
                         for k, v in vals.items():
                             acc[k] = acc.get(k, 0.0) + v
                         acc["n"] = acc.get("n", 0.0) + 1
@@ -1013,7 +1119,7 @@ def qat_finetune(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: QA
     q.zsq_qat = {"epochs": tr.history, "steps_run": tr.steps_run, "ema_steps": cfg.ema_steps,
                  "total_steps": cfg.total_steps,
                  "ms_per_step": round(1000 * tr.wall_s / tr.steps_run, 1) if tr.steps_run else None,
-                 "labels": tr.labels is not None}
+                 "labels": tr.labels is not None, "processes": tr.world}
     if tr.reliable is not None:
         q.zsq_qat["ce_reliable"] = round(float(tr.reliable.mean()), 4)
     return q
@@ -1033,6 +1139,7 @@ def quantize_qat(ctx) -> nn.Module:
     student = apply_protocol(ctx.model, ctx.protocol, ctx.w_bits, ctx.a_bits, policy=ctx.policy,
                              w_observer="minmax", a_observer="minmax", strict=ctx.strict)
     stop_at = hp.get("stop_at")
+    ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     return qat_finetune(student, ctx.model, ctx.images, cfg, seed=ctx.seed, progress=ctx.progress,
                         ckpt_dir=ctx.ckpt_dir, resume=ctx.resume, labels=getattr(ctx, "labels", None),
-                        stop_at=tuple(stop_at) if stop_at is not None else None)
+                        stop_at=tuple(stop_at) if stop_at is not None else None, ddp=ddp)

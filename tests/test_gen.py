@@ -6,6 +6,7 @@ Small on purpose (2 shared cores): a few iterations of batch 8-16 on ResNet-20, 
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR_TEST = REPO.parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-GAME_RECIPES = ["gdfq", "qimera", "autorecon", "adasg", "adadfq", "zaq", "dfq-akd"]
+GAME_RECIPES = ["gdfq", "qimera", "autorecon", "adasg", "adadfq", "zaq", "dfq-akd", "causal-dfq", "ris"]
 
 
 def _student(model, w=4, a=4):
@@ -225,6 +226,142 @@ def test_adaptive_student_maximises_disagreement_entropy(name):
     assert float(ref) > 0  # the most peaked disagreement has H' = 0 < lambda_l
 
 
+def _gen_steps(game, gen, teacher, student, sample, feats, measure, steps=3, lr=0.05):
+    """``measure`` before and after ``steps`` SGD steps of the generator on the game's generator loss."""
+    bns = game.make_bns(teacher)
+    with torch.no_grad():
+        before = float(measure(_play(game, gen, teacher, student, sample, feats, bns)))
+    opt = torch.optim.SGD(gen.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        game.generator_loss(_play(game, gen, teacher, student, sample, feats, bns))["total"].backward()
+        opt.step()
+    with torch.no_grad():
+        return before, float(measure(_play(game, gen, teacher, student, sample, feats, bns)))
+
+
+def _stage_feats(teacher, student):
+    feats = {}
+    teacher.layer1.register_forward_hook(lambda m, i, o: feats.__setitem__("t", o))
+    student.layer1.register_forward_hook(lambda m, i, o: feats.__setitem__("s", o))
+    return feats
+
+
+def test_causal_pairs_share_content_and_differ_in_style():
+    from zsq.gen.generators import ContentStyleGenerator
+    from zsq.gen.objectives import intervention_pairs
+
+    game = get_game("causal-dfq", {"latent_dim": 16, "style_dim": 8})
+    s = game.sample(torch.Generator().manual_seed(0), 7, 10)  # odd: 3 pairs, image 3 unpaired
+    a, b = intervention_pairs(7)
+    assert a.tolist() == [0, 1, 2] and b.tolist() == [4, 5, 6] and s.z.shape == (7, 24)
+    assert torch.equal(s.z[a, :16], s.z[b, :16]) and torch.equal(s.labels[a], s.labels[b])  # same content
+    assert not torch.equal(s.z[a, 16:], s.z[b, 16:])  # other style
+    torch.manual_seed(0)
+    gen = game.make_generator(10, 8)
+    assert isinstance(gen, ContentStyleGenerator) and gen.cond == "embed"
+    x = gen(s.z, s.labels)
+    assert x.shape == (7, 3, 8, 8) and not torch.allclose(x[a], x[b], atol=1e-3)  # the style reaches the image
+    with pytest.raises(BadValueError, match="content \\+ style"):
+        gen(s.z[:, :16], s.labels)
+
+
+@pytest.mark.parametrize("hp,measure,direction", [
+    # generator: the teacher's prediction is invariant to the intervention on the style ...
+    ({"inv_g": 1.0, "style_div": 0.0}, lambda p: _js_pairs(p.t), -1),
+    # ... while the style changes the image
+    ({"inv_g": 0.0, "style_div": 1.0}, lambda p: _l1_pairs(p.x), +1),
+])
+def test_causal_generator_signs(hp, measure, direction):
+    teacher, student = _pair()
+    game = get_game("causal-dfq", {"latent_dim": 16, "style_dim": 8, "ce_g": 0.0, "bns_g": 0.0, **hp})
+    torch.manual_seed(1)
+    gen = game.make_generator(10, 8)
+    sample = game.sample(torch.Generator().manual_seed(0), 16, 10)
+    before, after = _gen_steps(game, gen, teacher, student, sample, _stage_feats(teacher, student), measure)
+    assert (after - before) * direction > 0, (before, after)
+
+
+def _js_pairs(t):
+    from zsq.gen.objectives import intervention_pairs, js_divergence
+
+    a, b = intervention_pairs(t.shape[0])
+    return js_divergence(t[a], t[b])
+
+
+def _l1_pairs(x):
+    from zsq.gen.objectives import intervention_pairs
+
+    a, b = intervention_pairs(x.shape[0])
+    return (x[a] - x[b]).abs().mean()
+
+
+def test_causal_student_reduces_intervened_discrepancy():
+    """The discrepancy-reduction term: T^2 KL between the style-averaged teacher and student
+    predictions of each pair (KD reduction ``mean``: / classes); a student step lowers it."""
+    teacher, student = _pair(2)
+    game = get_game("causal-dfq", {"latent_dim": 16, "style_dim": 8, "causal_s": 2.0})
+    torch.manual_seed(3)
+    gen = game.make_generator(10, 8)
+    sample = game.sample(torch.Generator().manual_seed(4), 16, 10)
+    cfg = GenConfig(epochs=2, steps_per_epoch=1, warmup_epochs=0, ema_epochs=1, ce_weight=0.0)
+    with torch.no_grad():
+        x = gen(sample.z, sample.labels)
+        t = teacher(x)
+
+    def causal():
+        return game.student_loss(Play(x=x, t=t, s=student(x), sample=sample, cfg=cfg))
+
+    terms = causal()
+    with torch.no_grad():
+        s = student(x)
+        pf = (F.softmax(t[:8] / 20, 1) + F.softmax(t[8:] / 20, 1)) / 2
+        pq = (F.softmax(s[:8] / 20, 1) + F.softmax(s[8:] / 20, 1)) / 2
+        ref = (pf * (pf.log() - pq.log())).sum(1).mean() * 400 / 10  # T^2 KL, KLDivLoss-mean: / classes
+    torch.testing.assert_close(terms["causal"], ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms["total"], terms["kd"] + 2.0 * terms["causal"])  # added: the student minimises it
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    opt.zero_grad()
+    terms["causal"].backward()
+    opt.step()
+    with torch.no_grad():
+        assert float(causal()["causal"]) < float(terms["causal"].detach())
+
+
+@pytest.mark.parametrize("hp,term,direction", [
+    ({"ris_pred": 1.0, "ris_feat": 1.0, "ris_div": 0.0}, "rob", -1),  # robust to input / weight perturbation
+    ({"ris_pred": 0.0, "ris_feat": 0.0, "ris_div": 1.0}, "div", -1),  # decorrelated in the label space
+])
+def test_ris_generator_signs(hp, term, direction):
+    from types import SimpleNamespace
+
+    from zsq.gen.objectives import label_correlation
+
+    teacher, student = _pair(5)
+    game = get_game("ris", {"ce_g": 0.0, "bns_g": 0.0, **hp})
+    game.setup(SimpleNamespace(teacher=teacher, feature_hooks=lambda names: None))
+    torch.manual_seed(6)
+    gen = game.make_generator(10, 8)
+    sample = game.sample(torch.Generator().manual_seed(7), 16, 10)
+    assert sample.seed is not None
+
+    def measure(p):
+        if term == "div":
+            return label_correlation(p.t)
+        tt, ft = game.perturbed(p.x, p.sample.seed)
+        return (F.kl_div(F.log_softmax(tt, 1), F.log_softmax(p.t, 1), reduction="batchmean", log_target=True)
+                + (1 - F.cosine_similarity(p.t_feats[-1].flatten(1), ft.flatten(1))).mean())
+
+    feats = _stage_feats(teacher, student)
+    before, after = _gen_steps(game, gen, teacher, student, sample, feats, measure)
+    assert (after - before) * direction > 0, (before, after)
+    p = _play(game, gen, teacher, student, sample, feats, game.make_bns(teacher))
+    t1, _ = game.perturbed(p.x, p.sample.seed)
+    assert torch.equal(t1, game.perturbed(p.x, p.sample.seed)[0])  # the perturbation is the sample's
+    assert not torch.allclose(t1, p.t)
+    assert float(label_correlation(torch.eye(4))) < float(label_correlation(torch.ones(4, 4) + torch.eye(4)[0]))
+
+
 # -- AIT ----------------------------------------------------------------------------------------------------
 
 def test_gradient_inundation_moves_enough_integer_weights():
@@ -294,7 +431,7 @@ def test_bad_loop_hparams(hp, needle):
 def test_recipes_registered():
     from zsq.recipes import HPARAM_KEYS, RECIPES
 
-    for name in ("gdfq", "qimera", "ait", "autorecon", "adasg", "adadfq", "zaq", "dfq-akd"):
+    for name in ("gdfq", "qimera", "ait", "autorecon", "adasg", "adadfq", "zaq", "dfq-akd", "causal-dfq", "ris"):
         r = RECIPES[name]
         assert (r.family, r.kind, r.protocol, r.synth) == ("generator", "QAT", "qat", None)
         assert set(r.budgets) == {"smoke", "default", "paper"}
@@ -329,3 +466,22 @@ def test_gdfq_smoke_end_to_end(resnet20, tmp_path):
     # AIT on top of another generator recipe
     q2 = zsq.quantize(resnet20, recipe="adasg", budget="smoke", hparams={"ait": True}, progress=False)
     assert q2.zsq_result["recipe"]["hparams"]["ait"] is True and q2.zsq_qat["game"]["game"] == "adasg"
+
+
+@pytest.mark.parametrize("recipe", ["causal-dfq", "ris"])
+def test_causal_ris_smoke_end_to_end(resnet20, recipe):
+    import zsq
+
+    q = zsq.quantize(resnet20, recipe=recipe, w_bits=4, a_bits=4, budget="smoke", progress=False)
+    res = q.zsq_result
+    assert res["recipe"]["quant"] == recipe and res["protocol"] == "qat" and res["synthetic"]["n_images"] == 0
+    assert q.zsq_qat["steps_run"] == 4 and q.zsq_qat["game"]["game"] == recipe
+    last = q.zsq_qat["epochs"][-1]
+    terms = {"causal-dfq": {"g_inv", "g_style", "causal"}, "ris": {"g_pred", "g_feat", "g_div"}}[recipe]
+    assert terms <= set(last)
+    assert all(math.isfinite(v) for v in last.values())
+    for name, m in q.named_modules():
+        if isinstance(m, QUANT_LAYERS):
+            codes = m.wq.int_repr(m.weight.detach()).reshape(m.weight.shape[0], -1)
+            assert max(len(torch.unique(c)) for c in codes) <= 16, name
+    assert not torch.equal(_tensors(q)["layer1.0.conv1.weight"], resnet20.layer1[0].conv1.weight)

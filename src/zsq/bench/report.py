@@ -88,7 +88,7 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
 # (label, model, recipe, protocol, bits, extra, statistic, goal, needed seeds) -- from benchmarks.md / the issues
 #: issue 8's QAT methods (qat-zeroq is their ablation baseline, not a candidate) and issue 10's generator recipes
 _QAT = ("intraq", "hast", "synq", "plf", "texq", "deepinversion", "gznq")
-_GEN = ("gdfq", "qimera", "ait", "autorecon", "adasg", "adadfq", "zaq", "dfq-akd")
+_GEN = ("gdfq", "qimera", "ait", "autorecon", "adasg", "adadfq", "zaq", "dfq-akd", "causal-dfq", "ris")
 
 _TARGETS = [
     ("zeroq, ptq, W4A8, mean of 3 seeds >= 79.4", "cifar10_resnet20", "zeroq", "ptq", "W4A8", "top1", 79.4, 3),

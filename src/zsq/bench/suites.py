@@ -66,7 +66,7 @@ def gen(seeds=(0,)) -> list[Run]:
 #: recipes of the ``qat`` suite, in run order (the baseline first)
 QAT_RECIPES = ["qat-zeroq", "intraq", "hast", "synq", "plf", "texq", "deepinversion", "gznq"]
 #: recipes of the ``gen`` suite, in run order
-GEN_RECIPES = ["gdfq", "qimera", "ait", "adasg", "adadfq", "dfq-akd", "zaq", "autorecon"]
+GEN_RECIPES = ["gdfq", "qimera", "ait", "adasg", "adadfq", "dfq-akd", "zaq", "autorecon", "causal-dfq", "ris"]
 
 from .suites_datafree import datafree  # noqa: E402
 

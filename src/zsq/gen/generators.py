@@ -145,6 +145,41 @@ def make_generator(num_classes: int, image_size: int, *, latent_dim: int = 100, 
                          noise_scale)
 
 
+
+class ContentStyleGenerator(GDFQGenerator):
+    """Causal-DFQ's content-style-decoupled generator (Shang et al., ICCV 2023; no public code: the
+    architecture here is zsq's, **unverified**): the GDFQ body (module docstring) fed the *content*
+    (the class and a content latent, through ``cond`` as GDFQ), with a *style* latent ``s``
+    (``style_dim``) modulating every hidden BN output AdaIN-style, ``bn(x) * (1 + gamma_l(s)) +
+    beta_l(s)`` with one ``Linear(style_dim, 2 C_l)`` per BN. ``forward(z, labels)`` takes ``z`` =
+    ``[content (latent_dim) | style (style_dim)]``, so that the same content with another style is
+    an intervention ``do(style)`` on the image."""
+
+    def __init__(self, num_classes: int, image_size: int = 32, latent_dim: int = 100, style_dim: int = 32,
+                 channels: int = 3, cond: str = "embed"):
+        if cond == "none":
+            raise BadValueError("the content-style generator is conditional: cond 'embed' or 'cbn'")
+        super().__init__(num_classes, image_size, latent_dim, channels, cond)
+        self.style_dim = int(style_dim)
+        self.style = nn.ModuleList(nn.Linear(self.style_dim, 2 * c) for c in (128, 128, 64))
+        self._s: Tensor | None = None
+
+    def _bn(self, m: nn.Module, x: Tensor, labels: Tensor | None, mix: Tensor | None) -> Tensor:
+        x = super()._bn(m, x, labels, mix)
+        i = next(i for i, bn in enumerate((self.bn0, self.bn1, self.bn2)) if bn is m)
+        gamma, beta = self.style[i](self._s).chunk(2, dim=1)
+        return x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+
+    def forward(self, z: Tensor, labels: Tensor | None = None, mix: Tensor | None = None) -> Tensor:
+        if z.shape[-1] != self.latent_dim + self.style_dim:
+            raise BadValueError(f"the content-style generator takes z of width {self.latent_dim} + {self.style_dim} "
+                                f"(content + style), got {z.shape[-1]}")
+        self._s = z[:, self.latent_dim:]
+        try:
+            return super().forward(z[:, :self.latent_dim], labels, mix)
+        finally:
+            self._s = None
+
 # -- AutoReCon: the searched generator ---------------------------------------------------------------------
 #: cell operations, upsamplings and cross-cell upsamplings of AutoReCon's search space
 ARC_OPS = ("none", "skip_connect", "conv_1x1", "conv_3x3", "conv_5x5", "dil_conv_3x3", "dil_conv_5x5")

@@ -19,11 +19,16 @@ Sign conventions, as the papers state them: GDFQ/Qimera generators *minimise* CE
 teacher classifies as the sampled label, with BN statistics of real data); ZAQ and DFQ-AKD
 generators *maximise* the teacher-student discrepancy the student minimises (adversarial);
 AdaSG/AdaDFQ generators keep the normalised entropy of the disagreement ``f - Q`` inside
-``[lambda_l, lambda_u]`` while the student maximises that entropy.
+``[lambda_l, lambda_u]`` while the student maximises that entropy. Causal-DFQ's generator
+*minimises* the change of the teacher's prediction under an intervention on the style (and
+*maximises* the change of the image), its student *minimises* the discrepancy of the intervened
+(style-marginalised) predictions; RIS's generator *minimises* the teacher's inconsistency under
+input / weight perturbations and the label-space correlation of the batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -36,18 +41,20 @@ import torch.nn.functional as F
 from ..errors import BadValueError, UnknownNameError
 from ..qat.engine import kd_loss
 from ..synth.losses import BNStatsLoss
-from .generators import ARC_GENOTYPES, AutoReConGenerator, GDFQGenerator, make_generator
+from .generators import ARC_GENOTYPES, AutoReConGenerator, ContentStyleGenerator, GDFQGenerator, make_generator
 
 
 @dataclass
 class Sample:
     """One batch's draws: latents ``z``, ``labels`` ((B,) or (B, K) for mixed batches), mixing
-    weights ``mix`` ((B, K) or ``None``) and the soft target ``target`` ((B, classes) or ``None``)."""
+    weights ``mix`` ((B, K) or ``None``), the soft target ``target`` ((B, classes) or ``None``) and,
+    for games that draw more inside their losses (RIS's perturbations), a ``seed`` drawn with them."""
 
     z: Tensor
     labels: Tensor | None = None
     mix: Tensor | None = None
     target: Tensor | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -384,8 +391,170 @@ class AKDGame(_UnconditionalGame):
         return _total({"kd": kd_loss(p.s, p.t, self.akd_temperature)}, {"kd": 1.0})
 
 
+def js_divergence(a: Tensor, b: Tensor) -> Tensor:
+    """Batch mean of the Jensen-Shannon divergence between ``softmax(a)`` and ``softmax(b)`` (rows)."""
+    la, lb = F.log_softmax(a.float(), 1), F.log_softmax(b.float(), 1)
+    lm = torch.logsumexp(torch.stack([la, lb]), 0) - math.log(2.0)
+    return 0.5 * ((la.exp() * (la - lm)).sum(1) + (lb.exp() * (lb - lm)).sum(1)).mean()
+
+
+def intervention_pairs(n: int) -> tuple[Tensor, Tensor]:
+    """Indices ``(a, b)`` of the pairs of a batch of ``n`` drawn by :meth:`CausalGame.sample`: image
+    ``b[i] = ceil(n / 2) + i`` has the content (latent and label) of image ``a[i] = i`` and a style of
+    its own, for ``i < n // 2`` (an odd batch's middle image is unpaired)."""
+    p = n // 2
+    return torch.arange(p), torch.arange(n - p, n)
+
+
+@dataclass
+class CausalGame(Game):
+    """Causal-DFQ (Shang et al., ICCV 2023) [paper, abstract level: the official repository
+    42Shawn/Causal-DFQ holds a readme only; every loss form and weight below is zsq's reading,
+    **unverified**]. The causal graph: content (the class) and style (nuisance) cause the image; the
+    teacher's and the student's predictions should depend on the content only.
+
+    * Generator: :class:`~zsq.gen.generators.ContentStyleGenerator` (style latent ``style_dim``); a
+      batch holds pairs of images with the same content and label and two styles (an intervention
+      ``do(style)``, :func:`intervention_pairs`). Loss: GDFQ's ``ce_g CE + bns_g BNS`` on every
+      image ``+ inv_g * JS(f(x), f(x'))`` (the teacher's prediction is invariant to the style)
+      ``- style_div * mean |x - x'|`` (the style changes the image, so the invariance is not bought
+      by ignoring the style).
+    * Student (discrepancy reduction): the lineage's KD (+ CE) on every image ``+ causal_s * T^2
+      KL(P_f(y | do(c)) || P_Q(y | do(c)))`` with the intervened distributions the style-marginalised
+      predictions of each pair, ``P(y | do(c)) = mean_s softmax(logits(x_{c,s}) / T)`` (backdoor
+      adjustment over the style), T = the loop's ``temperature``, reduced as its KD
+      (``kd_reduction``)."""
+
+    name: ClassVar[str] = "causal-dfq"
+    style_dim: int = 32
+    inv_g: float = 1.0
+    style_div: float = 0.1
+    causal_s: float = 1.0
+
+    def make_generator(self, num_classes: int, image_size: int) -> ContentStyleGenerator:
+        return ContentStyleGenerator(num_classes, image_size, self.latent_dim, self.style_dim,
+                                     cond="embed" if image_size < 64 else "cbn")
+
+    def sample(self, g: torch.Generator, batch: int, num_classes: int) -> Sample:
+        a, b = intervention_pairs(batch)
+        first = batch - len(b)
+        zc = torch.randn(first, self.latent_dim, generator=g)
+        y = torch.randint(0, num_classes, (first,), generator=g)
+        style = torch.randn(batch, self.style_dim, generator=g)
+        labels = torch.cat([y, y[a]])
+        z = torch.cat([torch.cat([zc, zc[a]]), style], 1)
+        return Sample(z, labels, None, F.one_hot(labels, num_classes).float())
+
+    def generator_loss(self, p: Play) -> dict[str, Tensor]:
+        a, b = intervention_pairs(p.x.shape[0])
+        terms = {"ce": soft_ce(p.t, p.sample.target), "bns": p.bns, "inv": js_divergence(p.t[a], p.t[b]),
+                 "style": (p.x[a].float() - p.x[b].float()).abs().mean() if len(a) else p.t.new_zeros(())}
+        return _total(terms, {"ce": self.ce_g, "bns": self.bns_g, "inv": self.inv_g, "style": -self.style_div})
+
+    def student_loss(self, p: Play) -> dict[str, Tensor]:
+        terms = super().student_loss(p)
+        a, b = intervention_pairs(p.x.shape[0])
+        if not len(a):
+            terms["causal"] = p.s.new_zeros(())
+            return terms
+        t = p.cfg.temperature
+
+        def marginal(logits: Tensor) -> Tensor:
+            z = logits.float() / t
+            return 0.5 * (F.softmax(z[a], 1) + F.softmax(z[b], 1))
+
+        pf, pq = marginal(p.t), marginal(p.s)
+        kl = (pf * (torch.log(pf.clamp_min(1e-12)) - torch.log(pq.clamp_min(1e-12)))).sum(1).mean() * t * t
+        terms["causal"] = kl / pf.shape[1] if p.cfg.kd_reduction == "mean" else kl
+        terms["total"] = terms["total"] + self.causal_s * terms["causal"]
+        return terms
+
+
+def label_correlation(logits: Tensor) -> Tensor:
+    """Mean squared Pearson correlation between the logit vectors of different images of a batch."""
+    z = F.normalize(logits.float() - logits.float().mean(1, keepdim=True), dim=1)
+    n = z.shape[0]
+    if n < 2:
+        return z.new_zeros(())
+    c = z @ z.T
+    return (c.pow(2).sum() - c.diagonal().pow(2).sum()) / (n * (n - 1))
+
+
+@contextlib.contextmanager
+def _capture(module: nn.Module | None):
+    box: dict[str, Tensor] = {}
+    h = module.register_forward_hook(lambda m, i, o: box.__setitem__("out", o)) if module is not None else None
+    try:
+        yield box
+    finally:
+        if h is not None:
+            h.remove()
+
+
+@dataclass
+class RISGame(Game):
+    """RIS, Robustness-Guided Image Synthesis (Bai et al., AAAI 2024) [paper, abstract level; no
+    public code: the perturbation sizes, loss forms and weights are zsq's, **unverified**]. GDFQ's
+    game with two generator terms:
+
+    * robustness: perturb the input (``x + ris_eps_x N(0, 1)``, normalised image space) and the
+      teacher's weights (every parameter ``+ ris_eps_w rms(w) N(0, 1)``, drawn per iteration) and
+      penalise the teacher's inconsistency before / after, at the prediction level
+      (``ris_pred * KL(f(x) || f~(x~))``) and the feature level (``ris_feat * (1 - cos)`` of the last
+      stage's features, the top-level ``nn.Sequential`` children as ZAQ's): images whose semantics
+      survive perturbations;
+    * diversity: ``ris_div *`` the mean squared correlation between the teacher's (centred) logit
+      vectors of different images ("small correlations in the label space"; every pair counts).
+
+    The student is GDFQ's (KD + CE)."""
+
+    name: ClassVar[str] = "ris"
+    ris_eps_x: float = 0.1
+    ris_eps_w: float = 0.05
+    ris_pred: float = 1.0
+    ris_feat: float = 1.0
+    ris_div: float = 0.1
+
+    def setup(self, trainer) -> None:
+        self._teacher = trainer.teacher
+        names = stage_modules(trainer.teacher)
+        self._stage = dict(trainer.teacher.named_modules())[names[-1]] if names else None
+        if names:
+            trainer.feature_hooks(names[-1:])
+
+    def sample(self, g: torch.Generator, batch: int, num_classes: int) -> Sample:
+        s = super().sample(g, batch, num_classes)
+        s.seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+        return s
+
+    def perturbed(self, x: Tensor, seed: int | None) -> tuple[Tensor, Tensor | None]:
+        """The teacher's logits (fp32) and last-stage features on ``x`` with the input and weights perturbed."""
+        teacher = getattr(self, "_teacher", None)
+        if teacher is None:
+            raise RuntimeError("RISGame.setup(trainer) must run before its losses")
+        g = torch.Generator(device=x.device).manual_seed(0 if seed is None else int(seed))
+        xt = x + self.ris_eps_x * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        params = {n: w.detach() + self.ris_eps_w * w.detach().float().pow(2).mean().sqrt().to(w.dtype)
+                  * torch.randn(w.shape, generator=g, device=w.device, dtype=w.dtype)
+                  for n, w in teacher.named_parameters()}
+        with _capture(self._stage) as box:
+            t = torch.func.functional_call(teacher, params, (xt,))
+        return t.float(), box.get("out")
+
+    def generator_loss(self, p: Play) -> dict[str, Tensor]:
+        tt, ft = self.perturbed(p.x, p.sample.seed)
+        pred = F.kl_div(F.log_softmax(tt, 1), F.log_softmax(p.t, 1), reduction="batchmean", log_target=True)
+        feat = p.t.new_zeros(())
+        if ft is not None and p.t_feats:
+            feat = (1 - F.cosine_similarity(p.t_feats[-1].flatten(1).float(), ft.flatten(1).float(), dim=1)).mean()
+        terms = {"ce": soft_ce(p.t, p.sample.target), "bns": p.bns, "pred": pred, "feat": feat,
+                 "div": label_correlation(p.t)}
+        return _total(terms, {"ce": self.ce_g, "bns": self.bns_g, "pred": self.ris_pred, "feat": self.ris_feat,
+                              "div": self.ris_div})
+
+
 GAMES: dict[str, type[Game]] = {c.name: c for c in (Game, QimeraGame, AutoReConGame, AdaptiveGame, AdaDFQGame,
-                                                      ZAQGame, AKDGame)}
+                                                      ZAQGame, AKDGame, CausalGame, RISGame)}
 
 
 def get_game(name: str, hp: dict[str, Any] | None = None) -> Game:

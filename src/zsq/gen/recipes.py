@@ -4,7 +4,9 @@ Registered on import (``zsq.recipes`` imports this module at its end). Every rec
 ``qat`` (the lineage's layout: every Conv/Linear at W bits, activations after every ReLU, BN kept)
 with ``synth=None``: the generator lives inside the quantizer, which makes the batches on the fly.
 hparams = :class:`~zsq.gen.loop.GenConfig` fields and the game's fields
-(:mod:`zsq.gen.objectives`); ``ait=true`` adds AIT to any of them.
+(:mod:`zsq.gen.objectives`); ``ait=true`` adds AIT to any of them. The exception is ``genq``
+(:mod:`zsq.gen.genq`): its generator is a pre-trained diffusion pipeline, run once as the ``genq``
+synthesizer, and its quantizer is PTQ (QDrop reconstruction, protocol ``ptq``).
 
 Budgets (ResNet-20, CIFAR-10):
 
@@ -24,6 +26,10 @@ Budgets (ResNet-20, CIFAR-10):
   AIT ~14 min, AutoReCon ~41 min, AdaSG / AdaDFQ ~17 min, ZAQ ~34 min (batch 64 would take ~70 min),
   DFQ-AKD ~7 min; two cores shorten that (not measured here);
 * ``smoke``: 2 epochs x 2 iterations of batch 8 (1 warm-up epoch): seconds.
+
+Causal-DFQ and RIS take the shared budgets (``paper``: the lineage's 400 x 200 of batch 200, their
+own settings unverified); ``genq`` takes the reconstruction recipes' quantizer budgets with its
+synthesizer's image counts (1,024 / 256 / 8).
 """
 
 from __future__ import annotations
@@ -82,6 +88,10 @@ _quantizer("adasg", "adasg", "AdaSG's zero-sum game on the disagreement entropy 
 _quantizer("adadfq", "adadfq", "AdaDFQ's game: AdaSG with AdaDFQ's margins and weights (zsq.gen).")
 _quantizer("zaq", "zaq", "ZAQ's adversarial game on output L1 + SCRM feature discrepancy (zsq.gen).")
 _quantizer("dfq-akd", "dfq-akd", "DFQ-AKD's adversarial KD game with BNS / entropy regularisers (zsq.gen).")
+_quantizer("causal-dfq", "causal-dfq", "Causal-DFQ's game: content-style generator, style interventions, "
+           "discrepancy reduction of the intervened predictions (zsq.gen).")
+_quantizer("ris", "ris", "RIS's game: GDFQ's with robustness (input / weight perturbation) and label-space "
+           "diversity terms on the generator (zsq.gen).")
 
 _recipe(
     "gdfq", "Generative Low-bitwidth Data Free Quantization (Xu et al., ECCV 2020)", "gdfq", {},
@@ -149,3 +159,47 @@ _recipe(
     "warm-up epochs. No official code: after da2so's unofficial one, whose student (trained from scratch, "
     "lr 0.1) is replaced by the lineage's quantized student (SGD-Nesterov 1e-4). paper: 50 + 200 epochs x "
     "400 iterations of batch 256; default: the shared 1,200 student steps of batch 32.", s_steps=10)
+_recipe(
+    "causal-dfq", "Causal-DFQ: Causality Guided Data-free Network Quantization (Shang et al., ICCV 2023)", "causal-dfq",
+    {}, {**_LINEAGE, "batch_size": 200},
+    "A content-style-decoupled generator (GDFQ's body; a style latent of 32 modulates every hidden BN) makes "
+    "pairs of images with one content (latent, label) and two styles, an intervention do(style); the generator "
+    "adds to GDFQ's CE + 0.1 BNS the Jensen-Shannon divergence of the teacher's predictions across the styles "
+    "and -0.1 x the pixel change (the style must matter); the quantized model adds to the lineage's KD + CE the "
+    "discrepancy of the intervened (style-averaged) teacher and student predictions, T^2 KL at T 20. The "
+    "official repository holds a readme only: the generator architecture, the loss forms and their weights "
+    "are zsq's reading of the paper's abstract (unverified). paper: the lineage's 400 x 200 iterations of batch "
+    "200 (unverified); default as gdfq (1,200 student steps of batch 32; timed at gdfq's cost per iteration).")
+_recipe(
+    "ris", "Robustness-Guided Image Synthesis for Data-Free Quantization (Bai et al., AAAI 2024)", "ris", {},
+    {**_LINEAGE, "batch_size": 200},
+    "GDFQ's game whose generator also makes images the teacher sees consistently under perturbation: the "
+    "input (+ 0.1 N(0, 1)) and the teacher's weights (+ 0.05 rms(w) N(0, 1)) are perturbed and the "
+    "prediction-level KL and the last-stage feature-level 1 - cos between clean and perturbed are minimised; "
+    "plus 0.1 x the mean squared correlation of the teacher's logit vectors across the batch (label-space "
+    "diversity). No public code: perturbation sizes, loss forms and weights are zsq's (unverified). Student "
+    "as GDFQ (KD + CE). paper: the lineage's 400 x 200 iterations of batch 200 (unverified); default as gdfq "
+    "(~10% more time per iteration: one perturbed teacher pass).")
+
+# -- GenQ: a text-to-image diffusion pipeline as the generator, then PTQ --------------------------------------------
+from . import genq as _genq  # noqa: E402,F401  (registers the "genq" synthesizer)
+from ..recipes import _RECON_BUDGETS  # noqa: E402
+
+RECIPES.add("genq", Recipe(
+    name="genq", family="generator", kind="PTQ",
+    paper="GenQ: Quantization in Low Data Regimes with Generative Synthetic Data (Li et al., ECCV 2024)",
+    protocol="ptq", synth="genq", quant="qdrop", hparams={"w_observer": "mse", "a_observer": "mse"},
+    budgets={"smoke": {**_RECON_BUDGETS["smoke"], "n_images": 8},
+             "default": {**_RECON_BUDGETS["default"], "n_images": 256},
+             "paper": {**_RECON_BUDGETS["paper"], "n_images": 1024}},
+    doc=("Calibration images from a local text-to-image diffusers pipeline (ZSQ_GENQ_PIPELINE=DIR, extra "
+         "'zsq[genq]'; class names from ZSQ_GENQ_CLASSES, CIFAR-10's for 10 classes), prompted 'a photo of a "
+         "{class}', 4 candidates per kept image filtered per class by the FP model: the half with the lowest "
+         "energy score (label-consistent first), then the ones whose per-image BN statistics are closest to the "
+         "model's; optional textual-inversion tokens per class from a few real images (token_data, GenQ's "
+         "data-scarce mode); then QDrop block reconstruction (protocol ptq). Not zero-shot in the strict sense "
+         "(the pipeline was trained on web data): keep its numbers apart. Filters, prompt, counts and the PTQ "
+         "method are zsq's reading of the paper's summary (unverified; the official code link was not "
+         "reachable here). paper: 1,024 images at the pipeline's size, 50 steps, 20,000 reconstruction steps "
+         "per block; default: 256 images at 256 px, 25 steps, 2 candidates each, 3,000 steps per block; "
+         "smoke: 8 images at 64 px, 2 steps.")))

@@ -160,6 +160,11 @@ class Synthesizer:
         """
         raise NotImplementedError
 
+    def prepare(self, model: nn.Module) -> None:
+        """Called once by :func:`synthesize` before the first batch it makes (not when every batch is
+        cached): load external resources (GenQ's diffusion pipeline) and raise the errors a user can
+        cause before any progress bar or file. Default: nothing."""
+
     # helpers for subclasses ------------------------------------------------------------------------
     def autocast(self, device: torch.device | str = "cpu"):
         """bf16 autocast for the forward pass when ``config.precision == 'bf16'``."""
@@ -408,7 +413,6 @@ def synthesize(
             warnings.warn(f"{e}; repairing the set", stacklevel=2)
             (d / META).unlink(missing_ok=True)
 
-    d.mkdir(parents=True, exist_ok=True)
     done: dict[int, dict[str, Any]] = {}
     todo: list[int] = []
     for k in wanted:
@@ -417,6 +421,9 @@ def synthesize(
             todo.append(k)
         else:
             done[k] = side
+    if todo:
+        synthesizer.prepare(model)  # external resources and their user errors, before anything is written
+    d.mkdir(parents=True, exist_ok=True)
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     title = f"{synthesizer.name} ({budget}, seed {seed})"

@@ -119,15 +119,14 @@ def load_uint8(path: str, subset: int | None, seed: int) -> tuple[torch.Tensor, 
         d = torch.load(cache, map_location="cpu", weights_only=True)
         return d["x"], d["y"]
     ds = open_dataset(path)
-    index = ds.index
+    items = None
     if subset is not None:
         g = torch.Generator().manual_seed(seed)
-        index = index[torch.randperm(len(index), generator=g)[:subset]].sort().values
-    x = ds._src.pixels(index)  # decodes every image once (zsq.data.eval's uint8 cache)
-    if x is None:
+        items = torch.randperm(len(ds), generator=g)[:subset].sort().values
+    got = ds.uint8(items)  # decodes every image once (zsq.data.eval's uint8 cache)
+    if got is None:
         raise DataError(f"{path}: images are not small ones of one size (expected 32x32 CIFAR JPEGs)")
-    y = ds._src.labels[index].clone()
-    x = x.clone()
+    x, y = got[0].clone(), got[1]
     if subset is None:
         torch_save_atomic({"x": x, "y": y}, cache)
     return x, y

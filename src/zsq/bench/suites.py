@@ -63,11 +63,28 @@ def gen(seeds=(0,)) -> list[Run]:
     return qat(seeds, GEN_RECIPES)
 
 
+def vit(seeds=(0, 1, 2)) -> list[Run]:
+    """Issue 11: the ViT recipes on ``cifar10_vit_tiny`` under ``vit-ptq`` at W8A8 and W4A8 (seed 0),
+    Gaussian-noise calibration (``minmax-noise``) and real-image calibration (32 training images, the
+    zero-shot gap) beside them, then seeds 1-2 of every ViT recipe at W4A8 (cheap: 32 images each)."""
+    m = "cifar10_vit_tiny"
+    runs = []
+    for w, a in [(8, 8), (4, 8)]:
+        runs.append(Run(m, "minmax-noise", "vit-ptq", w, a))
+        runs.append(Run(m, "psaq-vit", "vit-ptq", w, a, calib="cifar10-jpeg/train.tar", calib_n=32))
+        runs += [Run(m, r, "vit-ptq", w, a) for r in VIT_RECIPES]
+    runs += [Run(m, r, "vit-ptq", 4, 8, seed=s) for s in seeds[1:] for r in VIT_RECIPES]
+    runs += [Run(m, r, "vit-ptq", 8, 8, seed=s) for s in seeds[1:] for r in VIT_RECIPES]
+    return runs
+
+
 #: recipes of the ``qat`` suite, in run order (the baseline first)
 QAT_RECIPES = ["qat-zeroq", "intraq", "hast", "synq", "plf", "texq", "deepinversion", "gznq"]
+#: recipes of the ``vit`` suite
+VIT_RECIPES = ["psaq-vit", "psaq-vit-v2", "smi", "clamp-vit"]
 #: recipes of the ``gen`` suite, in run order
 GEN_RECIPES = ["gdfq", "qimera", "ait", "adasg", "adadfq", "dfq-akd", "zaq", "autorecon", "causal-dfq", "ris"]
 
 from .suites_datafree import datafree  # noqa: E402
 
-SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie, "qat": qat, "gen": gen}
+SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie, "qat": qat, "gen": gen, "vit": vit}

@@ -556,6 +556,15 @@ class ImageSet(Dataset):
                 return _normalize(px, self.preprocess)[0], int(self.labels[i])
         return self._tf()(self._src.image(j)), int(self.labels[i])
 
+    def uint8(self, items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Raw ``(uint8 [N, 3, H, W], int64 [N])`` of the items ``items`` (positions in this set; all by
+        default), before any preprocessing, or None when the images are not small ones of one size
+        (the whole source is decoded once into a shared uint8 cache). For training-style pipelines
+        that augment on uint8 batches (bench/train_vit.py)."""
+        index = self.index if items is None else self.index[items]
+        px = self._src.pixels(index)
+        return None if px is None else (px, self._src.labels[index].clone())
+
     def batches(self, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalized ``(images, labels)`` batches in item order."""
         if self._fast():

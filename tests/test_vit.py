@@ -209,6 +209,25 @@ def test_zoo_entry_without_weights_says_how_to_train(tmp_path, monkeypatch):
     assert "cifar10_vit_tiny" in [r["name"] for r in zsq.models.zoo_table()]
 
 
+def test_bundled_weights_are_the_recorded_ones_and_classify(monkeypatch, one_thread):
+    """The committed cifar10_vit_tiny loads with its SHA-256 verified, a tampered copy is refused,
+    and it classifies real test images (top-1 on the 1,000-image smoke subset near the recorded
+    FP top-1 of the full test set)."""
+    from zsq.data.eval import open_dataset
+    from zsq.paths import sha256_file
+
+    bundled = REPO / "src" / "zsq" / "models" / "weights" / vitmod.VIT_TINY_FILE
+    assert vitmod.VIT_TINY_SHA256 and sha256_file(bundled) == vitmod.VIT_TINY_SHA256
+    m = zsq.load_model("cifar10_vit_tiny")
+    assert m.zsq_info.weights_sha256 == vitmod.VIT_TINY_SHA256
+    ds = open_dataset(TEST_TAR, m.zsq_info.preprocess, limit=1000)
+    top1 = zsq.evaluate(m, ds, progress=False)["top1"]
+    assert abs(top1 - vitmod.VIT_TINY_TOP1) < 5.0, top1
+    monkeypatch.setattr(vitmod, "VIT_TINY_SHA256", "f" * 64)
+    with pytest.raises(ChecksumError, match="SHA-256"):
+        zsq.load_model("cifar10_vit_tiny")
+
+
 def test_zoo_entry_checks_sha256(tmp_path, monkeypatch):
     from zsq.paths import sha256_file
 
@@ -219,6 +238,7 @@ def test_zoo_entry_checks_sha256(tmp_path, monkeypatch):
     torch.save(src.state_dict(), f)
     monkeypatch.setenv("ZSQ_HOME", str(tmp_path))
     monkeypatch.setattr("zsq.models.fetch.bundled", lambda name: None)
+    monkeypatch.setattr(vitmod, "VIT_TINY_SHA256", None)
     with pytest.raises(ChecksumError, match="no SHA-256"):  # a file but no recorded hash: refused
         zsq.load_model("cifar10_vit_tiny")
     monkeypatch.setattr(vitmod, "VIT_TINY_SHA256", "0" * 64)

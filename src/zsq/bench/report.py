@@ -119,15 +119,19 @@ _TARGETS = [
 ]
 
 
+def _target_runs(recs: list[dict], model: str | None, recipes: tuple, proto: str, bits: str | None) -> list[dict]:
+    """The runs a target counts: default budget, synthetic data (no real calibration, no extra flags)."""
+    return [r for r in recs if r["run"]["recipe"] in recipes and r["run"]["protocol"] == proto
+            and not r["run"].get("calib") and not r["run"].get("extra") and r["run"].get("budget") == "default"
+            and (model is None or r["run"]["model"] == model)
+            and (bits is None or f"W{r['run']['w']}A{r['run']['a']}" == bits)]
+
+
 def _targets_section(recs: list[dict]) -> list[str]:
     """Each target of benchmarks.md / the issues against the runs on record (met / not met / open)."""
     rows = []
     for label, model, recipe, proto, bits, stat, goal, seeds in _TARGETS:
-        recipes = recipe if isinstance(recipe, tuple) else (recipe,)
-        sel = [r for r in recs if r["run"]["recipe"] in recipes and r["run"]["protocol"] == proto
-               and not r["run"].get("calib") and not r["run"].get("extra") and r["run"].get("budget") == "default"
-               and (model is None or r["run"]["model"] == model)
-               and (bits is None or f"W{r['run']['w']}A{r['run']['a']}" == bits)]
+        sel = _target_runs(recs, model, recipe if isinstance(recipe, tuple) else (recipe,), proto, bits)
         top = [(r["run"]["recipe"], r["zsq"]["metrics"]["top1"]) for r in sel if (r["zsq"].get("metrics") or {}).get("top1")]
         n_seeds = len({r["run"]["seed"] for r in sel})
         value, shown = None, "—"
@@ -178,14 +182,10 @@ def _vit_target_rows(recs: list[dict]) -> list[str]:
 
     def sel(recipes, bits, seed=None):
         by = defaultdict(list)
-        for r in recs:
-            run = r["run"]
+        for r in _target_runs(recs, "cifar10_vit_tiny", recipes, "vit-ptq", bits):
             top1 = (r["zsq"].get("metrics") or {}).get("top1")
-            if (run["model"] == "cifar10_vit_tiny" and run["recipe"] in recipes and run["protocol"] == "vit-ptq"
-                    and not run.get("calib") and not run.get("extra") and run.get("budget") == "default"
-                    and f"W{run['w']}A{run['a']}" == bits and top1 is not None
-                    and (seed is None or run["seed"] == seed)):
-                by[run["recipe"]].append(top1)
+            if top1 is not None and (seed is None or r["run"]["seed"] == seed):
+                by[r["run"]["recipe"]].append(top1)
         return by
 
     rows = []

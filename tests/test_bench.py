@@ -34,3 +34,27 @@ def test_suites_have_unique_run_ids():
     for name, suite in SUITES.items():
         ids = [r.run_id for r in suite()]
         assert len(ids) == len(set(ids)), name
+
+
+def _vit_rec(recipe: str, top1: float, extra: tuple = (), calib: str | None = None) -> dict:
+    run = Run("cifar10_vit_tiny", recipe, "vit-ptq", 4, 4, calib=calib, extra=extra)
+    return {"run": {**run.__dict__, "extra": list(extra)}, "run_id": run.run_id, "zsq": {"metrics": {"top1": top1}}}
+
+
+def test_vit_data_rows_compare_each_recipe_with_noise():
+    from zsq.bench.report import _vit_data_rows
+    from zsq.bench.suites import VIT_RECIPES, VIT_RECON_SET
+
+    recs = [_vit_rec("minmax-noise", 67.8), _vit_rec("psaq-vit", 99.0, calib="real.tar")]
+    recs += [_vit_rec(r, 67.5 + i) for i, r in enumerate(VIT_RECIPES)]
+    recs += [_vit_rec("brecq", 69.5, ("--synth", "gaussian", *VIT_RECON_SET))]
+    recs += [_vit_rec("brecq", 72.0 + i, ("--synth", r, *VIT_RECON_SET)) for i, r in enumerate(VIT_RECIPES[:3])]
+    rows = _vit_data_rows(recs)
+    assert len(rows) == 2
+    # calibration: the weakest (psaq-vit 67.50) is below noise; the real-data run (99.0) is not a recipe row
+    assert "min-max calibration" in rows[0] and "weakest psaq-vit 67.50 (-0.30) | no |" in rows[0]
+    # reconstruction: 3 of 4 synthesizers on record
+    assert "brecq reconstruction" in rows[1] and "noise 69.50" in rows[1] and "open (3 of 4 recipes)" in rows[1]
+    recs.append(_vit_rec("brecq", 75.0, ("--synth", VIT_RECIPES[3], *VIT_RECON_SET)))
+    assert "weakest psaq-vit 72.00 (+2.50) | yes |" in _vit_data_rows(recs)[1]
+    assert _vit_data_rows(recs[:1]) == []

@@ -75,6 +75,26 @@ def vit(seeds=(0, 1, 2)) -> list[Run]:
         runs += [Run(m, r, "vit-ptq", w, a) for r in VIT_RECIPES]
     runs += [Run(m, r, "vit-ptq", 4, 8, seed=s) for s in seeds[1:] for r in VIT_RECIPES]
     runs += [Run(m, r, "vit-ptq", 8, 8, seed=s) for s in seeds[1:] for r in VIT_RECIPES]
+    return runs + vit_data()
+
+
+#: reduced block-reconstruction budget of the ``vit_data`` rows (BRECQ default: 2,000 + 500 steps per block)
+VIT_RECON_SET = ("--set", "iters=500", "--set", "iters_a=100")
+
+
+def vit_data(seed: int = 0) -> list[Run]:
+    """Issue 11, where calibration data matters on the ViT: W4A4 with min-max calibration (each recipe,
+    noise, 32 real images), then W4A4 with block reconstruction (``brecq``, a reduced budget
+    ``VIT_RECON_SET``) on 32 images of each synthesizer, of Gaussian noise and of real training images."""
+    m = "cifar10_vit_tiny"
+    runs = [Run(m, "minmax-noise", "vit-ptq", 4, 4, seed=seed),
+            Run(m, "psaq-vit", "vit-ptq", 4, 4, seed=seed, calib="cifar10-jpeg/train.tar", calib_n=32)]
+    runs += [Run(m, r, "vit-ptq", 4, 4, seed=seed) for r in VIT_RECIPES]
+    runs.append(Run(m, "brecq", "vit-ptq", 4, 4, seed=seed, extra=("--synth", "gaussian", "--set", "n_images=32",
+                                                                    *VIT_RECON_SET)))
+    runs.append(Run(m, "brecq", "vit-ptq", 4, 4, seed=seed, calib="cifar10-jpeg/train.tar", calib_n=32,
+                    extra=VIT_RECON_SET))
+    runs += [Run(m, "brecq", "vit-ptq", 4, 4, seed=seed, extra=("--synth", r, *VIT_RECON_SET)) for r in VIT_RECIPES]
     return runs
 
 
@@ -87,4 +107,5 @@ GEN_RECIPES = ["gdfq", "qimera", "ait", "adasg", "adadfq", "dfq-akd", "zaq", "au
 
 from .suites_datafree import datafree  # noqa: E402
 
-SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie, "qat": qat, "gen": gen, "vit": vit}
+SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie, "qat": qat, "gen": gen, "vit": vit,
+          "vit-data": vit_data}

@@ -58,3 +58,23 @@ def test_vit_data_rows_compare_each_recipe_with_noise():
     recs.append(_vit_rec("brecq", 75.0, ("--synth", VIT_RECIPES[3], *VIT_RECON_SET)))
     assert "weakest psaq-vit 72.00 (+2.50) | yes |" in _vit_data_rows(recs)[1]
     assert _vit_data_rows(recs[:1]) == []
+
+
+def test_ddp_section_renders_rows_and_speedups(tmp_path):
+    from zsq.bench.report import _ddp_section
+
+    f = tmp_path / "ddp" / "ddp_throughput.json"
+    assert _ddp_section(f) == []
+    row = lambda t, p, th, ips: {"task": t, "procs": p, "threads_per_proc": th, "images_per_s": ips,  # noqa: E731
+                                 "loadavg_before": [0.5, 0, 0]}
+    doc = {"settings": {"model": "cifar10_resnet20", "synth_batch": 256, "synth_batches": 4, "synth_iters": 120,
+                        "qat_batch": 256, "qat_steps": 20},
+           "machine": {"cpu": "test cpu", "cores": 2},
+           "rows": [row("synth", 1, 2, 40.0), row("synth", 2, 1, 50.0)],
+           "speedup": {"synth": {"1x2": {"vs_1proc_same_cores": 1.0, "vs_1x1": None},
+                                 "2x1": {"vs_1proc_same_cores": 1.25, "vs_1x1": None}}}}
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps(doc))
+    text = "\n".join(_ddp_section(f))
+    assert "## torch.distributed: 1 vs 2 processes" in text and "test cpu (2 cores)" in text
+    assert "| synth | 2x1 | 50.00 | 1.25x | — | 0.50 |" in text

@@ -70,6 +70,7 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
     lines += _genie_val_section(Path(runs_dir) / "genie-val")
     lines += _qat_val_section(Path(runs_dir) / "qat-val")
     lines += _vit_val_section(Path(runs_dir) / "vit-val")
+    lines += _ddp_section(Path(runs_dir) / "ddp" / "ddp_throughput.json")
     lines += ["## Every run", "",
               "| model | recipe | protocol | bits | budget | seed | top-1 | top-5 | wall s | CPU s | load | data | images | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -396,6 +397,31 @@ def _qat_val_section(d: Path) -> list[str]:
     for r in sorted(recs, key=lambda r: (r["recipe"], r.get("budget", ""), r["bits"], -r["lr"])):
         out.append(f"| {r['recipe']} | {r['lr']:g} | {r.get('budget', 'full')} | {r['bits']} | {r['val_top1']:.2f} | "
                    f"{r['wall_s']} | {r.get('load_avg')} |")
+    return out + [""]
+
+
+def _ddp_section(f: Path) -> list[str]:
+    """``bench/ddp_throughput.py``: 1 vs N processes (torchrun, gloo) for sharded synthesis and DDP QAT."""
+    if not f.is_file():
+        return []
+    doc = json.loads(f.read_text())
+    st, m = doc.get("settings", {}), doc.get("machine", {})
+    out = ["## torch.distributed: 1 vs 2 processes (`bench/ddp_throughput.py`)", "",
+           f"{st.get('model')}, {m.get('cpu')} ({m.get('cores')} cores). `PxT` = P processes (torchrun "
+           "--standalone, gloo) of T intra-op threads each. `synth`: `zeroq` synthesis sharded over the ranks "
+           f"({st.get('synth_batches')} batches of {st.get('synth_batch')} images x {st.get('synth_iters')} "
+           "iterations; the gathered set is identical for every P), start-up and model loading excluded. `qat`: "
+           f"the `qat-kd` engine at W4A4, global batch {st.get('qat_batch')}, mean of {st.get('qat_steps')} "
+           "steps after the EMA warm-up step and the first training step. Throughput relative to one process "
+           "on the same cores; a load average above the core count before a row means another job shared "
+           "the machine.", "",
+           "| task | PxT | images/s | vs 1 process, same cores | vs 1x1 | load before |", "|---|---|---|---|---|---|"]
+    sp = doc.get("speedup", {})
+    for r in doc.get("rows", []):
+        c = sp.get(r["task"], {}).get(f"{r['procs']}x{r['threads_per_proc']}", {})
+        fmt = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
+        out.append(f"| {r['task']} | {r['procs']}x{r['threads_per_proc']} | {r['images_per_s']:.2f} | "
+                   f"{fmt(c.get('vs_1proc_same_cores'))} | {fmt(c.get('vs_1x1'))} | {r['loadavg_before'][0]:.2f} |")
     return out + [""]
 
 

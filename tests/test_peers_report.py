@@ -68,3 +68,15 @@ def test_peers_section_empty_and_reduced_budget_label(tmp_path: Path):
     text = "\n".join(_peers_section(d))
     assert "top-1 on 500 eval images" in text
     assert "16 images x 20 iterations" in text
+
+
+def test_peers_section_prefers_zsq_rows_of_the_same_run(tmp_path: Path):
+    runs = tmp_path / "runs"
+    _write(runs / "peers" / "aimet__W4A4__s0.json", _peer("aimet", 4, 4, 73.54, 4.2, "note"))
+    _write(runs / "cifar10_resnet20__squant__fixed__W4A4__default__s0.json", _zsq("squant", 4, 4, 11.11, 0.9))
+    _write(runs / "peers" / "zsq" / "cifar10_resnet20__squant__fixed__W4A4__default__s0.json",
+           _zsq("squant", 4, 4, 75.12, 0.8))
+    text = "\n".join(_peers_section(runs / "peers"))
+    assert "| zsq squant | 0 | 75.12 (0.8 s) |" in text and "11.11" not in text
+    # and the peers' own zsq rows are not peer rows
+    assert text.count("| zsq squant |") == 1

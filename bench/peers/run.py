@@ -8,8 +8,9 @@ Run with zsq's main venv from the repository root::
     python bench/peers/run.py --bits W4A4 --seeds 0,1,2 --gptq --only mct
     python bench/peers/run.py --dry-run             # print what would run
 
-zsq rows go through the bench runner (``bench/runs/<run_id>.json``, resumable like every run);
-peer rows are written to ``bench/runs/peers/<peer>__W{w}A{a}__s{seed}.json`` (a suffix marks a
+zsq rows go through the bench runner into ``bench/runs/peers/zsq/<run_id>.json`` (resumable like every
+run; kept apart from ``bench/runs/`` so this run's rows, measured beside the peers on one machine, neither
+replace nor mix with the main tables' runs); peer rows are written to ``bench/runs/peers/<peer>__W{w}A{a}__s{seed}.json`` (a suffix marks a
 reduced eval set or data-generation budget). An existing JSON is skipped unless ``--force``.
 ``zsq bench report`` renders both side by side (section "Peers side by side").
 """
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     recipes = [r.strip() for r in args.zsq_recipes.split(",") if r.strip()]
     runs_dir = Path(args.runs_dir)
     peers_dir = runs_dir / "peers"
+    zsq_dir = peers_dir / "zsq"
 
     missing = sorted({PEERS[p][0] for p in peers if not peer_python(p).exists()})
     if missing:
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for i, (rid, kind, payload) in enumerate(rows, 1):
         if kind == "zsq":
-            path = runs_dir / f"{rid}.json"
+            path = zsq_dir / f"{rid}.json"
         else:
             path = peers_dir / f"{rid}.json"
         done = path.exists() and not args.force
@@ -174,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(head, flush=True)
         try:
             if kind == "zsq":
-                runs_dir.mkdir(parents=True, exist_ok=True)
-                rec = run_one(payload, runs_dir, threads=args.threads, force=args.force)
+                zsq_dir.mkdir(parents=True, exist_ok=True)
+                rec = run_one(payload, zsq_dir, threads=args.threads, force=args.force)
                 z = rec["zsq"]
                 print(f"    top1 {(z.get('metrics') or {}).get('top1')}  wall {z.get('wall_s')} s", flush=True)
             else:

@@ -276,13 +276,15 @@ _PEER_ZSQ_RECIPES = ("squant", "dfq", "udfc", "zeroq")
 
 def _peers_section(d: Path) -> list[str]:
     """Rows of ``bench/peers/run.py``: Sony MCT / Qualcomm AIMET (``bench/runs/peers/*.json``, each run in
-    its own venv) beside zsq's `fixed` rows of the same model, bits, seed and eval set (the top-level
-    ``bench/runs/*.json``), with each peer's protocol differences and wall times."""
+    its own venv) beside zsq's `fixed` rows of the same model, bits, seed and eval set measured in the same
+    run (``bench/runs/peers/zsq/*.json``; without that folder, the top-level ``bench/runs/*.json``), with
+    each peer's protocol differences and wall times."""
     peers = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
     if not peers:
         return []
     zsq = []
-    for p in sorted(d.parent.glob("*.json")):
+    zsq_files = sorted((d / "zsq").glob("*.json")) or sorted(d.parent.glob("*.json"))
+    for p in zsq_files:
         try:
             r = json.loads(p.read_text())
         except (OSError, ValueError):

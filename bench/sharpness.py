@@ -215,8 +215,6 @@ def table(out: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from zsq.paths import write_json_atomic
-
     p = argparse.ArgumentParser(prog="sharpness.py", description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help="experiments to run (default: all of the selection)")
     p.add_argument("--sources", default=",".join(SOURCES), type=lambda s: s.split(","))
@@ -242,20 +240,12 @@ def main(argv: list[str]) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     if not args.plots_only:
-        torch.set_num_threads(int(os.environ.get("ZSQ_THREADS", "2")))
-        for name in args.names or list(exps):
-            if name not in exps:
-                print(f"unknown experiment {name}", file=sys.stderr)
-                return 2
-            path = out / f"{name}.json"
-            if path.exists():
-                continue
-            print(f"running {name} ...", flush=True)
-            d = run(exps[name])
-            write_json_atomic(path, d)
-            s = d["sharpness"]
-            print(f"  {name}: L0 {s['loss0']:.4f}, top-1 {s['top1']:.1f}, dL "
-                  + ", ".join(f"{m:.4f}" for m in s["mean"]) + f" ({sum(d['wall_s'].values()):.0f} s)", flush=True)
+        rc = valsplit.run_pending(args.names or list(exps), exps, lambda name: run(exps[name]), out,
+                                  lambda d: f"L0 {d['sharpness']['loss0']:.4f}, top-1 {d['sharpness']['top1']:.1f}, "
+                                  "dL " + ", ".join(f"{m:.4f}" for m in d["sharpness"]["mean"])
+                                  + f" ({sum(d['wall_s'].values()):.0f} s)")
+        if rc:
+            return rc
     for f in plots(out, args):
         print(f"wrote {f}")
     print(table(out))

@@ -46,9 +46,19 @@ def main(argv: list[str], experiments: dict, run: Callable[[str], dict], out: Pa
     if "--table" in argv:
         print(table())
         return 0
+    rc = run_pending(argv or list(experiments), experiments, run, out, summary)
+    if rc == 0:
+        print(table())
+    return rc
+
+
+def run_pending(names: list[str], experiments, run: Callable[[str], dict], out: Path,
+                summary: Callable[[dict], str]) -> int:
+    """Run each named experiment whose ``out/<name>.json`` is missing (resumable), writing the JSON
+    atomically; 2 for an unknown name."""
     torch.set_num_threads(int(os.environ.get("ZSQ_THREADS", "2")))
     out.mkdir(parents=True, exist_ok=True)
-    for name in argv or list(experiments):
+    for name in names:
         if name not in experiments:
             print(f"unknown experiment {name}", file=sys.stderr)
             return 2
@@ -61,5 +71,4 @@ def main(argv: list[str], experiments: dict, run: Callable[[str], dict], out: Pa
         tmp.write_text(json.dumps(d, indent=1))
         tmp.replace(path)
         print(f"  {name}: {summary(d)}", flush=True)
-    print(table())
     return 0

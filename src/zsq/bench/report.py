@@ -327,7 +327,7 @@ def _peers_section(d: Path) -> list[str]:
     out = ["## Peers side by side: Sony MCT and Qualcomm AIMET (`bench/peers/run.py`)", "",
            "Each peer ran in its own virtual environment on the same zsq model, the same eval images (zsq's "
            "loader) and zsq's top-1 code, first conv and last FC at 8 bits like `fixed`; the zsq rows are "
-           "`fixed` runs of the same model, bits and seed. Wall times are measured in the same run on the same "
+           "`fixed` runs of the same model, bits and seed made by the same run (`bench/runs/peers/zsq/`). Wall times are measured in the same run on the same "
            "machine (`bench/peers/run.py`; the dates below show when), so compare ratios, not absolute seconds. "
            "Cells: top-1 (wall s). Wall s = data (synthesis / MCT data generation / AIMET's noise) + "
            "quantization; evaluation, interpreter start and imports excluded for every row. Each peer keeps "

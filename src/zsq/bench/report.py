@@ -415,8 +415,8 @@ def _ddp_section(f: Path) -> list[str]:
            "iterations; the gathered set is identical for every P), start-up and model loading excluded. `qat`: "
            f"the `qat-kd` engine at W4A4, global batch {st.get('qat_batch')}, mean of {st.get('qat_steps')} "
            "steps after the EMA warm-up step and the first training step. Throughput relative to one process "
-           "on the same cores; a load average above the core count before a row means another job shared "
-           "the machine.", "",
+           "on the same cores. `load before` = the 1-minute load average when the row started (it includes the "
+           "decaying load of the previous row; above the core count, another job shared the machine).", "",
            "| task | PxT | images/s | vs 1 process, same cores | vs 1x1 | load before |", "|---|---|---|---|---|---|"]
     sp = doc.get("speedup", {})
     for r in doc.get("rows", []):

@@ -50,7 +50,7 @@ def test_vit_data_rows_compare_each_recipe_with_noise():
     recs += [_vit_rec("brecq", 69.5, ("--synth", "gaussian", *VIT_RECON_SET))]
     recs += [_vit_rec("brecq", 72.0 + i, ("--synth", r, *VIT_RECON_SET)) for i, r in enumerate(VIT_RECIPES[:3])]
     rows = _vit_data_rows(recs)
-    assert len(rows) == 2
+    assert len(rows) == 2  # no MSE-range runs yet: no row for them
     # calibration: the weakest (psaq-vit 67.50) is below noise; the real-data run (99.0) is not a recipe row
     assert "min-max calibration" in rows[0] and "weakest psaq-vit 67.50 (-0.30) | no |" in rows[0]
     # reconstruction: 3 of 4 synthesizers on record
@@ -58,6 +58,10 @@ def test_vit_data_rows_compare_each_recipe_with_noise():
     recs.append(_vit_rec("brecq", 75.0, ("--synth", VIT_RECIPES[3], *VIT_RECON_SET)))
     assert "weakest psaq-vit 72.00 (+2.50) | yes |" in _vit_data_rows(recs)[1]
     assert _vit_data_rows(recs[:1]) == []
+    mse = ("--set", "a_observer=mse")
+    recs += [_vit_rec("minmax-noise", 70.0, mse)] + [_vit_rec(r, 71.5, mse) for r in VIT_RECIPES]
+    rows = _vit_data_rows(recs)
+    assert len(rows) == 3 and "MSE activation ranges" in rows[1] and "(+1.50) | yes |" in rows[1]
 
 
 def test_ddp_section_renders_rows_and_speedups(tmp_path):

@@ -224,16 +224,19 @@ def _synth_of(run: dict) -> str | None:
 
 def _vit_data_rows(recs: list[dict]) -> list[str]:
     """Supplementary rows (not issue targets) from the ``vit-data`` suite: at W4A4 (seed 0), each ViT
-    recipe's data against Gaussian noise with min-max calibration and with ``brecq`` block reconstruction
-    on 32 images of each."""
+    recipe's data against Gaussian noise with min-max calibration, with MSE-searched activation ranges and
+    with ``brecq`` block reconstruction on 32 images of each."""
     vit = [r for r in recs if r["run"]["model"] == "cifar10_vit_tiny" and r["run"]["protocol"] == "vit-ptq"
            and (r["run"]["w"], r["run"]["a"]) == (4, 4) and r["run"]["seed"] == 0
            and r["run"].get("budget") == "default" and not r["run"].get("calib")
            and (r["zsq"].get("metrics") or {}).get("top1") is not None]
     calib = {r["run"]["recipe"]: r["zsq"]["metrics"]["top1"] for r in vit if not r["run"].get("extra")}
+    mse = {r["run"]["recipe"]: r["zsq"]["metrics"]["top1"] for r in vit
+           if list(r["run"].get("extra") or ()) == ["--set", "a_observer=mse"]}
     recon = {_synth_of(r["run"]): r["zsq"]["metrics"]["top1"] for r in vit if r["run"]["recipe"] == "brecq"}
     rows = []
     for label, by, noise in (("min-max calibration", calib, "minmax-noise"),
+                             ("calibration with MSE activation ranges", mse, "minmax-noise"),
                              ("brecq reconstruction, reduced budget", recon, "gaussian")):
         if noise not in by or not any(k in by for k in _VIT):
             continue

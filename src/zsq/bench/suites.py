@@ -84,12 +84,17 @@ VIT_RECON_SET = ("--set", "iters=500", "--set", "iters_a=100")
 
 def vit_data(seed: int = 0) -> list[Run]:
     """Issue 11, where calibration data matters on the ViT: W4A4 with min-max calibration (each recipe,
-    noise, 32 real images), then W4A4 with block reconstruction (``brecq``, a reduced budget
+    noise, 32 real images), the same with MSE-searched activation ranges, then W4A4 with block reconstruction (``brecq``, a reduced budget
     ``VIT_RECON_SET``) on 32 images of each synthesizer, of Gaussian noise and of real training images."""
     m = "cifar10_vit_tiny"
     runs = [Run(m, "minmax-noise", "vit-ptq", 4, 4, seed=seed),
             Run(m, "psaq-vit", "vit-ptq", 4, 4, seed=seed, calib="cifar10-jpeg/train.tar", calib_n=32)]
     runs += [Run(m, r, "vit-ptq", 4, 4, seed=seed) for r in VIT_RECIPES]
+    # the same with MSE-searched activation ranges instead of min-max (outlier-robust)
+    mse = ("--set", "a_observer=mse")
+    runs += [Run(m, "minmax-noise", "vit-ptq", 4, 4, seed=seed, extra=mse),
+             Run(m, "psaq-vit", "vit-ptq", 4, 4, seed=seed, calib="cifar10-jpeg/train.tar", calib_n=32, extra=mse)]
+    runs += [Run(m, r, "vit-ptq", 4, 4, seed=seed, extra=mse) for r in VIT_RECIPES]
     runs.append(Run(m, "brecq", "vit-ptq", 4, 4, seed=seed, extra=("--synth", "gaussian", "--set", "n_images=32",
                                                                     *VIT_RECON_SET)))
     runs.append(Run(m, "brecq", "vit-ptq", 4, 4, seed=seed, calib="cifar10-jpeg/train.tar", calib_n=32,

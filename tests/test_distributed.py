@@ -83,28 +83,42 @@ def qat_runs(tmp_path_factory):
     assert one.returncode == 0, one.stderr[-3000:]
     two = _zsq("quantize", [*_QAT, "-o", tmp / "two"], env, torchrun=True)
     assert two.returncode == 0, two.stderr[-3000:]
+    # the float-noise reference: one process again, 2 threads instead of 1 (another summation order)
+    q = [*_QAT]
+    q[q.index("--threads") + 1] = "2"
+    ref = _zsq("quantize", [*q, "-o", tmp / "one-2threads"], {**env, "OMP_NUM_THREADS": "2"})
+    assert ref.returncode == 0, ref.stderr[-3000:]
     return tmp, env, two
 
 
 def test_qat_two_ranks_close_to_one_process(qat_runs, resnet20):
     """Same global batches, EMA ranges from the global batch's min/max, gradients summed over the
     ranks: the weights agree with the one-process run up to floating point (a sum of per-rank means,
-    convolutions of 8 instead of 16 images). Tolerances: every float tensor (weights, BN, weight and
-    activation ranges) within rtol 1e-3 / atol 1e-4, and the difference of the trained parameters
-    below 1e-4 of their update (L2); measured: max |diff| 7e-6, 5e-7 of the update, no integer
-    weight code differs."""
+    convolutions of 8 instead of 16 images). At W4A4 a last-bit difference can flip a rounding and
+    grow over the steps, so "up to floating point" is measured on the machine: the one-process run
+    with 2 threads instead of 1 (another summation order) gives the float-noise reference. The two-rank
+    run may differ from the one-process run by at most 3x that reference, and never by more than
+    1e-3 of the update (L2) or 1e-2 in any tensor element; wrong gradient scaling or unsynchronised
+    ranges differ by orders of magnitude more. Measured: AMD EPYC, max |diff| 7e-6 and 5e-7 of the
+    update, no reference difference; Intel Xeon, 2.1e-4 of the update for both the two ranks and
+    the 2-thread reference (one rounding flip)."""
     tmp, _, two = qat_runs
-    a, b = _weights(tmp / "one"), _weights(tmp / "two")
+    a, b, r = (_weights(tmp / n)["state_dict"] for n in ("one", "two", "one-2threads"))
     fp = {k: v for k, v in resnet20.state_dict().items() if v.is_floating_point()}
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k, v in a["state_dict"].items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-3, atol=1e-4,
-                                       msg=lambda m, k=k: f"{k}: {m}")
-    update = sum(float((a["state_dict"][k] - v).pow(2).sum()) for k, v in fp.items()) ** 0.5
-    diff = sum(float((a["state_dict"][k] - b["state_dict"][k]).pow(2).sum()) for k in fp) ** 0.5
+    assert a.keys() == b.keys() == r.keys()
+
+    def dist(x, y, keys):
+        return sum(float((x[k] - y[k]).pow(2).sum()) for k in keys) ** 0.5
+
+    update = dist(a, fp, fp)
     assert update > 1e-2  # the runs trained: closeness is not the initial weights'
-    assert diff < 1e-4 * update
+    floats = [k for k, v in a.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    noise_l2 = dist(a, r, fp)
+    noise_max = max(float((a[k] - r[k]).abs().max()) for k in floats)
+    for k in floats:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=min(1e-2, max(1e-4, 3 * noise_max)),
+                                   msg=lambda m, k=k: f"{k}: {m} (float-noise reference: {noise_max:.2e})")
+    assert dist(a, b, fp) <= min(1e-3 * update, max(1e-4 * update, 3 * noise_l2))
     # rank 0 alone wrote OUT and reported
     assert two.stderr.count("saved ") == 1
     assert sorted(p.name for p in (tmp / "two").iterdir()) == [".ckpt", "qmodel.pt", "zsq.json"]

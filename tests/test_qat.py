@@ -169,12 +169,16 @@ def test_resume_at_epoch_boundary_equals_uninterrupted(resnet20, tmp_path):
 
 
 @pytest.mark.parametrize("at", [(0, 0), (1, 0)], ids=["warm-up", "training"])
-def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(resnet20, tmp_path, at):
+def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(resnet20, tmp_path, at, request):
     """A real SIGINT mid-epoch (during the EMA warm-up / during training): the step finishes, the
     checkpoint (EMA observers, optimizer state) is written, KeyboardInterrupt is raised; resuming gives
     the uninterrupted tensors."""
     images, cfg = _images(24, seed=2), _resume_cfg()
     full = qat_finetune(_student(resnet20), resnet20, images, cfg, seed=5, progress=False)
+    # Ctrl-C as in a terminal, even when the test runner was started with SIGINT ignored (`cmd &` in a
+    # non-interactive shell), where the engine rightly leaves SIGINT alone
+    prev = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, prev))
 
     def ctrl_c(epoch, step, loss):
         if (epoch, step) == at:

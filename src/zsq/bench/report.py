@@ -225,7 +225,7 @@ def _synth_of(run: dict) -> str | None:
 def _vit_data_rows(recs: list[dict]) -> list[str]:
     """Supplementary rows (not issue targets) from the ``vit-data`` suite: at W4A4 (seed 0), each ViT
     recipe's data against Gaussian noise with min-max calibration, with MSE-searched activation ranges and
-    with ``brecq`` block reconstruction on 32 images of each."""
+    with ``brecq`` block reconstruction (32 images of each synthesizer, 256 of noise)."""
     vit = [r for r in recs if r["run"]["model"] == "cifar10_vit_tiny" and r["run"]["protocol"] == "vit-ptq"
            and (r["run"]["w"], r["run"]["a"]) == (4, 4) and r["run"]["seed"] == 0
            and r["run"].get("budget") == "default" and not r["run"].get("calib")
@@ -237,7 +237,7 @@ def _vit_data_rows(recs: list[dict]) -> list[str]:
     rows = []
     for label, by, noise in (("min-max calibration", calib, "minmax-noise"),
                              ("calibration with MSE activation ranges", mse, "minmax-noise"),
-                             ("brecq reconstruction, reduced budget", recon, "gaussian")):
+                             ("brecq reconstruction, 500 + 100 steps per block, 256 noise images vs 32", recon, "gaussian")):
         if noise not in by or not any(k in by for k in _VIT):
             continue
         n = by[noise]

@@ -237,7 +237,8 @@ def _vit_data_rows(recs: list[dict]) -> list[str]:
     rows = []
     for label, by, noise in (("min-max calibration", calib, "minmax-noise"),
                              ("calibration with MSE activation ranges", mse, "minmax-noise"),
-                             ("brecq reconstruction, 500 + 100 steps per block, 256 noise images vs 32", recon, "gaussian")):
+                             ("brecq reconstruction, 500 + 100 steps per block, 256 noise images vs 32", recon,
+                              "gaussian")):
         if noise not in by or not any(k in by for k in _VIT):
             continue
         n = by[noise]

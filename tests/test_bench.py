@@ -82,3 +82,17 @@ def test_ddp_section_renders_rows_and_speedups(tmp_path):
     text = "\n".join(_ddp_section(f))
     assert "## torch.distributed: 1 vs 2 processes" in text and "test cpu (2 cores)" in text
     assert "| synth | 2x1 | 50.00 | 1.25x | — | 0.50 |" in text
+
+
+def test_vit_val_section_lists_weight_and_activation_ranges(tmp_path):
+    from zsq.bench.report import _vit_val_section
+
+    d = tmp_path / "vit-val"
+    assert _vit_val_section(d) == []
+    d.mkdir()
+    base = {"recipe": "smi", "w_observer": "minmax", "bits": "W4A4", "seed": 0, "val_top1": 80.0, "wall_s": 1.0}
+    (d / "a.json").write_text(json.dumps(base))  # written before the activation range was recorded: min-max
+    (d / "b.json").write_text(json.dumps({**base, "a_observer": "mse", "val_top1": 82.5}))
+    text = "\n".join(_vit_val_section(d))
+    assert "| smi | minmax | minmax | W4A4 | 80.00 | 1.0 |" in text
+    assert "| smi | minmax | mse | W4A4 | 82.50 | 1.0 |" in text

@@ -436,15 +436,17 @@ def _vit_val_section(d: Path) -> list[str]:
     recs = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
     if not recs:
         return []
-    out = ["## ViT weight range: chosen on a validation split (`bench/vit_validation.py`)", "",
+    out = ["## ViT weight and activation ranges: chosen on a validation split (`bench/vit_validation.py`)", "",
            "`cifar10_vit_tiny`, `vit-ptq`, seed 0, the recipe's own synthetic set (32 images, `default` budget): "
-           "per-channel min-max weight ranges (PSAQ-ViT's code) against the L_p search (`--set w_observer=mse`). "
+           "per-channel min-max weight ranges (PSAQ-ViT's code) against the L_p search (`--set w_observer=mse`), "
+           "and per-tensor min-max activation ranges against the MSE search (`--set a_observer=mse`). "
            "Top-1 on the **validation split** (first 500 images per class of `cifar10-jpeg/train.tar`, images the "
            "ViT was trained on, hence the high numbers; never the test set). Wall s includes the synthesis when "
            "the set was not cached.", "",
-           "| recipe | weight range | bits | val top-1 | wall s |", "|---|---|---|---|---|"]
-    for r in sorted(recs, key=lambda r: (r["recipe"], r["bits"], r["w_observer"])):
-        out.append(f"| {r['recipe']} | {r['w_observer']} | {r['bits']} | {r['val_top1']:.2f} | {r['wall_s']} |")
+           "| recipe | weight range | activation range | bits | val top-1 | wall s |", "|---|---|---|---|---|---|"]
+    for r in sorted(recs, key=lambda r: (r["recipe"], r["bits"], r["w_observer"], r.get("a_observer", "minmax"))):
+        out.append(f"| {r['recipe']} | {r['w_observer']} | {r.get('a_observer', 'minmax')} | {r['bits']} | "
+                   f"{r['val_top1']:.2f} | {r['wall_s']} |")
     return out + [""]
 
 

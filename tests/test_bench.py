@@ -96,3 +96,19 @@ def test_vit_val_section_lists_weight_and_activation_ranges(tmp_path):
     text = "\n".join(_vit_val_section(d))
     assert "| smi | minmax | minmax | W4A4 | 80.00 | 1.0 |" in text
     assert "| smi | minmax | mse | W4A4 | 82.50 | 1.0 |" in text
+
+
+def test_bench_run_exit_status_counts_failed_runs(tmp_path, monkeypatch, capsys):
+    """A run that fails (here: an unknown recipe, the CLI's exit 2) is reported, the suite goes on, and
+    `zsq bench run` exits 1."""
+    import pytest
+
+    from zsq.bench import suites
+    from zsq.cli import main
+
+    monkeypatch.setitem(suites.SUITES, "broken", lambda: [Run("cifar10_resnet20", "no-such-recipe", "ptq", 8, 8)])
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "run", "broken", "--runs-dir", str(tmp_path)])
+    assert e.value.code == 1
+    assert "1 of 1 runs failed" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))

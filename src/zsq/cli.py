@@ -358,7 +358,10 @@ def bench_run(
         for r in runs:
             out_console.print(r.run_id)
         return
-    run_suite(runs, runs_dir, threads, force)
+    recs = run_suite(runs, runs_dir, threads, force)
+    if len(recs) < len(runs):  # a failed run is reported by run_suite and makes the exit status non-zero
+        console.print(f"[red]{len(runs) - len(recs)} of {len(runs)} runs failed[/]")
+        raise typer.Exit(1)
 
 
 @bench_app.command("report")

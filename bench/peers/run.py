@@ -10,8 +10,9 @@ Run with zsq's main venv from the repository root::
 
 zsq rows go through the bench runner into ``bench/runs/peers/zsq/<run_id>.json`` (resumable like every
 run; kept apart from ``bench/runs/`` so this run's rows, measured beside the peers on one machine, neither
-replace nor mix with the main tables' runs); peer rows are written to ``bench/runs/peers/<peer>__W{w}A{a}__s{seed}.json`` (a suffix marks a
-reduced eval set or data-generation budget). An existing JSON is skipped unless ``--force``.
+replace nor mix with the main tables' runs); peer rows are written to
+``bench/runs/peers/<peer>__W{w}A{a}__s{seed}.json`` (a suffix marks a reduced eval set or data-generation
+budget). An existing JSON is skipped unless ``--force``.
 ``zsq bench report`` renders both side by side (section "Peers side by side").
 """
 

@@ -23,6 +23,7 @@ Protocols are defined in `../shared/docs/benchmarks.md` and `zsq.spec.PROTOCOLS`
 
 
 def _load(runs_dir: Path) -> list[dict]:
+    """Every ``*.json`` directly in ``runs_dir`` (none when it does not exist), sorted by file name."""
     return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
 
 
@@ -254,7 +255,7 @@ def _vit_data_rows(recs: list[dict]) -> list[str]:
 
 def _onnx_section(d: Path) -> list[str]:
     """ONNX Runtime rows written by ``bench/onnx_runtime.py`` (accuracy against PyTorch, latency)."""
-    recs = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    recs = _load(d)
     if not recs:
         return []
     out = ["## ONNX Runtime (exported QDQ models, `bench/onnx_runtime.py`)", "",
@@ -283,7 +284,7 @@ def _peers_section(d: Path) -> list[str]:
     its own venv) beside zsq's `fixed` rows of the same model, bits, seed and eval set measured in the same
     run (``bench/runs/peers/zsq/*.json``; without that folder, the top-level ``bench/runs/*.json``), with
     each peer's protocol differences and wall times."""
-    peers = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    peers = _load(d)
     if not peers:
         return []
     zsq = []
@@ -331,8 +332,8 @@ def _peers_section(d: Path) -> list[str]:
     out = ["## Peers side by side: Sony MCT and Qualcomm AIMET (`bench/peers/run.py`)", "",
            "Each peer ran in its own virtual environment on the same zsq model, the same eval images (zsq's "
            "loader) and zsq's top-1 code, first conv and last FC at 8 bits like `fixed`; the zsq rows are "
-           "`fixed` runs of the same model, bits and seed made by the same run (`bench/runs/peers/zsq/`). Wall times are measured in the same run on the same "
-           "machine (`bench/peers/run.py`; the dates below show when), so compare ratios, not absolute seconds. "
+           "`fixed` runs of the same model, bits and seed made by the same run (`bench/runs/peers/zsq/`). Wall "
+           "times are measured in the same run on the same machine (`bench/peers/run.py`; the dates below show when), so compare ratios, not absolute seconds. "
            "Cells: top-1 (wall s). Wall s = data (synthesis / MCT data generation / AIMET's noise) + "
            "quantization; evaluation, interpreter start and imports excluded for every row. Each peer keeps "
            "its own graph, quantizer types and activation placement: its differences from `fixed` are listed "
@@ -368,7 +369,7 @@ def _peers_section(d: Path) -> list[str]:
 
 def _genie_val_section(d: Path) -> list[str]:
     """Rows of ``bench/genie_validation.py``: how the `genie` default budget was chosen (validation split)."""
-    recs = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    recs = _load(d)
     if not recs:
         return []
     out = ["## Genie default budget: chosen on a validation split (`bench/genie_validation.py`)", "",
@@ -390,7 +391,7 @@ def _genie_val_section(d: Path) -> list[str]:
 
 def _qat_val_section(d: Path) -> list[str]:
     """Rows of ``bench/qat_validation.py``: the QAT loop's learning rate chosen on the validation split."""
-    recs = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    recs = _load(d)
     if not recs:
         return []
     out = ["## QAT learning rate: chosen on a validation split (`bench/qat_validation.py`)", "",
@@ -423,9 +424,12 @@ def _ddp_section(f: Path) -> list[str]:
            "decaying load of the previous row; above the core count, another job shared the machine).", "",
            "| task | PxT | images/s | vs 1 process, same cores | vs 1x1 | load before |", "|---|---|---|---|---|---|"]
     sp = doc.get("speedup", {})
+
+    def fmt(v):
+        return "—" if v is None else f"{v:.2f}x"
+
     for r in doc.get("rows", []):
         c = sp.get(r["task"], {}).get(f"{r['procs']}x{r['threads_per_proc']}", {})
-        fmt = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
         out.append(f"| {r['task']} | {r['procs']}x{r['threads_per_proc']} | {r['images_per_s']:.2f} | "
                    f"{fmt(c.get('vs_1proc_same_cores'))} | {fmt(c.get('vs_1x1'))} | {r['loadavg_before'][0]:.2f} |")
     return out + [""]
@@ -433,7 +437,7 @@ def _ddp_section(f: Path) -> list[str]:
 
 def _vit_val_section(d: Path) -> list[str]:
     """Rows of ``bench/vit_validation.py``: the ViT recipes' weight range chosen on the validation split."""
-    recs = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    recs = _load(d)
     if not recs:
         return []
     out = ["## ViT weight and activation ranges: chosen on a validation split (`bench/vit_validation.py`)", "",

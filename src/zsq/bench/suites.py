@@ -84,9 +84,9 @@ VIT_RECON_SET = ("--set", "iters=500", "--set", "iters_a=100")
 
 def vit_data(seed: int = 0) -> list[Run]:
     """Issue 11, where calibration data matters on the ViT: W4A4 with min-max calibration (each recipe,
-    noise, 32 real images), the same with MSE-searched activation ranges, then W4A4 with block reconstruction (``brecq``, a reduced budget
-    ``VIT_RECON_SET``) on 32 images of each synthesizer and of real training images, and on 256
-    Gaussian-noise images."""
+    noise, 32 real images), the same with MSE-searched activation ranges, then W4A4 with block
+    reconstruction (``brecq``, a reduced budget ``VIT_RECON_SET``) on 32 images of each synthesizer and
+    of real training images, and on 256 Gaussian-noise images."""
     m = "cifar10_vit_tiny"
     runs = [Run(m, "minmax-noise", "vit-ptq", 4, 4, seed=seed),
             Run(m, "psaq-vit", "vit-ptq", 4, 4, seed=seed, calib="cifar10-jpeg/train.tar", calib_n=32)]
@@ -113,5 +113,5 @@ GEN_RECIPES = ["gdfq", "qimera", "ait", "adasg", "adadfq", "dfq-akd", "zaq", "au
 
 from .suites_datafree import datafree  # noqa: E402
 
-SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie, "qat": qat, "gen": gen, "vit": vit,
-          "vit-data": vit_data}
+SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie, "qat": qat, "gen": gen,
+          "vit": vit, "vit-data": vit_data}

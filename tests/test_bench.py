@@ -36,8 +36,8 @@ def test_suites_have_unique_run_ids():
         assert len(ids) == len(set(ids)), name
 
 
-def _vit_rec(recipe: str, top1: float, extra: tuple = (), calib: str | None = None) -> dict:
-    run = Run("cifar10_vit_tiny", recipe, "vit-ptq", 4, 4, calib=calib, extra=extra)
+def _vit_rec(recipe: str, top1: float, extra: tuple = (), calib: str | None = None, a: int = 4) -> dict:
+    run = Run("cifar10_vit_tiny", recipe, "vit-ptq", 4, a, calib=calib, extra=extra)
     return {"run": {**run.__dict__, "extra": list(extra)}, "run_id": run.run_id, "zsq": {"metrics": {"top1": top1}}}
 
 
@@ -46,7 +46,8 @@ def test_vit_data_rows_compare_each_recipe_with_noise():
     from zsq.bench.suites import VIT_RECIPES, VIT_RECON_SET
 
     recs = [_vit_rec("minmax-noise", 67.8), _vit_rec("psaq-vit", 99.0, calib="real.tar")]
-    recs += [_vit_rec(r, 67.5 + i) for i, r in enumerate(VIT_RECIPES)]
+    # the recipes' min-max rows name the observer (their default budget searches ranges by MSE)
+    recs += [_vit_rec(r, 67.5 + i, ("--set", "a_observer=minmax")) for i, r in enumerate(VIT_RECIPES)]
     recs += [_vit_rec("brecq", 69.5, ("--synth", "gaussian", *VIT_RECON_SET))]
     recs += [_vit_rec("brecq", 72.0 + i, ("--synth", r, *VIT_RECON_SET)) for i, r in enumerate(VIT_RECIPES[:3])]
     rows = _vit_data_rows(recs)
@@ -62,6 +63,12 @@ def test_vit_data_rows_compare_each_recipe_with_noise():
     recs += [_vit_rec("minmax-noise", 70.0, mse)] + [_vit_rec(r, 71.5, mse) for r in VIT_RECIPES]
     rows = _vit_data_rows(recs)
     assert len(rows) == 3 and "MSE activation ranges" in rows[1] and "(+1.50) | yes |" in rows[1]
+    # reconstruction at W4A8: its own row, compared with noise at W4A8 only
+    recs += [_vit_rec("brecq", 78.5, ("--synth", "gaussian", *VIT_RECON_SET), a=8)]
+    recs += [_vit_rec("brecq", 78.6, ("--synth", r, *VIT_RECON_SET), a=8) for r in VIT_RECIPES]
+    rows = _vit_data_rows(recs)
+    assert len(rows) == 4 and "W4A8, brecq" in rows[3] and "noise 78.50" in rows[3] and "(+0.10) | no |" in rows[3]
+    assert "W4A4, brecq" in rows[2] and "(+2.50) | yes |" in rows[2]
 
 
 def test_ddp_section_renders_rows_and_speedups(tmp_path):

@@ -161,3 +161,16 @@ def test_recipe_smoke_end_to_end(vit, recipe, one_thread):
             assert _rel_err(KeptPatches(q)(x), KeptPatches(vit)(x)) < 0.05
         else:
             assert _rel_err(q(x), vit(x)) < 0.05
+
+
+def test_recipes_activation_observer_per_budget():
+    """``default`` / ``smoke`` search activation ranges by MSE (chosen on the validation split), ``paper`` keeps
+    the official min-max; ``--set a_observer=...`` still overrides."""
+    from zsq.api import resolve
+
+    for name in METHODS:
+        assert resolve(name, budget="default").hparams["a_observer"] == "mse"
+        assert resolve(name, budget="smoke").hparams["a_observer"] == "mse"
+        assert resolve(name, budget="paper").hparams["a_observer"] == "minmax"
+        assert resolve(name, budget="default", hparams={"a_observer": "minmax"}).hparams["a_observer"] == "minmax"
+        assert resolve(name).hparams["w_observer"] == "minmax"

@@ -204,14 +204,9 @@ def plots(out: Path, args) -> list[Path]:
 
 
 def table(out: Path) -> str:
-    rows = ["| source | bits | budget | seed | L0 | top-1 | " + " | ".join(f"dL rho={x:g}" for x in RHOS) + " |",
-            "|---" * (6 + len(RHOS)) + "|"]
-    for r in _records(out):
-        s = r["sharpness"]
-        rows.append(f"| {r['source']} | {r['bits']} | {r['budget']} | {r['seed']} | {s['loss0']:.4f} | "
-                    f"{s['top1']:.1f} | " + " | ".join(f"{m:.4f} +- {d:.4f}" for m, d in zip(s["mean"], s["std"]))
-                    + " |")
-    return "\n".join(rows)
+    from zsq.bench.report import sharpness_rows
+
+    return "\n".join(sharpness_rows(_records(out)))
 
 
 def main(argv: list[str]) -> int:

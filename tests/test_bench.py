@@ -119,3 +119,22 @@ def test_bench_run_exit_status_counts_failed_runs(tmp_path, monkeypatch, capsys)
     assert e.value.code == 1
     assert "1 of 1 runs failed" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_sadag_target_rows_compare_means_of_three_seeds():
+    from zsq.bench.report import _sadag_target_rows
+
+    def rec(recipe, seed, top1, bits=(3, 3)):
+        run = Run("cifar10_resnet20", recipe, "genie-native", *bits, seed=seed)
+        return {"run": {**run.__dict__, "extra": []}, "run_id": run.run_id, "zsq": {"metrics": {"top1": top1}}}
+
+    recs = [rec("genie", s, 77.0 + 0.1 * s) for s in range(3)]
+    assert _sadag_target_rows(recs) == []  # no sadag run yet: no row
+    recs += [rec("sadag", s, 77.5) for s in range(2)]
+    (row,) = _sadag_target_rows(recs)
+    assert "open (sadag 2, genie 3 of 3 seeds)" in row
+    recs.append(rec("sadag", 2, 77.5))
+    (row,) = _sadag_target_rows(recs)
+    assert "(+0.40) | met |" in row and "cifar10_resnet20, genie-native, W3A3" in row
+    recs += [rec("genie", s, 70.0, (2, 4)) for s in range(3)] + [rec("sadag", s, 70.1, (2, 4)) for s in range(3)]
+    assert "(+0.10) | **not met** |" in _sadag_target_rows(recs)[1]

@@ -50,6 +50,16 @@ def genie(seeds=(0, 1, 2)) -> list[Run]:
     return runs
 
 
+def sadag(seeds=(0, 1, 2)) -> list[Run]:
+    """Issue 6: ``sadag`` against ``genie`` (same image count, same Genie-M quantizer) on ResNet-20, then
+    ResNet-32, ``genie-native`` then ``ptq``, W3A3 / W2A4 (the target's bits) then W4A4, 3 seeds each; the
+    ``genie`` rows are shared with the ``genie`` suite (a finished one is skipped). A seed's synthetic set is
+    made by its first run and reused by the others (~8 h in all on 2 cores: resumable)."""
+    return [Run(m, r, proto, w, a, seed=s) for m in ("cifar10_resnet20", "cifar10_resnet32")
+            for proto in ("genie-native", "ptq") for w, a in [(3, 3), (2, 4), (4, 4)] for s in seeds
+            for r in ("sadag", "genie")]
+
+
 def qat(seeds=(0,), recipes=None) -> list[Run]:
     """Issue 8: the QAT recipes on ResNet-20 under ``qat`` at W4A4 and W3A3 (default budget = 5,120
     synthetic images, the shared KD loop), the ablation baseline ``qat-zeroq`` first."""
@@ -123,5 +133,5 @@ GEN_RECIPES = ["gdfq", "qimera", "ait", "adasg", "adadfq", "dfq-akd", "zaq", "au
 
 from .suites_datafree import datafree  # noqa: E402
 
-SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie, "qat": qat, "gen": gen,
-          "vit": vit, "vit-data": vit_data}
+SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie, "sadag": sadag,
+          "qat": qat, "gen": gen, "vit": vit, "vit-data": vit_data}

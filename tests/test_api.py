@@ -140,6 +140,29 @@ def test_resolve_applies_budget_then_user_hparams():
         resolve("genie", hparams={"itres": 7})
 
 
+def test_synth_overrides_sit_on_the_budget_and_are_recorded(resnet20):
+    """``synth_overrides`` (--synth-set) go on top of the recipe's budget, n_images included, are checked
+    against the synthesizer's config, change the cache key, and are recorded in zsq.json."""
+    from zsq.api import resolve, synth_settings
+    from zsq.errors import BadValueError
+
+    res = resolve("genie", budget="default")
+    base, n = synth_settings(res)
+    more, n2 = synth_settings(res, {"iters": base.get("iters", 300) + 100, "n_images": 64})
+    assert n2 == 64 and more["iters"] == base.get("iters", 300) + 100
+    assert {k: v for k, v in more.items() if k != "iters"} == {k: v for k, v in base.items() if k != "iters"}
+    with pytest.raises(BadValueError, match="did you mean iters"):
+        synth_settings(res, {"itres": 1})
+    with pytest.raises(BadValueError, match="no synthesizer"):
+        synth_settings(resolve("squant"), {"iters": 1})
+    q = zsq.quantize(resnet20, "minmax-noise", 8, 8, budget="smoke", progress=False, synth_overrides={"n_images": 16})
+    q0 = zsq.quantize(resnet20, "minmax-noise", 8, 8, budget="smoke", progress=False)
+    assert q.zsq_result["synthetic"]["n_images"] == 16 != q0.zsq_result["synthetic"]["n_images"]
+    assert q.zsq_result["recipe"]["synth_overrides"] == {"n_images": 16}
+    assert "synth_overrides" not in q0.zsq_result["recipe"] and q.zsq_result["synthetic"]["dir"] != q0.zsq_result[
+        "synthetic"]["dir"]
+
+
 def test_zeroq_smoke_end_to_end(resnet20, real_batch):
     """The zeroq recipe through the API on its smoke budget: distilled images, then L_p weights and
     min-max activations (the default/smoke quantizer); W4A8 keeps most of the FP predictions."""

@@ -83,8 +83,27 @@ def check_output_dir(out: str | os.PathLike | None, overwrite: bool) -> None:
         (out / "zsq.json").unlink()
 
 
+def synth_settings(res: Resolved, synth_overrides: dict | None = None) -> tuple[dict, int | None]:
+    """The synthesizer settings of a resolved recipe: (config overrides, image count or None). The
+    recipe's budget entry applies when the recipe runs its own synthesizer; ``synth_overrides``
+    (``--synth-set``) go on top and are checked against the synthesizer's config (one-line error)."""
+    from .synth import get_synthesizer
+
+    rb = RECIPES[res.name].budgets.get(res.budget, {}) if res.synth == RECIPES[res.name].synth else {}
+    overrides = {k: v for k, v in rb.items() if k not in ("quant", "n_images")}
+    n = rb.get("n_images")
+    if synth_overrides:
+        if not res.synth:
+            raise BadValueError(f"--synth-set: recipe {res.name} runs no synthesizer here")
+        extra = dict(synth_overrides)
+        n = extra.pop("n_images", n)
+        overrides.update(extra)
+        get_synthesizer(res.synth, res.budget, {**overrides, **({"n_images": n} if n is not None else {})})
+    return overrides, n
+
+
 def synthetic_data(model: nn.Module, res: Resolved, seed: int, *, synthetic: str | None = None,
-                   progress: bool = True, n_images: int | None = None):
+                   progress: bool = True, n_images: int | None = None, synth_overrides: dict | None = None):
     """Calibration images from ``--synthetic DIR`` or the resolved synthesizer (cached by key)."""
     from .synth import SyntheticSet, synthesize
 
@@ -92,9 +111,8 @@ def synthetic_data(model: nn.Module, res: Resolved, seed: int, *, synthetic: str
         return SyntheticSet.load(synthetic)
     if not res.synth:
         return None
-    rb = RECIPES[res.name].budgets.get(res.budget, {}) if res.synth == RECIPES[res.name].synth else {}
-    overrides = {k: v for k, v in rb.items() if k not in ("quant", "n_images")}
-    n = n_images or rb.get("n_images")
+    overrides, n = synth_settings(res, synth_overrides)
+    n = n_images or n
     from .distributed import is_distributed, synthesize_sharded
 
     if is_distributed():  # under torchrun: each rank makes every WORLD_SIZE-th batch (zsq synthesize's sharding)
@@ -125,8 +143,10 @@ def quantize(
     progress: bool = True,
     ckpt_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    synth_overrides: dict | None = None,
 ) -> nn.Module:
     """Quantize ``model`` with ``recipe``; returns the fake-quantized model with ``.zsq_result``.
+    ``synth_overrides``: synthesizer config fields (``--synth-set``) on top of the recipe's budget.
 
     Under torchrun with more than one process (every rank calls this with the same arguments): the
     synthesis is sharded over the ranks and the ``qat-kd`` quantizer trains data-parallel (other
@@ -154,7 +174,8 @@ def quantize(
             data_info = {"dir": str(calib), "sha256": None, "n_images": int(images.shape[0]), "kind": "real"}
             res.synth = None
         else:
-            sset = synthetic_data(fp, res, seed, synthetic=synthetic, progress=progress)
+            sset = synthetic_data(fp, res, seed, synthetic=synthetic, progress=progress,
+                                  synth_overrides=synth_overrides)
             if sset is not None:
                 images, labels = sset.images, sset.labels  # labels: None unless the synthesizer made them
                 data_info = {"dir": str(sset.dir), "sha256": sset.sha256, "n_images": int(sset.n_images),
@@ -171,7 +192,7 @@ def quantize(
         qmodel.zsq_info = model.zsq_info
         qmodel.zsq_result = {
             "recipe": {"name": res.name, "pre": res.pre, "synth": res.synth, "quant": res.quant,
-                       "hparams": res.hparams},
+                       "hparams": res.hparams, **({"synth_overrides": dict(synth_overrides)} if synth_overrides else {})},
             "protocol": res.protocol,
             "bits": {"w": w_bits, "a": a_bits},
             "budget": res.budget,

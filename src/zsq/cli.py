@@ -78,7 +78,7 @@ def _check_policy(model, policy) -> None:
                             f"(layers are e.g. {', '.join(names[:3])})")
 
 
-def _parse_sets(items: List[str]) -> dict:
+def _parse_sets(items: List[str], flag: str = "--set") -> dict:
     """``KEY=VALUE`` strings -> hparams; VALUE is read as JSON (numbers, true/false, lists) or
     else kept as a string."""
     import json
@@ -89,7 +89,7 @@ def _parse_sets(items: List[str]) -> dict:
     for it in items:
         k, sep, v = it.partition("=")
         if not sep or not k.strip():
-            raise BadValueError(f"--set expects KEY=VALUE, got '{it}'")
+            raise BadValueError(f"{flag} expects KEY=VALUE, got '{it}'")
         try:
             out[k.strip()] = json.loads(v)
         except json.JSONDecodeError:
@@ -129,6 +129,8 @@ def quantize(
     interpolation: Optional[str] = typer.Option(None, help="bilinear | bicubic | nearest"),
     set_: List[str] = typer.Option([], "--set", help="KEY=VALUE quantizer hparam override (repeatable), "
                                    "e.g. w_observer=mse (defaults: `zsq methods`)"),
+    synth_set: List[str] = typer.Option([], "--synth-set", help="KEY=VALUE synthesizer setting on top of the "
+                                        "budget (repeatable), e.g. iters=600 or n_images=512"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ):
     """Quantize MODEL with a recipe; write OUT/qmodel.pt and OUT/zsq.json (last)."""
@@ -138,7 +140,14 @@ def quantize(
     check_bits(w, "--w"), check_bits(a, "--a")
     _threads(threads)
     hparams = _parse_sets(set_)
-    api.resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget, hparams=hparams)
+    synth_overrides = _parse_sets(synth_set, "--synth-set") or None
+    res = api.resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget, hparams=hparams)
+    if synth_overrides:
+        from .errors import BadValueError
+
+        if calib is not None or synthetic is not None:
+            raise BadValueError("--synth-set sets the synthesizer; it has no effect with --calib or --synthetic")
+        api.synth_settings(res, synth_overrides)
     if not overwrite:
         api.check_output_dir(out, False)
     _check_eval_path(eval_path)
@@ -163,7 +172,7 @@ def quantize(
     qmodel = api.quantize(m, recipe, w, a, protocol=protocol, pre=pre, synth=synth, quant=quant, budget=budget,
                           seed=seed, synthetic=synthetic, calib=calib, calib_n=calib_n, policy=policy,
                           hparams=hparams, strict=strict, progress=not quiet and rank == 0,
-                          ckpt_dir=out / ".ckpt", resume=resume)
+                          ckpt_dir=out / ".ckpt", resume=resume, synth_overrides=synth_overrides)
     if rank != 0:
         return
     metrics = None
@@ -187,6 +196,8 @@ def synthesize(
     n_images: Optional[int] = typer.Option(None, "--n-images", help="override the budget's image count"),
     threads: Optional[int] = typer.Option(None),
     weights: Optional[str] = typer.Option(None),
+    synth_set: List[str] = typer.Option([], "--synth-set", help="KEY=VALUE synthesizer setting on top of the "
+                                        "budget (repeatable), e.g. iters=600"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Make a synthetic calibration set (cached; reusable with `quantize --synthetic DIR`)."""
@@ -199,19 +210,19 @@ def synthesize(
         from .errors import BadValueError
 
         raise BadValueError(f"recipe {recipe} has no synthesizer")
+    overrides, n = api.synth_settings(res, _parse_sets(synth_set, "--synth-set") or None)
+    n, overrides = n_images or n, overrides or None
     m = _model(model, weights, None, None, None, None, None)
-    rb = api.RECIPES[res.name].budgets.get(budget, {}) if res.synth == api.RECIPES[res.name].synth else {}
-    overrides = {k: v for k, v in rb.items() if k not in ("quant", "n_images")} or None
     from .distributed import is_distributed, synthesize_sharded, world
 
     if is_distributed():  # under torchrun: this rank makes every WORLD_SIZE-th batch
-        s = synthesize_sharded(m, res.synth, budget=budget, seed=seed, n_images=n_images or rb.get("n_images"),
-                               out_dir=out, progress=not quiet, overrides=overrides)
+        s = synthesize_sharded(m, res.synth, budget=budget, seed=seed, n_images=n, out_dir=out,
+                               progress=not quiet, overrides=overrides)
         if world()[0] != 0:
             return
     else:
-        s = _synth(m, res.synth, budget=budget, seed=seed, n_images=n_images or rb.get("n_images"),
-                   out_dir=out, progress=not quiet, overrides=overrides)
+        s = _synth(m, res.synth, budget=budget, seed=seed, n_images=n, out_dir=out, progress=not quiet,
+                   overrides=overrides)
     out_console.print(f"{s.n_images} images in {s.dir} (sha256 {s.sha256[:12]})")
 
 

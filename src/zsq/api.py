@@ -190,9 +190,11 @@ def quantize(
         cpu = time.process_time() - c0
         qmodel.eval()
         qmodel.zsq_info = model.zsq_info
+        recipe_info = {"name": res.name, "pre": res.pre, "synth": res.synth, "quant": res.quant, "hparams": res.hparams}
+        if synth_overrides:
+            recipe_info["synth_overrides"] = dict(synth_overrides)
         qmodel.zsq_result = {
-            "recipe": {"name": res.name, "pre": res.pre, "synth": res.synth, "quant": res.quant,
-                       "hparams": res.hparams, **({"synth_overrides": dict(synth_overrides)} if synth_overrides else {})},
+            "recipe": recipe_info,
             "protocol": res.protocol,
             "bits": {"w": w_bits, "a": a_bits},
             "budget": res.budget,

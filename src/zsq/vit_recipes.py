@@ -102,7 +102,8 @@ _vit_recipe(
     "(Li et al., TNNLS 2023)",
     "PSAQ-ViT's patch-similarity synthesis without labels, plus hard samples: maximise KL(FP || student) "
     "against a W4A8 min-max student the synthesizer quantizes and re-calibrates itself (no public code; the "
-    "paper's KD fine-tuning of the student is left out). Calibration as PSAQ-ViT. default: 2 x 100, MSE activation ranges.",
+    "paper's KD fine-tuning of the student is left out). Calibration as PSAQ-ViT. default: 2 x 100, MSE "
+    "activation ranges.",
 )
 _vit_recipe(
     "smi", "Sparse Model Inversion: Efficient Inversion of Vision Transformers for Data-Free Applications "

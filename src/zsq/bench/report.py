@@ -491,8 +491,8 @@ def sharpness_rows(recs: list[dict]) -> list[str]:
     for r in recs:
         s = r["sharpness"]
         by = dict(zip(s["rho"], zip(s["mean"], s["std"])))
-        rows.append(f"| {r['source']} | {r['bits']} | {r['budget']} | {r['seed']} | {s['loss0']:.4f} | {s['top1']:.1f} | "
-                    + " | ".join(f"{by[x][0]:.4f} ± {by[x][1]:.4f}" if x in by else "—" for x in rhos) + " |")
+        rows.append(f"| {r['source']} | {r['bits']} | {r['budget']} | {r['seed']} | {s['loss0']:.4f} | "
+                    f"{s['top1']:.1f} | " + " | ".join(f"{by[x][0]:.4f} ± {by[x][1]:.4f}" if x in by else "—" for x in rhos) + " |")
     return rows
 
 
@@ -504,7 +504,8 @@ def _sharpness_section(d: Path) -> list[str]:
     r0 = recs[0]
     return (["## Sharpness of the quantized model per calibration source (`bench/sharpness.py`)", "",
              f"{r0.get('model')}, the `genie` recipe's quantizer (Genie-M, `{r0.get('protocol')}`) on each source's "
-             f"synthetic set ({r0['synthetic'].get('n_images')} images each); on the first {r0['sharpness']['n']} images of "
+             f"synthetic set ({r0['synthetic'].get('n_images')} images each); on the first "
+             f"{r0['sharpness']['n']} images of "
              "`cifar10-jpeg/train.tar` (100 per class): cross-entropy L0, top-1, and the loss increase under random "
              "relative perturbations of the dequantized weights (per output channel, ||d_c|| ~ rho ||w_c||; "
              f"K = {r0['sharpness']['k']} directions, the same for every source). Lower = flatter. Plots: "

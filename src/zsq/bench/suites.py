@@ -40,7 +40,8 @@ def models(seeds=(0,)) -> list[Run]:
 def genie(seeds=(0, 1, 2)) -> list[Run]:
     """Issue 5: ``genie`` (Genie-D + Genie-M, default budget) on ResNet-20: ``genie-native`` W4A4 and
     W3A3 (3 seeds for W3A3 first, the target that needs them), then the other seeds at W4A4, the
-    ``ptq`` rows and ``genie-native`` W2A4 (seed 0). A seed's synthetic set is made by its first run and reused by the others."""
+    ``ptq`` rows and ``genie-native`` W2A4 (seed 0). A seed's synthetic set is made by its first run and
+    reused by the others."""
     m = "cifar10_resnet20"
     runs = [Run(m, "genie", "genie-native", 4, 4, seed=seeds[0])]
     runs += [Run(m, "genie", "genie-native", 3, 3, seed=s) for s in seeds]

@@ -124,9 +124,12 @@ def test_bench_run_exit_status_counts_failed_runs(tmp_path, monkeypatch, capsys)
 def test_sadag_target_rows_compare_means_of_three_seeds():
     from zsq.bench.report import _sadag_target_rows
 
-    def rec(recipe, seed, top1, bits=(3, 3)):
-        run = Run("cifar10_resnet20", recipe, "genie-native", *bits, seed=seed)
-        return {"run": {**run.__dict__, "extra": []}, "run_id": run.run_id, "zsq": {"metrics": {"top1": top1}}}
+    from zsq.bench.suites import GENIE_MATCHED_TIME
+
+    def rec(recipe, seed, top1, bits=(3, 3), extra=()):
+        run = Run("cifar10_resnet20", recipe, "genie-native", *bits, seed=seed, extra=extra)
+        return {"run": {**run.__dict__, "extra": list(extra)}, "run_id": run.run_id,
+                "zsq": {"metrics": {"top1": top1}}}
 
     recs = [rec("genie", s, 77.0 + 0.1 * s) for s in range(3)]
     assert _sadag_target_rows(recs) == []  # no sadag run yet: no row
@@ -138,3 +141,7 @@ def test_sadag_target_rows_compare_means_of_three_seeds():
     assert "(+0.40) | met |" in row and "cifar10_resnet20, genie-native, W3A3" in row
     recs += [rec("genie", s, 70.0, (2, 4)) for s in range(3)] + [rec("sadag", s, 70.1, (2, 4)) for s in range(3)]
     assert "(+0.10) | **not met** |" in _sadag_target_rows(recs)[1]
+    # genie given sadag's synthesis time: shown beside the row (its own difference), never counted as genie
+    recs += [rec("genie", s, 77.2, extra=GENIE_MATCHED_TIME) for s in range(3)]
+    row = _sadag_target_rows(recs)[0]
+    assert "(+0.40); genie at sadag's synthesis time 77.20 ± 0.00 (n=3) (+0.30) | met |" in row

@@ -145,3 +145,49 @@ def test_sadag_target_rows_compare_means_of_three_seeds():
     recs += [rec("genie", s, 77.2, extra=GENIE_MATCHED_TIME) for s in range(3)]
     row = _sadag_target_rows(recs)[0]
     assert "(+0.40); genie at sadag's synthesis time 77.20 ± 0.00 (n=3) (+0.30) | met |" in row
+
+
+def test_budget_curves_points_section_and_plot(tmp_path):
+    """The accuracy-against-budget curves: the suite runs each curve's values (the default as the shared
+    plain run), the report lists the points once one besides the default exists, and
+    bench/budget_plot.py draws them (exit 2 with no points)."""
+    import importlib.util
+    from pathlib import Path
+
+    from zsq.bench.report import _budget_section, budget_points
+    from zsq.bench.suites import BUDGET_CURVES, budget
+
+    runs = budget()
+    assert len(runs) == sum(len(v) for *_, v in BUDGET_CURVES)
+    assert Run("cifar10_resnet20", "qat-zeroq", "qat", 3, 3) in runs  # the default point = the qat suite's run
+    assert Run("cifar10_resnet20", "gdfq", "qat", 3, 3, extra=("--set", "epochs=25")) in runs
+
+    def rec(run, top1, hparams, wall=600.0):
+        return {"run": {**run.__dict__, "extra": list(run.extra)}, "run_id": run.run_id,
+                "zsq": {"metrics": {"top1": top1}, "wall_s": wall, "recipe": {"hparams": hparams}}}
+
+    qz = {"epochs": 4, "steps_per_epoch": 250}
+    recs = [rec(Run("cifar10_resnet20", "qat-zeroq", "qat", 3, 3), 65.9, qz)]
+    assert _budget_section(recs, tmp_path) == []  # the default alone is no curve
+    recs.append(rec(Run("cifar10_resnet20", "qat-zeroq", "qat", 3, 3, extra=("--set", "steps_per_epoch=500")), 68.0,
+                    {**qz, "steps_per_epoch": 500}, wall=1200.0))
+    # not a curve point: another extra flag, another seed
+    recs.append(rec(Run("cifar10_resnet20", "qat-zeroq", "qat", 3, 3, extra=("--set", "lr=1e-4")), 10.0, qz))
+    recs.append(rec(Run("cifar10_resnet20", "qat-zeroq", "qat", 3, 3, seed=1), 66.5, qz))
+    pts = budget_points(recs)
+    assert [(p["value"], p["scale"], p["iters"], p["top1"]) for p in pts] == [(250, 1.0, 1000, 65.9),
+                                                                            (500, 2.0, 2000, 68.0)]
+    text = "\n".join(_budget_section(recs, tmp_path))
+    assert "| qat-zeroq | W3A3 | steps_per_epoch=500 | 2 | 2000 | 68.00 | 72.0 | 20.0 |" in text
+
+    spec = importlib.util.spec_from_file_location("zsq_bench_budget_plot",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "budget_plot.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--runs-dir", str(tmp_path)]) == 2  # no runs there
+    for i, r in enumerate(recs):
+        (tmp_path / f"{i}.json").write_text(json.dumps(r))
+    assert mod.main(["--runs-dir", str(tmp_path)]) == 0
+    png = tmp_path / "budget" / "accuracy_vs_budget.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Plot: `" in "\n".join(_budget_section(recs, tmp_path))

@@ -7,7 +7,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .suites import GENIE_MATCHED_TIME
+from .suites import BUDGET_CURVES, GENIE_MATCHED_TIME
 
 HEADER = """# Results
 
@@ -75,6 +75,7 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
     lines += _vit_val_section(Path(runs_dir) / "vit-val")
     lines += _ddp_section(Path(runs_dir) / "ddp" / "ddp_throughput.json")
     lines += _sharpness_section(Path(runs_dir) / "sharpness")
+    lines += _budget_section(recs, Path(runs_dir))
     lines += ["## Every run", "",
               "| model | recipe | protocol | bits | budget | seed | top-1 | top-5 | wall s | CPU s | load | data | images | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -523,6 +524,55 @@ def _sharpness_section(d: Path) -> list[str]:
              "`bench/runs/sharpness/sharpness_<bits>.png` (also with activation quantizers off), synthetic "
              "images: `bench/runs/sharpness/images_<source>.png`.", ""]
             + sharpness_rows(recs) + [""])
+
+
+#: issues 8 / 10: the W3A3 target of each curve's family (``bench/budget_plot.py`` draws it)
+BUDGET_TARGETS = {"qat-zeroq": 72.0, "gdfq": 70.0}
+
+
+def budget_points(recs: list[dict]) -> list[dict]:
+    """The points of the accuracy-against-budget curves (``BUDGET_CURVES``): per recipe, its ``qat`` runs
+    (default budget, synthetic data, seed 0) whose only extra flag sets the curve's hparam, and the plain
+    default run; each with the hparam's value, the multiple of the default, loop iterations (epochs x steps
+    per epoch), top-1 and wall minutes. Sorted by recipe, bits, value."""
+    pts = []
+    for recipe, key, default, _ in BUDGET_CURVES:
+        for r in recs:
+            run, z = r["run"], r["zsq"]
+            extra = list(run.get("extra") or ())
+            top1 = (z.get("metrics") or {}).get("top1")
+            if (run["recipe"] != recipe or run["protocol"] != "qat" or run.get("calib") or run["seed"] != 0
+                    or run.get("budget") != "default" or top1 is None
+                    or not (extra == [] or (len(extra) == 2 and extra[0] == "--set"
+                                            and extra[1].startswith(f"{key}=")))):
+                continue
+            hp = (z.get("recipe") or {}).get("hparams") or {}
+            value = hp.get(key, default)
+            pts.append({"recipe": recipe, "bits": f"W{run['w']}A{run['a']}", "key": key, "value": value,
+                        "scale": value / default, "iters": hp.get("epochs", 0) * hp.get("steps_per_epoch", 0),
+                        "top1": top1, "wall_min": z["wall_s"] / 60})
+    return sorted(pts, key=lambda p: (p["recipe"], p["bits"], p["value"]))
+
+
+def _budget_section(recs: list[dict], runs_dir: Path) -> list[str]:
+    """Issues 8 / 10: accuracy against budget, once some curve has a point besides its default run."""
+    pts = budget_points(recs)
+    if not any(p["scale"] != 1 for p in pts):
+        return []
+    png = runs_dir / "budget" / "accuracy_vs_budget.png"
+    out = ["## Accuracy against budget (`zsq bench run budget`)", "",
+           "ResNet-20, `qat`, seed 0, top-1 on the test set; one run per point (each point is its own run with "
+           "its own schedule, not an intermediate epoch of a longer one). `qat-zeroq`: the QAT baseline (5,120 "
+           "`zeroq` images, the shared KD loop), budget = steps per epoch of its 4 epochs; `gdfq`: the generator "
+           "lineage's base, budget = epochs of 100 iterations (the first a warm-up). Wall minutes include the "
+           "synthesis only where the run made its synthetic set."
+           + (f" Plot: `{png.as_posix()}` (`python bench/budget_plot.py`)." if png.exists() else ""), "",
+           "| recipe | bits | budget hparam | x default | loop iterations | top-1 | W3A3 target | wall min |",
+           "|---|---|---|---|---|---|---|---|"]
+    for p in pts:
+        out.append(f"| {p['recipe']} | {p['bits']} | {p['key']}={p['value']} | {p['scale']:.2g} | {p['iters']} | "
+                   f"{p['top1']:.2f} | {BUDGET_TARGETS.get(p['recipe'], '—')} | {p['wall_min']:.1f} |")
+    return out + [""]
 
 
 def _vit_val_section(d: Path) -> list[str]:

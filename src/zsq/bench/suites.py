@@ -140,6 +140,23 @@ def vit_data(seed: int = 0) -> list[Run]:
     return runs
 
 
+#: issues 8 / 10, accuracy against budget: (recipe, the hparam that sets its budget, its ``default`` value,
+#: the values run). ``qat``: steps per epoch (4 epochs; the EMA warm-up stays 2% of the steps, the cosine
+#: schedule spans the run); generator recipes: epochs (one warm-up epoch + 12 at ``default``; the lr
+#: milestones are fractions of the epochs). About x0.5 / x1 / x2 / x4 of the default's student steps.
+BUDGET_CURVES = (("qat-zeroq", "steps_per_epoch", 250, (125, 250, 500, 1000)),
+                 ("gdfq", "epochs", 13, (7, 13, 25, 49)))
+
+
+def budget(seeds=(0,)) -> list[Run]:
+    """Issues 8 / 10: accuracy against budget at W3A3 (the bits whose targets are furthest) for the
+    ``qat`` baseline and the generator lineage's base (``BUDGET_CURVES``), seed 0; the ``default`` point
+    is the ``qat`` / ``gen`` suites' run (shared). ~3.5 h on 2 cores, resumable."""
+    m = "cifar10_resnet20"
+    return [Run(m, r, "qat", 3, 3, seed=s, extra=() if v == default else ("--set", f"{key}={v}"))
+            for r, key, default, values in BUDGET_CURVES for v in values for s in seeds]
+
+
 #: recipes of the ``qat`` suite, in run order (the baseline first)
 QAT_RECIPES = ["qat-zeroq", "intraq", "hast", "synq", "plf", "texq", "deepinversion", "gznq"]
 #: recipes of the ``vit`` suite
@@ -150,4 +167,4 @@ GEN_RECIPES = ["gdfq", "qimera", "ait", "adasg", "adadfq", "dfq-akd", "zaq", "au
 from .suites_datafree import datafree  # noqa: E402
 
 SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie, "sadag": sadag,
-          "qat": qat, "gen": gen, "vit": vit, "vit-data": vit_data}
+          "qat": qat, "gen": gen, "budget": budget, "vit": vit, "vit-data": vit_data}

@@ -1,0 +1,71 @@
+"""Accuracy against budget (issues 8 / 10): draw the points of ``zsq bench run budget`` as a PNG.
+
+Reads ``bench/runs/*.json`` (the curves' runs and the plain default runs they share with the ``qat`` /
+``gen`` suites, selected by ``zsq.bench.report.budget_points``) and writes
+``bench/runs/budget/accuracy_vs_budget.png``: top-1 against the multiple of the default budget (left)
+and against wall minutes (right), one line per (recipe, bits), with each family's W3A3 target dashed.
+``zsq bench report`` then links the PNG from docs/results.md.
+
+    python bench/budget_plot.py [--runs-dir bench/runs] [--out bench/runs/budget/accuracy_vs_budget.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def plot(points: list[dict], targets: dict[str, float], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = defaultdict(list)
+    for p in points:
+        lines[(p["recipe"], p["bits"])].append(p)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for i, ((recipe, bits), pts) in enumerate(sorted(lines.items())):
+        color = f"C{i}"
+        for ax, x in zip(axes, ("scale", "wall_min")):
+            pts_x = sorted(pts, key=lambda p: p[x])
+            ax.plot([p[x] for p in pts_x], [p["top1"] for p in pts_x], "o-", color=color, label=f"{recipe} {bits}")
+            if bits == "W3A3" and recipe in targets:
+                ax.axhline(targets[recipe], color=color, ls="--", lw=1,
+                           label=f"{recipe}'s family target {targets[recipe]:g}")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("budget (multiple of the default's student steps)")
+    axes[1].set_xlabel("wall minutes on 2 cores (incl. synthesis where the run made its set)")
+    axes[0].set_ylabel("top-1 on the CIFAR-10 test set (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("ResNet-20, qat protocol, seed 0: accuracy against budget (one run per point)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs-dir", default="bench/runs")
+    ap.add_argument("--out", default=None, help="PNG path (default: RUNS_DIR/budget/accuracy_vs_budget.png)")
+    args = ap.parse_args(argv)
+    from zsq.bench.report import BUDGET_TARGETS, _load, budget_points
+
+    runs_dir = Path(args.runs_dir)
+    points = budget_points(_load(runs_dir))
+    if not points:
+        print(f"error: no runs of the budget curves in {runs_dir} (run `zsq bench run budget`)", file=sys.stderr)
+        return 2
+    out = plot(points, BUDGET_TARGETS, Path(args.out) if args.out else runs_dir / "budget" / "accuracy_vs_budget.png")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -191,3 +191,37 @@ def test_budget_curves_points_section_and_plot(tmp_path):
     png = tmp_path / "budget" / "accuracy_vs_budget.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Plot: `" in "\n".join(_budget_section(recs, tmp_path))
+
+
+def test_sadag_ablation_settings_and_table():
+    """bench/sadag_ablation.py: every setting is a valid synthesizer configuration (a typo fails here, not
+    after an hour of runs), and the table compares each setting with genie over the seeds both have."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from zsq.bench.report import sadag_val_rows
+    from zsq.synth import SYNTHESIZERS
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("zsq_bench_sadag_ablation", bench / "sadag_ablation.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    for synth, overrides in mod.SETTINGS.values():
+        SYNTHESIZERS[synth].Config.for_budget("default", **overrides)
+    assert list(mod.EXPERIMENTS)[: len(mod.SETTINGS)] == [f"{s}__W3A3__s0" for s in mod.SETTINGS]  # seed 0 first
+
+    def rec(setting, seed, top1, synth="sadag", overrides=None):
+        return {"setting": setting, "seed": seed, "val_top1": top1, "synth": synth, "overrides": overrides or {},
+                "bits": "W3A3", "synth_wall_s": 1.0}
+
+    recs = [rec("genie", 0, 80.0, "genie"), rec("genie", 1, 81.0, "genie"), rec("sadag", 0, 80.5),
+            rec("lam1", 0, 79.0, overrides={"lambda_gm": 1.0}), rec("lam1", 1, 80.0, overrides={"lambda_gm": 1.0})]
+    rows = sadag_val_rows(recs, list(mod.SETTINGS))
+    assert rows[2].startswith("| genie | genie: — | W3A3 | s0 80.00, s1 81.00 | 80.50 | — |")
+    assert "| s0 80.50 | 80.50 | +0.50 (n=1) |" in rows[3]  # sadag has seed 0 only: compared on seed 0
+    assert "| lam1 | sadag: lambda_gm=1.0 | W3A3 | s0 79.00, s1 80.00 | 79.50 | -1.00 (n=2) |" in rows[4]

@@ -72,6 +72,7 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
     lines += _peers_section(Path(runs_dir) / "peers")
     lines += _genie_val_section(Path(runs_dir) / "genie-val")
     lines += _qat_val_section(Path(runs_dir) / "qat-val")
+    lines += _sadag_val_section(Path(runs_dir) / "sadag-val")
     lines += _vit_val_section(Path(runs_dir) / "vit-val")
     lines += _ddp_section(Path(runs_dir) / "ddp" / "ddp_throughput.json")
     lines += _sharpness_section(Path(runs_dir) / "sharpness")
@@ -446,6 +447,48 @@ def _genie_val_section(d: Path) -> list[str]:
         out.append(f"| {r['synth']} | {ov} | {r['recon']} | {hp} | {r['bits']} | {r['val_top1']:.2f} | "
                    f"{r['synth_wall_s']} | {r['recon_wall_s']} | {r.get('load_avg')} |")
     return out + [""]
+
+
+def sadag_val_rows(recs: list[dict], order: list[str] | None = None) -> list[str]:
+    """The table of ``bench/sadag_ablation.py``: per setting (in ``order``, then the rest), val top-1 per
+    seed, the mean, and the mean difference to ``genie`` over the seeds both have."""
+    by: dict[str, dict[int, dict]] = defaultdict(dict)
+    for d in recs:
+        by[d["setting"]][d["seed"]] = d
+    ref = by.get("genie", {})
+    rows = ["| setting | synthesizer overrides | bits | val top-1 per seed | mean | vs genie (same seeds) | synth s |",
+            "|---|---|---|---|---|---|---|"]
+    order = order or []
+    for s in [k for k in order if k in by] + sorted(set(by) - set(order)):
+        runs = by[s]
+        seeds = sorted(runs)
+        common = sorted(set(runs) & set(ref))
+        diff = "—"
+        if common and s != "genie":
+            d = statistics.mean(runs[k]["val_top1"] for k in common) - statistics.mean(ref[k]["val_top1"] for k in common)
+            diff = f"{d:+.2f} (n={len(common)})"
+        d0 = runs[seeds[0]]
+        ov = ", ".join(f"{k}={v}" for k, v in (d0["overrides"] or {}).items()) or "—"
+        rows.append(f"| {s} | {d0['synth']}: {ov} | {d0['bits']} | "
+                    + ", ".join(f"s{k} {runs[k]['val_top1']:.2f}" for k in seeds)
+                    + f" | {statistics.mean(runs[k]['val_top1'] for k in seeds):.2f} | {diff} | "
+                    + ", ".join(str(runs[k]["synth_wall_s"]) for k in seeds) + " |")
+    return rows
+
+
+def _sadag_val_section(d: Path) -> list[str]:
+    """Rows of ``bench/sadag_ablation.py``: SADAG's settings ablated on the validation split (issue 6)."""
+    recs = _load(d)
+    if not recs:
+        return []
+    r0 = recs[0]
+    hp = ", ".join(f"{k}={v}" for k, v in r0["recon_hparams"].items())
+    return (["## SADAG ablation on a validation split (`bench/sadag_ablation.py`)", "",
+             f"ResNet-20, 256 synthetic images per set (`default` preset with one setting changed), the `genie` "
+             f"recipe's quantizer (`genie-native`) under a proxy reconstruction ({hp}); top-1 on the **validation "
+             "split** (first 500 images per class of `cifar10-jpeg/train.tar`; never the test set). `vs genie`: "
+             "mean difference to Genie-D's set over the same seeds.", ""]
+            + sadag_val_rows(recs, ["genie", "sadag", "genie-540"]) + [""])
 
 
 def _qat_val_section(d: Path) -> list[str]:

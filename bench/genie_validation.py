@@ -91,9 +91,7 @@ def table() -> str:
 
 
 def main(argv: list[str]) -> int:
-    return valsplit.main(argv, EXPERIMENTS, run, OUT, table,
-                         lambda d: f"val top-1 {d['val_top1']:.2f} (synth {d['synth_wall_s']} s, "
-                                   f"recon {d['recon_wall_s']} s)")
+    return valsplit.main(argv, EXPERIMENTS, run, OUT, table, valsplit.synth_recon_summary)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,11 @@ def env_fields() -> dict:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def synth_recon_summary(d: dict) -> str:
+    """The one-line summary of an experiment that made a synthetic set and reconstructed on it."""
+    return f"val top-1 {d['val_top1']:.2f} (synth {d['synth_wall_s']} s, recon {d['recon_wall_s']} s)"
+
+
 def main(argv: list[str], experiments: dict, run: Callable[[str], dict], out: Path, table: Callable[[], str],
          summary: Callable[[dict], str]) -> int:
     if "--list" in argv:

@@ -487,7 +487,9 @@ def _sadag_val_section(d: Path) -> list[str]:
              f"ResNet-20, 256 synthetic images per set (`default` preset with one setting changed), the `genie` "
              f"recipe's quantizer (`genie-native`) under a proxy reconstruction ({hp}); top-1 on the **validation "
              "split** (first 500 images per class of `cifar10-jpeg/train.tar`; never the test set). `vs genie`: "
-             "mean difference to Genie-D's set over the same seeds.", ""]
+             "mean difference to Genie-D's set over the same seeds. `synth s`: the set's synthesis wall time from its "
+             "cache record, made under whatever load the machine had then (sets made while other benchmarks ran "
+             "take ~1.5x longer): not a cost comparison.", ""]
             + sadag_val_rows(recs, ["genie", "sadag", "genie-540"]) + [""])
 
 

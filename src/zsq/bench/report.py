@@ -127,10 +127,13 @@ _TARGETS = [
 ]
 
 
-def _target_runs(recs: list[dict], model: str | None, recipes: tuple, proto: str, bits: str | None) -> list[dict]:
-    """The runs a target counts: default budget, synthetic data (no real calibration, no extra flags)."""
+def _target_runs(recs: list[dict], model: str | None, recipes: tuple, proto: str, bits: str | None,
+                 extra: tuple = ()) -> list[dict]:
+    """The runs a target counts: default budget, synthetic data (no real calibration), exactly the extra CLI
+    flags ``extra`` (none by default)."""
     return [r for r in recs if r["run"]["recipe"] in recipes and r["run"]["protocol"] == proto
-            and not r["run"].get("calib") and not r["run"].get("extra") and r["run"].get("budget") == "default"
+            and not r["run"].get("calib") and list(r["run"].get("extra") or ()) == list(extra)
+            and r["run"].get("budget") == "default"
             and (model is None or r["run"]["model"] == model)
             and (bits is None or f"W{r['run']['w']}A{r['run']['a']}" == bits)]
 
@@ -201,11 +204,9 @@ def _sadag_target_rows(recs: list[dict]) -> list[str]:
                 else:
                     d = statistics.mean(by["sadag"]) - statistics.mean(by["genie"])
                     status, diff = ("met" if d >= SADAG_MARGIN else "**not met**"), f" ({d:+.2f})"
-                matched = [x["zsq"]["metrics"]["top1"] for x in recs
-                           if list(x["run"].get("extra") or ()) == list(GENIE_MATCHED_TIME)
-                           and x["run"]["recipe"] == "genie" and x["run"]["model"] == model
-                           and x["run"]["protocol"] == proto and f"W{x['run']['w']}A{x['run']['a']}" == bits
-                           and x["run"].get("budget") == "default" and (x["zsq"].get("metrics") or {}).get("top1")]
+                matched = [x["zsq"]["metrics"]["top1"]
+                           for x in _target_runs(recs, model, ("genie",), proto, bits, GENIE_MATCHED_TIME)
+                           if (x["zsq"].get("metrics") or {}).get("top1")]
                 if matched:
                     diff += f"; genie at sadag's synthesis time {_fmt(matched)}"
                     if len(matched) >= 3 and len(by["sadag"]) >= 3:

@@ -147,6 +147,31 @@ def test_sadag_target_rows_compare_means_of_three_seeds():
     assert "(+0.40); genie at sadag's synthesis time 77.20 ± 0.00 (n=3) (+0.30) | met |" in row
 
 
+def test_qat_suite_native_protocols_and_baseline_margin_row():
+    """The qat suite runs each recipe under its native protocol (DSG / KW / MixMix as their papers evaluate);
+    the baseline row compares the best QAT recipe's W3A3 mean with qat-zeroq's and needs 3 seeds of the best."""
+    from zsq.bench.report import _qat_baseline_rows
+    from zsq.bench.suites import qat
+
+    runs = qat()
+    assert Run("cifar10_resnet20", "kw", "ptq", 3, 3) in runs and Run("cifar10_resnet20", "mixmix", "ptq", 4, 4) in runs
+    assert Run("cifar10_resnet20", "intraq", "qat", 3, 3) in runs and Run("cifar10_resnet20", "dsg", "qat", 3, 3) in runs
+
+    def rec(recipe, seed, top1, bits=(3, 3), proto="qat"):
+        run = Run("cifar10_resnet20", recipe, proto, *bits, seed=seed)
+        return {"run": {**run.__dict__, "extra": []}, "run_id": run.run_id, "zsq": {"metrics": {"top1": top1}}}
+
+    assert "open (no runs)" in _qat_baseline_rows([rec("qat-zeroq", 0, 65.9)])[0]
+    recs = [rec("qat-zeroq", 0, 65.9), rec("intraq", 0, 67.4), rec("hast", 0, 66.0),
+            rec("intraq", 0, 90.0, bits=(4, 4)), rec("kw", 0, 99.0, proto="ptq")]  # other bits / protocol: ignored
+    (row,) = _qat_baseline_rows(recs)
+    assert "intraq 67.40 vs qat-zeroq 65.90: +1.50 | open (1 of 3 seeds) |" in row
+    recs += [rec("intraq", 1, 66.4), rec("intraq", 2, 66.4)]  # mean 66.73: +0.83
+    assert "+0.83 | **not met** |" in _qat_baseline_rows(recs)[0]
+    recs += [rec("hast", s, 67.2) for s in (1, 2)]  # hast mean 66.80 is now the best: +0.90
+    assert _qat_baseline_rows(recs)[0].startswith("| best QAT recipe beats qat-zeroq by >= 1.0 at W3A3 (qat) | hast ")
+
+
 def test_budget_curves_points_section_and_plot(tmp_path):
     """The accuracy-against-budget curves: the suite runs each curve's values (the default as the shared
     plain run), the report lists the points once one besides the default exists, and

@@ -34,7 +34,7 @@ def _frozen(model: nn.Module) -> nn.Module:
 def test_config_presets_and_validation():
     smoke, default, paper = (SadagConfig.for_budget(b) for b in ("smoke", "default", "paper"))
     assert (smoke.iters, smoke.n_images, smoke.gm_every) == (20, 32, 2)  # Genie-D's smoke + the term's
-    assert (default.iters, default.gm_every, default.n_neighbours) == (300, 8, 1)
+    assert (default.iters, default.gm_every, default.n_neighbours, default.lambda_gm) == (300, 8, 1, 0.03)
     assert (paper.iters, paper.precision, paper.gm_every, paper.n_neighbours) == (4000, "fp32", 1, 2)
     for bad in ({"rho": 0}, {"gm_every": 0}, {"gm_start": 1.0}, {"q_protocol": "nope"}, {"q_a_observer": "x"}):
         with pytest.raises(ZsqError):  # BadValueError / UnknownNameError, one line

@@ -232,7 +232,8 @@ _add(Recipe(
          "neighbours' per-sample gradients of the FP-vs-W4A4 reconstruction loss w.r.t. the last block's "
          "weights, second order into the generator), then Genie-M reconstruction as in the genie recipe. No "
          "public code: neighbours, rho, weight and schedule are zsq's choices (zsq.synth.sadag). default "
-         "budget: Genie-D's default with the term every 8th iteration from 25% on, 3,000 steps per block."),
+         "budget: Genie-D's default with the term (weight 0.03, chosen on a validation split) every 8th iteration from "
+         "25% on, 3,000 steps per block."),
 ))
 _add(Recipe(
     name="brecq", family="reconstruction", kind="PTQ",

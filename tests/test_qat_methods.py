@@ -99,6 +99,20 @@ def test_lowpass_changes_the_batch_only_when_on(resnet20):
     assert torch.equal(rb.x, ref.images[rb.idx]) and not torch.allclose(b.x, rb.x, atol=1e-2)
 
 
+def test_clip_images_clamps_the_set_to_the_pixel_range(resnet20):
+    from zsq.synth.pixel import pixel_range
+
+    x = _images() * 4  # |x| up to ~15: far outside CIFAR's normalised [-2, 2.1]
+    lo, hi = pixel_range(resnet20, 3)
+    tr = QATTrainer(_student(resnet20), resnet20, x, _cfg(clip_images=True), progress=False)
+    ref = QATTrainer(_student(resnet20), resnet20, x, _cfg(), progress=False)
+    assert torch.equal(ref.images, x)  # off by default: the set as synthesized
+    assert torch.equal(tr.images, torch.maximum(torch.minimum(x, hi), lo))
+    assert (tr.images == hi).any() and (tr.images == lo).any()
+    inside = (x >= lo) & (x <= hi)
+    assert torch.equal(tr.images[inside], x[inside])  # in-range pixels untouched
+
+
 # -- hand computations ----------------------------------------------------------------------------------
 
 def test_channel_attention_hand_values():

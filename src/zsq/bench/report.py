@@ -520,11 +520,12 @@ def _sadag_val_section(d: Path) -> list[str]:
 
 
 def _qat_val_section(d: Path) -> list[str]:
-    """Rows of ``bench/qat_validation.py``: the QAT loop's learning rate chosen on the validation split."""
+    """Rows of ``bench/qat_validation.py``: the QAT loop's learning rate (and TexQ's KD / mixup-KD weights)
+    chosen on the validation split."""
     recs = _load(d)
     if not recs:
         return []
-    out = ["## QAT learning rate: chosen on a validation split (`bench/qat_validation.py`)", "",
+    out = ["## QAT learning rate and loss weights: chosen on a validation split (`bench/qat_validation.py`)", "",
            "ResNet-20, `qat` protocol, seed 0, the recipe's own synthetic set (5,120 images). Top-1 on the "
            "**validation split** (first 500 images per class of `cifar10-jpeg/train.tar`; never the test set). "
            "`q250` = a quarter of the default QAT budget (4 x 63 steps of batch 256, 5 EMA warm-up steps), a "
@@ -532,7 +533,11 @@ def _qat_val_section(d: Path) -> list[str]:
            "other work on the machine (the `load` column) and the synthesis when the set was not cached.", "",
            "| recipe | lr | QAT budget | bits | val top-1 | wall s | load |", "|---|---|---|---|---|---|---|"]
     for r in sorted(recs, key=lambda r: (r["recipe"], r.get("budget", ""), r["bits"], -r["lr"])):
-        out.append(f"| {r['recipe']} | {r['lr']:g} | {r.get('budget', 'full')} | {r['bits']} | {r['val_top1']:.2f} | "
+        hp = r.get("hparams") or {}
+        rec = r["recipe"] + (f" (KD {hp.get('kd_weight', 20.0):g}, mixup KD {hp['mixup_weight']:g})"
+                             if "mixup_weight" in hp else "")
+        rec += ", clip_images" if hp.get("clip_images") else ""
+        out.append(f"| {rec} | {r['lr']:g} | {r.get('budget', 'full')} | {r['bits']} | {r['val_top1']:.2f} | "
                    f"{r['wall_s']} | {r.get('load_avg')} |")
     return out + [""]
 

@@ -206,7 +206,10 @@ class QATConfig:
     Method terms, all off by default (module docstring, with sources): ``fa_weight`` (HAST feature
     alignment), ``adv_eps`` / ``adv_weight`` (HAST sample difficulty promotion), ``lpf_d0`` (SynQ
     low-pass filter, D0 at 224 px), ``cam_weight`` (SynQ Grad-CAM alignment), ``mixup_weight`` /
-    ``mixup_alpha`` (TexQ mixup KD). ``ema_epochs``: warm-up epochs with EMA activation ranges
+    ``mixup_alpha`` (TexQ mixup KD). ``clip_images``: clamp the synthetic set once to the pixel range
+    the model's normalisation can produce, ``[(0 - mean) / std, (1 - mean) / std]`` (zsq's option: the
+    unclipped sets of the HAST lineage reach |x| ~ 9, widening the EMA activation ranges; the teacher
+    sees the same clamped images, so KD stays consistent). ``ema_epochs``: warm-up epochs with EMA activation ranges
     (``ema_momentum``) and no training; frozen ranges after. ``augment``: per-image random resized
     crop (``crop_scale`` of the area) + horizontal flip. ``precision``: ``fp32`` | ``bf16`` (autocast
     of the teacher and student forwards; losses and activation fake-quantization in fp32);
@@ -243,6 +246,7 @@ class QATConfig:
     cam_weight: float = 0.0  # SynQ lambda_cam (200 default, 50 in run_imagenet.sh)
     mixup_weight: float = 0.0  # TexQ mixup KD (unverified)
     mixup_alpha: float = 1.0  # Beta(alpha, alpha) of the mixup weight
+    clip_images: bool = False  # clamp the set to the valid normalised pixel range once, before training (zsq)
 
     def __post_init__(self):
         for name in ("epochs", "steps_per_epoch", "batch_size", "ema_epochs"):
@@ -250,7 +254,7 @@ class QATConfig:
         for name in ("lr", "momentum", "weight_decay", "temperature", "kd_weight", "ce_weight", "bns_weight",
                      "ema_momentum") + _METHOD_FLOATS:
             setattr(self, name, _as(float, getattr(self, name), name))
-        for name in ("nesterov", "augment", "channels_last"):
+        for name in ("nesterov", "augment", "channels_last", "clip_images"):
             setattr(self, name, _as_bool(getattr(self, name), name))
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
             raise BadValueError(f"epochs, steps_per_epoch and batch_size must be >= 1, got {self.epochs}, "
@@ -682,6 +686,11 @@ class QATTrainer:
         self.cfg = cfg
         self.q = student
         self.images = images.detach().float().cpu()
+        if cfg.clip_images:
+            from ..synth.pixel import pixel_range
+
+            lo, hi = pixel_range(teacher, self.images.shape[1])
+            self.images = torch.maximum(torch.minimum(self.images, hi), lo)
         self.labels = labels.detach().to(torch.int64).cpu() if labels is not None else None
         self.seed = int(seed)
         self.device = next((p.device for p in student.parameters()), torch.device("cpu"))

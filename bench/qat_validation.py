@@ -41,7 +41,7 @@ EXPERIMENTS.update({f"plf__{lr}__q250__W3A3__s0": ("plf", lr, "q250", (3, 3), 0)
 #: gradient the lr 3e-5 was chosen for): the old default against splits of one KD-sized weight of 20
 TEXQ_WEIGHTS = {"kd20mix20": {"kd_weight": 20.0, "mixup_weight": 20.0}, "kd20mix0": {"kd_weight": 20.0, "mixup_weight": 0.0},
                 "kd10mix10": {"kd_weight": 10.0, "mixup_weight": 10.0}, "kd15mix5": {"kd_weight": 15.0, "mixup_weight": 5.0}}
-TEXQ_WEIGHTS["kd20mix0clip"] = {**TEXQ_WEIGHTS["kd20mix0"], "clip_images": True}
+TEXQ_WEIGHTS.update({f"{k}clip": {**TEXQ_WEIGHTS[k], "clip_images": True} for k in ("kd20mix0", "kd10mix10")})
 EXPERIMENTS.update({f"texq__lr3e-5__q250__W4A4__{k}__s0": ("texq", "lr3e-5", "q250", (4, 4), 0, v)
                     for k, v in TEXQ_WEIGHTS.items()})
 #: the set clamped to the valid pixel range before QAT (``clip_images``): the HAST-lineage sets (texq, hast, intraq)

@@ -55,10 +55,10 @@ def run(name: str) -> dict:
     from zsq.models.zoo import load_model
     from zsq.recipes import RECIPES
 
-    r, lr, b, (w, a), seed, *weights = EXPERIMENTS[name]
+    r, lr, b, (w, a), seed, *extra = EXPERIMENTS[name]  # extra: hparams beside the lr (TexQ weights, clip)
     model = load_model("cifar10_resnet20")
     t0 = time.perf_counter()
-    hp = dict(RECIPES[r].budgets["default"].get("quant", {}), **BUDGETS[b], lr=LRS[lr], **(weights[0] if weights else {}))
+    hp = dict(RECIPES[r].budgets["default"].get("quant", {}), **BUDGETS[b], lr=LRS[lr], **(extra[0] if extra else {}))
     q = quantize(model, r, w, a, seed=seed, hparams=hp, progress=False)
     wall = time.perf_counter() - t0
     acc = evaluate(q, valsplit.val_dataset(model), progress=False)
@@ -69,14 +69,13 @@ def run(name: str) -> dict:
 
 
 def table() -> str:
+    from zsq.bench.report import qat_val_label
+
     rows = ["| recipe | lr | QAT budget | bits | seed | val top-1 | wall s (synthesis + QAT) |",
             "|---|---|---|---|---|---|---|"]
     for f in sorted(OUT.glob("*.json")):
         d = json.loads(f.read_text())
-        hp = d["hparams"]
-        rec = d["recipe"] + (f" (KD {hp['kd_weight']:g}, mixup KD {hp['mixup_weight']:g})" if "mixup_weight" in hp else "")
-        rec += ", clip_images" if hp.get("clip_images") else ""
-        rows.append(f"| {rec} | {d['lr']:g} | {d['budget']} {BUDGETS[d['budget']] or 'default'} | {d['bits']} | {d['seed']} | {d['val_top1']:.2f} | {d['wall_s']} |")
+        rows.append(f"| {qat_val_label(d)} | {d['lr']:g} | {d['budget']} {BUDGETS[d['budget']] or 'default'} | {d['bits']} | {d['seed']} | {d['val_top1']:.2f} | {d['wall_s']} |")
     return "\n".join(rows)
 
 

@@ -519,6 +519,16 @@ def _sadag_val_section(d: Path) -> list[str]:
             + sadag_val_rows(recs, ["genie", "sadag", "genie-540"]) + [""])
 
 
+def qat_val_label(rec: dict) -> str:
+    """A ``bench/qat_validation.py`` row's recipe with the hparams it varies beside the lr (TexQ's KD /
+    mixup-KD weights, ``clip_images``)."""
+    hp = rec.get("hparams") or {}
+    label = rec["recipe"]
+    if "mixup_weight" in hp:
+        label += f" (KD {hp.get('kd_weight', 20.0):g}, mixup KD {hp['mixup_weight']:g})"
+    return label + (", clip_images" if hp.get("clip_images") else "")
+
+
 def _qat_val_section(d: Path) -> list[str]:
     """Rows of ``bench/qat_validation.py``: the QAT loop's learning rate (and TexQ's KD / mixup-KD weights)
     chosen on the validation split."""
@@ -533,11 +543,7 @@ def _qat_val_section(d: Path) -> list[str]:
            "other work on the machine (the `load` column) and the synthesis when the set was not cached.", "",
            "| recipe | lr | QAT budget | bits | val top-1 | wall s | load |", "|---|---|---|---|---|---|---|"]
     for r in sorted(recs, key=lambda r: (r["recipe"], r.get("budget", ""), r["bits"], -r["lr"])):
-        hp = r.get("hparams") or {}
-        rec = r["recipe"] + (f" (KD {hp.get('kd_weight', 20.0):g}, mixup KD {hp['mixup_weight']:g})"
-                             if "mixup_weight" in hp else "")
-        rec += ", clip_images" if hp.get("clip_images") else ""
-        out.append(f"| {rec} | {r['lr']:g} | {r.get('budget', 'full')} | {r['bits']} | {r['val_top1']:.2f} | "
+        out.append(f"| {qat_val_label(r)} | {r['lr']:g} | {r.get('budget', 'full')} | {r['bits']} | {r['val_top1']:.2f} | "
                    f"{r['wall_s']} | {r.get('load_avg')} |")
     return out + [""]
 

@@ -691,7 +691,7 @@ class QATTrainer:
             from ..synth.pixel import pixel_range
 
             lo, hi = pixel_range(teacher, self.images.shape[1])
-            self.images = torch.maximum(torch.minimum(self.images, hi), lo)
+            self.images = self.images.clamp(lo, hi)
         self.labels = labels.detach().to(torch.int64).cpu() if labels is not None else None
         self.seed = int(seed)
         self.device = next((p.device for p in student.parameters()), torch.device("cpu"))

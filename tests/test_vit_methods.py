@@ -116,6 +116,18 @@ def test_smi_sparse_inversion_feeds_fewer_tokens(vit, one_thread):
     assert torch.equal(KeptPatches(vit)(images), vit(images, keep=keep))  # calib-sparse's forward
 
 
+def test_clip_keeps_vit_pixels_in_the_valid_range(vit, one_thread):
+    """A large lr pushes pixels far out; the clamp after every step keeps each channel in its range."""
+    synth = SYNTHESIZERS["psaq-vit"].from_budget("smoke", n_images=2, batch_size=2, iters=3, lr=5.0)
+    out = synth.make_batch(vit, 0, batch_generator(0, 0), batch_size=2, image_shape=(3, 32, 32))
+    pre = vit.zsq_info.preprocess
+    lo = (-torch.tensor(pre.mean) / torch.tensor(pre.std)).view(1, 3, 1, 1)
+    hi = ((1 - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(1, 3, 1, 1)
+    x = out["images"]
+    assert (x >= lo - 1e-6).all() and (x <= hi + 1e-6).all()
+    assert ((x - lo).abs() < 1e-6).any() or ((x - hi).abs() < 1e-6).any()  # the clamp was active
+
+
 def test_smi_dense_and_config_errors(vit, resnet20, one_thread):
     out = SMI.from_budget("smoke", n_images=2, batch_size=2, iters=3, prune_its="").make_batch(
         vit, 0, batch_generator(0, 0), batch_size=2, image_shape=(3, 32, 32))

@@ -315,7 +315,7 @@ class PixelSynthesizer(Synthesizer):
         models = [model, *extras]
         n_classes = num_classes(model) if labels is not None else 0
         jitter = self.default_jitter(tuple(x.shape[1:])) if cfg.jitter == -1 else int(cfg.jitter)
-        bounds = pixel_range(model, x.shape[1]) if cfg.clip else None
+        bounds = tuple(b.to(x) for b in pixel_range(model, x.shape[1])) if cfg.clip else None
         x = x.contiguous(memory_format=fmt).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=cfg.patience, min_lr=cfg.min_lr)
@@ -352,7 +352,7 @@ class PixelSynthesizer(Synthesizer):
                 opt.step()
                 if bounds is not None:
                     with torch.no_grad():
-                        x.copy_(torch.maximum(torch.minimum(x, bounds[1].to(x)), bounds[0].to(x)))
+                        x.clamp_(*bounds)
                 value = loss.item()
                 if plateau is not None:
                     plateau.step(value)

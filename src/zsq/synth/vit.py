@@ -414,7 +414,7 @@ class ViTInversion(Synthesizer):
     def optimize(self, model: nn.Module, x: Tensor, run: SimpleNamespace, generator: torch.Generator,
                  step: StepCallback | None = None) -> Tensor:
         cfg = self.config
-        bounds = pixel_range(model, x.shape[1]) if cfg.clip else None
+        bounds = tuple(b.to(x) for b in pixel_range(model, x.shape[1])) if cfg.clip else None
         x = x.clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
         total = cfg.rounds * cfg.iters
@@ -438,7 +438,7 @@ class ViTInversion(Synthesizer):
                     opt.step()
                     if bounds is not None:
                         with torch.no_grad():
-                            x.copy_(torch.maximum(torch.minimum(x, bounds[1].to(x)), bounds[0].to(x)))
+                            x.clamp_(*bounds)
                     self.after_step(model, s, run)
                     if step is not None:
                         step(it, total, loss.item())

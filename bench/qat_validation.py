@@ -49,6 +49,12 @@ EXPERIMENTS.update({f"texq__lr3e-5__q250__W4A4__{k}__s0": ("texq", "lr3e-5", "q2
 EXPERIMENTS.update({f"{r}__lr3e-5__q250__W{w}A{a}__clip__s0": (r, "lr3e-5", "q250", (w, a), 0, {"clip_images": True})
                     for r, (w, a) in (("plf", (3, 3)), ("qat-zeroq", (3, 3)), ("qat-zeroq", (4, 4)))})
 
+#: issue 10, the generator loop's student lr at the shared ``default`` budget (1,200 student steps of batch 32):
+#: GDFQ's lr 1e-4 was set for 80,000 steps, and its KD (KLDivLoss mean x T^2, alpha 1) is 1/200 of the qat
+#: loop's KD scale, so the student may barely move; multistep decay at 25/50/75% as the official schedule
+LRS.update({"lr1e-3": 1e-3, "lr1e-2": 1e-2})
+EXPERIMENTS.update({f"gdfq__{lr}__full__W3A3__s0": ("gdfq", lr, "full", (3, 3), 0) for lr in ("lr1e-4", "lr1e-3", "lr1e-2")})
+EXPERIMENTS["gdfq__lr1e-3__full__W3A3__cosine__s0"] = ("gdfq", "lr1e-3", "full", (3, 3), 0, {"lr_schedule": "cosine"})
 
 def run(name: str) -> dict:
     from zsq.api import evaluate, quantize

@@ -250,3 +250,13 @@ def test_sadag_ablation_settings_and_table():
     assert rows[2].startswith("| genie | genie: — | W3A3 | s0 80.00, s1 81.00 | 80.50 | — |")
     assert "| s0 80.50 | 80.50 | +0.50 (n=1) |" in rows[3]  # sadag has seed 0 only: compared on seed 0
     assert "| lam1 | sadag: lambda_gm=1.0 | W3A3 | s0 79.00, s1 80.00 | 79.50 | -1.00 (n=2) |" in rows[4]
+
+
+def test_qat_val_label_names_what_a_row_varies():
+    from zsq.bench.report import qat_val_label
+
+    assert qat_val_label({"recipe": "qat-zeroq", "hparams": {"lr": 3e-5}}) == "qat-zeroq"
+    assert qat_val_label({"recipe": "texq", "hparams": {"kd_weight": 10.0, "mixup_weight": 10.0,
+                                                        "clip_images": True}}) \
+        == "texq (KD 10, mixup KD 10), clip_images"
+    assert qat_val_label({"recipe": "gdfq", "hparams": {"lr_schedule": "cosine"}}) == "gdfq, cosine lr"

@@ -521,11 +521,13 @@ def _sadag_val_section(d: Path) -> list[str]:
 
 def qat_val_label(rec: dict) -> str:
     """A ``bench/qat_validation.py`` row's recipe with the hparams it varies beside the lr (TexQ's KD /
-    mixup-KD weights, ``clip_images``)."""
+    mixup-KD weights, ``clip_images``, a generator recipe's ``lr_schedule``)."""
     hp = rec.get("hparams") or {}
     label = rec["recipe"]
     if "mixup_weight" in hp:
         label += f" (KD {hp.get('kd_weight', 20.0):g}, mixup KD {hp['mixup_weight']:g})"
+    if "lr_schedule" in hp:
+        label += f", {hp['lr_schedule']} lr"
     return label + (", clip_images" if hp.get("clip_images") else "")
 
 
@@ -539,7 +541,9 @@ def _qat_val_section(d: Path) -> list[str]:
            "ResNet-20, `qat` protocol, seed 0, the recipe's own synthetic set (5,120 images). Top-1 on the "
            "**validation split** (first 500 images per class of `cifar10-jpeg/train.tar`; never the test set). "
            "`q250` = a quarter of the default QAT budget (4 x 63 steps of batch 256, 5 EMA warm-up steps), a "
-           "cheap proxy for ranking learning rates; `full` = the default (4 x 250 steps). Wall times include "
+           "cheap proxy for ranking learning rates; `full` = the default (4 x 250 steps). The generator recipes "
+           "(`gdfq`, issue 10) have no fixed set: `full` = their shared default (a 100-iteration warm-up, then "
+           "1,200 student steps of batch 32 on fresh generator batches). Wall times include "
            "other work on the machine (the `load` column) and the synthesis when the set was not cached.", "",
            "| recipe | lr | QAT budget | bits | val top-1 | wall s | load |", "|---|---|---|---|---|---|---|"]
     for r in sorted(recs, key=lambda r: (r["recipe"], r.get("budget", ""), r["bits"], -r["lr"])):

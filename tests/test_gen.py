@@ -468,6 +468,16 @@ def test_gdfq_smoke_end_to_end(resnet20, tmp_path):
     assert q2.zsq_result["recipe"]["hparams"]["ait"] is True and q2.zsq_qat["game"]["game"] == "adasg"
 
 
+def test_diverged_student_gives_a_clear_error(resnet20):
+    """A student lr far too high makes the loss non-finite: a one-line error naming the lr, not a crash
+    inside fake quantization on NaN weights (zaq's lr 0.1 at batch 32 did that)."""
+    import zsq
+
+    with pytest.raises(BadValueError, match="diverged; lower the student lr"):
+        zsq.quantize(resnet20, recipe="gdfq", w_bits=4, a_bits=4, budget="smoke",
+                     hparams={"lr": 1e30, "epochs": 3}, progress=False)
+
+
 @pytest.mark.parametrize("recipe", ["causal-dfq", "ris"])
 def test_causal_ris_smoke_end_to_end(resnet20, recipe):
     import zsq

@@ -260,3 +260,25 @@ def test_qat_val_label_names_what_a_row_varies():
                                                         "clip_images": True}}) \
         == "texq (KD 10, mixup KD 10), clip_images"
     assert qat_val_label({"recipe": "gdfq", "hparams": {"lr_schedule": "cosine"}}) == "gdfq, cosine lr"
+
+
+def test_best_recipe_target_prefers_a_fully_seeded_recipe_and_counts_its_seeds():
+    """The ``top1_best`` targets count the seeds of the recipe they show: one lucky seed-0 run neither passes a
+    3-seed target nor hides a fully seeded recipe."""
+    from zsq.bench.report import _targets_section
+
+    def rec(recipe, seed, top1, bits=(4, 4)):
+        run = Run("cifar10_resnet20", recipe, "qat", *bits, seed=seed)
+        return {"run": {**run.__dict__, "extra": [], "budget": "default"}, "run_id": run.run_id,
+                "zsq": {"metrics": {"top1": top1}}}
+
+    def row(recs):
+        (r,) = [x for x in _targets_section(recs) if x.startswith("| best generator recipe, qat, W4A4")]
+        return r
+
+    recs = [rec("adasg", 0, 78.5), rec("dfq-akd", 0, 79.0)]
+    assert "dfq-akd: " in row(recs) and "open (1 of 3 seeds)" in row(recs)
+    recs += [rec("adasg", s, 78.2) for s in (1, 2)]  # adasg: 3 seeds, mean 78.30 -> shown over dfq-akd's single 79.0
+    assert "adasg: " in row(recs) and "| met |" in row(recs)
+    recs += [rec("dfq-akd", s, 77.0) for s in (1, 2)]  # dfq-akd's mean 77.67 < adasg's
+    assert "adasg: " in row(recs)

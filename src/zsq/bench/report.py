@@ -154,8 +154,9 @@ def _targets_section(recs: list[dict]) -> list[str]:
             by = defaultdict(list)
             for rec, t in top:
                 by[rec].append(t)
-            best = max(by, key=lambda k: statistics.mean(by[k]))
-            value = statistics.mean(by[best])
+            full = [k for k in by if len(by[k]) >= seeds] or list(by)  # a fully seeded recipe before a lucky seed
+            best = max(full, key=lambda k: statistics.mean(by[k]))
+            value, n_seeds = statistics.mean(by[best]), len(by[best])
             shown = f"{best}: {_fmt(by[best])}"
         elif stat == "wall_max" and sel:
             value = -max(r["zsq"]["wall_s"] for r in sel)

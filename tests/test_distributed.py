@@ -145,6 +145,18 @@ def test_qat_two_ranks_resume(qat_runs):
         assert torch.equal(v, b["int_weights"][k]), k
 
 
+def test_qat_two_ranks_divergence_stops_every_rank(qat_runs):
+    """A non-finite step under two ranks (lr far too high) is caught on the all-reduced gradient, so every
+    rank stops with the one-line error (no rank left waiting in a collective) and OUT stays incomplete."""
+    tmp, env, _ = qat_runs
+    q, out = [*_QAT], tmp / "diverged"
+    q[q.index("lr=1e-4")] = "lr=1e30"
+    res = _zsq("quantize", [*q, "-o", out], env, torchrun=True)
+    assert res.returncode != 0
+    assert res.stderr.count("training diverged; lower the student lr (now 1e+30, batch 16)") == 2, res.stderr[-3000:]
+    assert not (out / "zsq.json").exists()
+
+
 def test_non_data_parallel_quantizer_refused(monkeypatch, resnet20):
     from zsq import api
     from zsq.errors import BadValueError

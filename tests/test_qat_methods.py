@@ -338,3 +338,13 @@ def test_hast_smoke_end_to_end(resnet20):
     assert {"kd", "fa", "adv"} <= set(q.zsq_qat["epochs"][0]) and "ce" not in q.zsq_qat["epochs"][0]
     top1 = zsq.evaluate(q, str(CIFAR_TEST), limit=300, progress=False)["top1"]
     assert top1 > 20.0, top1
+
+
+def test_diverged_qat_gives_a_clear_error(resnet20):
+    """The fixed-set loop shares the generator loop's check (the engine's update step): a non-finite loss
+    is a one-line error naming the lr, not a crash inside fake quantization on NaN weights."""
+    from zsq.errors import BadValueError
+
+    tr = QATTrainer(_student(resnet20), resnet20, _images(), _cfg(lr=1e30, epochs=4), progress=False)
+    with pytest.raises(BadValueError, match=r"diverged; lower the student lr \(now 1e\+30, batch 8\)"):
+        tr.run()

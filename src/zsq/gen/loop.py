@@ -298,13 +298,7 @@ class GenTrainer(QATTrainer):
             s = self.q(x)
         terms = self.game.student_loss(self._play(x, t, s, sample, gstep))
         if train:
-            if not torch.isfinite(terms["total"]):  # else NaN weights end in a cryptic fake-quant error
-                raise BadValueError(f"the student's loss is {float(terms['total'].detach())} at iteration "
-                                    f"{gstep}: training diverged; lower the student lr (now {self.cfg.lr:g}, "
-                                    f"batch {self.cfg.batch_size})")
-            self.opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            self.opt.step()
+            self._update(terms["total"], gstep)
         return {k: float(v.detach()) for k, v in terms.items()}
 
     def _step(self, epoch: int, step: int) -> dict[str, float]:

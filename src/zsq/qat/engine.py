@@ -1033,14 +1033,28 @@ class QATTrainer:
             for grp in self.opt.param_groups:
                 grp["lr"] = self.lr_at(gstep)
             terms = self.losses(b.x, b.labels, idx=b.idx, mix=b.mix)
-            self.opt.zero_grad(set_to_none=True)
-            total = terms["total"] * self._weight if self.world > 1 else terms["total"]
-            total.backward(inputs=self.params)  # not into the teacher's graph (HAST's input gradient)
-            if self.world > 1:  # the global batch's gradient on every rank, then the same update everywhere
-                zdist.all_reduce_grads(self.params)
-            self.opt.step()
+            self._update(terms["total"], gstep)
         self.steps_run += 1
         return {k: float(v.detach()) for k, v in terms.items()}
+
+    def _update(self, loss: torch.Tensor, gstep: int) -> None:
+        """One optimizer step on ``loss`` (this rank's batch mean): the global batch's gradient on every rank,
+        then the same update everywhere. A non-finite loss (one process) or gradient (all-reduced, so every
+        rank stops together) is a one-line :class:`BadValueError` naming the lr; else NaN weights would end
+        in a cryptic error inside fake quantization."""
+        if self.world == 1 and not torch.isfinite(loss):
+            raise self._diverged(f"the student's loss is {float(loss.detach())}", gstep)
+        self.opt.zero_grad(set_to_none=True)
+        (loss * self._weight if self.world > 1 else loss).backward(inputs=self.params)  # not into the teacher
+        if self.world > 1:
+            zdist.all_reduce_grads(self.params)
+            if not all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None):
+                raise self._diverged("the student's gradient is not finite", gstep)
+        self.opt.step()
+
+    def _diverged(self, what: str, gstep: int) -> BadValueError:
+        return BadValueError(f"{what} at iteration {gstep}: training diverged; lower the student lr (now "
+                             f"{self.cfg.lr:g}, batch {self.cfg.batch_size})")
 
     def _sync_step(self, vals: dict[str, float], hit: bool) -> tuple[dict[str, float], bool]:
         """Data-parallel: the global batch's loss terms (this rank's means weighted by its share,

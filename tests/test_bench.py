@@ -282,3 +282,22 @@ def test_best_recipe_target_prefers_a_fully_seeded_recipe_and_counts_its_seeds()
     assert "adasg: " in row(recs) and "| met |" in row(recs)
     recs += [rec("dfq-akd", s, 77.0) for s in (1, 2)]  # dfq-akd's mean 77.67 < adasg's
     assert "adasg: " in row(recs)
+
+
+def test_family_section_groups_qat_recipes_by_family_best_first():
+    from zsq.bench.report import _family_section
+
+    def rec(recipe, top1, bits, seed=0, wall=600.0):
+        run = Run("cifar10_resnet20", recipe, "qat", *bits, seed=seed)
+        return {"run": {**run.__dict__, "extra": [], "budget": "default"}, "run_id": run.run_id,
+                "zsq": {"metrics": {"top1": top1}, "wall_s": wall}}
+
+    recs = [rec("gznq", 79.0, (4, 4)), rec("gznq", 72.0, (3, 3)), rec("qat-zeroq", 79.5, (4, 4)),
+            rec("qat-zeroq", 66.0, (3, 3))]
+    assert _family_section(recs) == []  # no generator recipe yet: nothing to compare
+    recs += [rec("gdfq", 72.0, (4, 4)), rec("gdfq", 45.0, (3, 3)), rec("adasg", 78.0, (4, 4), wall=900.0),
+             rec("adasg", 62.0, (3, 3), wall=900.0), rec("adasg", 63.0, (3, 3), seed=1, wall=900.0),
+             rec("zeroq", 99.0, (4, 4))]  # a PTQ recipe: not a QAT family row
+    rows = [r for r in _family_section(recs) if r.startswith("| ") and not r.startswith("| family")]
+    assert [r.split(" | ")[1] for r in rows] == ["qat-zeroq", "gznq", "adasg", "gdfq"]
+    assert rows[2] == "| generator | adasg | 78.00 | 62.50 ± 0.71 (n=2) | 15.0 |"

@@ -68,6 +68,7 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
         for label in sorted(groups[key]):
             lines.append(f"| {label} | " + " | ".join(_fmt(groups[key][label].get(c, [])) for c in cols) + " |")
         lines.append("")
+    lines += _family_section(recs)
     lines += _onnx_section(Path(runs_dir) / "onnx")
     lines += _peers_section(Path(runs_dir) / "peers")
     lines += _genie_val_section(Path(runs_dir) / "genie-val")
@@ -679,6 +680,46 @@ def _vit_val_section(d: Path) -> list[str]:
         out.append(f"| {r['recipe']} | {r['w_observer']} | {r.get('a_observer', 'minmax')} | {r['bits']} | "
                    f"{r['val_top1']:.2f} | {r['wall_s']} |")
     return out + [""]
+
+
+#: issue 10: the QAT families compared side by side (``recipes.Recipe.family``; the ablation baseline beside them)
+QAT_FAMILIES = ("baseline", "noise-optimization", "generator")
+
+
+def _family_section(recs: list[dict]) -> list[str]:
+    """Issues 8 / 10: the QAT recipes grouped by family (noise optimization vs generator) at their shared
+    default budgets, best first within a family, with wall minutes per run, so a user sees which to pick."""
+    from ..recipes import RECIPES
+
+    by: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in _target_runs(recs, "cifar10_resnet20", tuple(RECIPES), "qat", None):
+        rec = RECIPES[r["run"]["recipe"]]
+        top1 = (r["zsq"].get("metrics") or {}).get("top1")
+        if rec.kind == "QAT" and rec.family in QAT_FAMILIES and top1 is not None:
+            by[r["run"]["recipe"]][f"W{r['run']['w']}A{r['run']['a']}"].append(top1)
+            by[r["run"]["recipe"]]["wall"].append(r["zsq"]["wall_s"])
+    if not any(RECIPES[k].family == "generator" for k in by):
+        return []
+    rows = ["## QAT families side by side: noise optimization vs generator (ResNet-20, `qat`, default budgets)", "",
+            "Each family's shared `default` budget: noise optimization = a fixed set of 5,120 synthetic images "
+            "(the recipe's synthesizer) + 4 x 250 student steps of batch 256 (256,000 images seen); generator = "
+            "a 100-iteration generator warm-up + 1,200 student steps of batch 32 (38,400 images, generated during "
+            "the run). Top-1 on the test set (mean over seeds where there are several); wall minutes per run "
+            "(mean over its runs, synthesis included where the run made its set; threads as listed under Every "
+            "run). Within a family the "
+            "recipes are ordered by the mean of W4A4 and W3A3.", "",
+            "| family | recipe | W4A4 | W3A3 | wall min per run |", "|---|---|---|---|---|"]
+
+    def key(k):
+        v = by[k]
+        both = [statistics.mean(v[b]) for b in ("W4A4", "W3A3") if v[b]]
+        return QAT_FAMILIES.index(RECIPES[k].family), -(statistics.mean(both) if len(both) == 2 else -1e9)
+
+    for k in sorted(by, key=key):
+        v = by[k]
+        rows.append(f"| {RECIPES[k].family} | {k} | {_fmt(v['W4A4'])} | {_fmt(v['W3A3'])} | "
+                    f"{statistics.mean(v['wall']) / 60:.1f} |")
+    return rows + [""]
 
 
 def _label(run: dict, long: bool = False) -> str:

@@ -615,7 +615,7 @@ def _sharpness_section(d: Path) -> list[str]:
 
 
 #: issues 8 / 10: the W3A3 target of each curve's family (``bench/budget_plot.py`` draws it)
-BUDGET_TARGETS = {"qat-zeroq": 72.0, "gdfq": 70.0}
+BUDGET_TARGETS = {"qat-zeroq": 72.0, "gdfq": 70.0, "adasg": 70.0}
 
 
 def budget_points(recs: list[dict]) -> list[dict]:
@@ -652,7 +652,8 @@ def _budget_section(recs: list[dict], runs_dir: Path) -> list[str]:
            "ResNet-20, `qat`, seed 0, top-1 on the test set; one run per point (each point is its own run with "
            "its own schedule, not an intermediate epoch of a longer one). `qat-zeroq`: the QAT baseline (5,120 "
            "`zeroq` images, the shared KD loop), budget = steps per epoch of its 4 epochs; `gdfq`: the generator "
-           "lineage's base, budget = epochs of 100 iterations (the first a warm-up). Wall minutes include the "
+           "lineage's base, `adasg`: the best generator recipe at W3A3, budget = epochs of 100 iterations (the "
+           "first a warm-up). Wall minutes include the "
            "synthesis only where the run made its synthetic set."
            + (f" Plot: `{png.as_posix()}` (`python bench/budget_plot.py`)." if png.exists() else ""), "",
            "| recipe | bits | budget hparam | x default | loop iterations | top-1 | W3A3 target | wall min |",

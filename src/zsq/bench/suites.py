@@ -187,13 +187,14 @@ def vit_data(seed: int = 0) -> list[Run]:
 #: schedule spans the run); generator recipes: epochs (one warm-up epoch + 12 at ``default``; the lr
 #: milestones are fractions of the epochs). About x0.5 / x1 / x2 / x4 of the default's student steps.
 BUDGET_CURVES = (("qat-zeroq", "steps_per_epoch", 250, (125, 250, 500, 1000)),
-                 ("gdfq", "epochs", 13, (7, 13, 25, 49)))
+                 ("gdfq", "epochs", 13, (7, 13, 25, 49)),
+                 ("adasg", "epochs", 13, (13, 25, 49)))  # the best generator recipe at W3A3 (seed 0)
 
 
 def budget(seeds=(0,)) -> list[Run]:
     """Issues 8 / 10: accuracy against budget at W3A3 (the bits whose targets are furthest) for the
-    ``qat`` baseline and the generator lineage's base (``BUDGET_CURVES``), seed 0; the ``default`` point
-    is the ``qat`` / ``gen`` suites' run (shared). ~3.5 h on 2 cores, resumable."""
+    ``qat`` baseline, the generator lineage's base and its best recipe at W3A3 (``BUDGET_CURVES``), seed 0;
+    the ``default`` point is the ``qat`` / ``gen`` suites' run (shared). ~5 h on 2 cores, resumable."""
     m = "cifar10_resnet20"
     return [Run(m, r, "qat", 3, 3, seed=s, extra=() if v == default else ("--set", f"{key}={v}"))
             for r, key, default, values in BUDGET_CURVES for v in values for s in seeds]

@@ -18,7 +18,7 @@ from zsq.errors import BadValueError
 from zsq.gen import (AutoReConGenerator, GDFQGenerator, GenConfig, gen_finetune, get_game, inundation_alpha,
                      make_generator, weight_codes)
 from zsq.gen import loop as gen_loop
-from zsq.gen.objectives import Play, entropy, scrm_loss, soft_ce
+from zsq.gen.objectives import Play, entropy, scrm_loss, scrm_map, soft_ce
 from zsq.qat.engine import QATInterrupted, kd_loss
 from zsq.quant.modules import QUANT_LAYERS
 from zsq.quant.protocol import apply_protocol
@@ -443,6 +443,9 @@ def test_recipes_registered():
         d = r.budgets["default"]["quant"]
         steps = (d["epochs"] - d["warmup_epochs"]) * d["steps_per_epoch"] * get_game(r.quant).s_steps
         assert (steps, d["batch_size"]) == (1200, 32)  # the same default budget for every generator recipe
+        if "lr" in r.hparams:  # a recipe's own lr keeps its lr / batch ratio at the default batch (linear scaling)
+            cfg = GenConfig.from_hparams({**r.hparams, **d})
+            assert cfg.lr / cfg.batch_size == pytest.approx(r.hparams["lr"] / r.hparams["batch_size"])
     assert RECIPES["gdfq"].budgets["paper"]["quant"]["epochs"] == 400
 
 
@@ -495,3 +498,20 @@ def test_causal_ris_smoke_end_to_end(resnet20, recipe):
             codes = m.wq.int_repr(m.weight.detach()).reshape(m.weight.shape[0], -1)
             assert max(len(torch.unique(c)) for c in codes) <= 16, name
     assert not torch.equal(_tensors(q)["layer1.0.conv1.weight"], resnet20.layer1[0].conv1.weight)
+
+
+def test_scrm_gradient_stays_bounded_at_all_zero_feature_positions():
+    """At low bit widths whole positions of the student's quantized features are zero while the STE passes
+    gradients: the channel normalisation must not turn them into 1/eps = 1e12 gradients (ZAQ's student went
+    NaN in one step with F.normalize's default eps)."""
+    g = torch.Generator().manual_seed(0)
+    t = [torch.rand(4, 16, 8, 8, generator=g) + 0.1]
+    s = t[0].clone()
+    s[:, :, 2:5, 2:5] = 0.0  # positions with every channel zero
+    s.requires_grad_(True)
+    scrm_loss([s], t).backward()
+    assert torch.isfinite(s.grad).all() and float(s.grad.abs().max()) < 1.0
+    # away from zero the floor changes nothing: the loss equals the unfloored one
+    s2 = t[0] * 1.5
+    ref = sum(F.l1_loss(a, b) for a, b in zip(*(scrm_map(F.normalize(x, dim=1)) for x in (s2, t[0]))))
+    assert float(scrm_loss([s2], t)) == pytest.approx(float(ref), rel=1e-6)

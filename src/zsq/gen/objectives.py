@@ -289,12 +289,20 @@ def scrm_map(x: Tensor, gamma: float = 0.1) -> tuple[Tensor, Tensor]:
     return gamma * spatial + v, gamma * channel + v
 
 
+#: the norm floor of ``scrm_loss``'s channel normalisation (``F.normalize``'s default 1e-12 in the code): a
+#: position whose quantized features are all zero (frequent at 3-bit activations; the pre-quantization values
+#: are small and positive, so the STE passes gradients) gets the gradient ``1 / eps`` - at 1e-12 one SGD step
+#: turned the student's weights to NaN (ZAQ W3A3 / W4A4, lr 1e-4 .. 0.1). A nonzero 3-bit feature vector has
+#: a norm of at least one quantization step (~0.05 at 8 bits, more below), untouched by this floor.
+SCRM_EPS = 1e-3
+
+
 def scrm_loss(s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
     """Sum over stages of ``L1(spatial(s), spatial(t)) + L1(channel(s), channel(t))`` of the
-    channel-normalised features (ZAQ's intermediate-level discrepancy)."""
+    channel-normalised features (ZAQ's intermediate-level discrepancy; norms floored at ``SCRM_EPS``)."""
     total = t_feats[0].new_zeros((), dtype=torch.float32)
     for fs, ft in zip(s_feats, t_feats):
-        (ss, sc), (ts, tc) = scrm_map(F.normalize(fs.float(), dim=1)), scrm_map(F.normalize(ft.float(), dim=1))
+        (ss, sc), (ts, tc) = (scrm_map(F.normalize(f.float(), dim=1, eps=SCRM_EPS)) for f in (fs, ft))
         total = total + F.l1_loss(ss, ts) + F.l1_loss(sc, tc)
     return total
 

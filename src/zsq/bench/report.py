@@ -653,8 +653,7 @@ def _budget_section(recs: list[dict], runs_dir: Path) -> list[str]:
            "its own schedule, not an intermediate epoch of a longer one). `qat-zeroq`: the QAT baseline (5,120 "
            "`zeroq` images, the shared KD loop), budget = steps per epoch of its 4 epochs; `gdfq`: the generator "
            "lineage's base, `adasg`: the best generator recipe at W3A3, budget = epochs of 100 iterations (the "
-           "first a warm-up). Wall minutes include the "
-           "synthesis only where the run made its synthetic set."
+           "first a warm-up). Wall minutes include the synthesis only where the run made its synthetic set."
            + (f" Plot: `{png.as_posix()}` (`python bench/budget_plot.py`)." if png.exists() else ""), "",
            "| recipe | bits | budget hparam | x default | loop iterations | top-1 | W3A3 target | wall min |",
            "|---|---|---|---|---|---|---|---|"]
@@ -707,8 +706,7 @@ def _family_section(recs: list[dict]) -> list[str]:
             "a 100-iteration generator warm-up + 1,200 student steps of batch 32 (38,400 images, generated during "
             "the run). Top-1 on the test set (mean over seeds where there are several); wall minutes per run "
             "(mean over its runs, synthesis included where the run made its set; threads as listed under Every "
-            "run). Within a family the "
-            "recipes are ordered by the mean of W4A4 and W3A3.", "",
+            "run). Within a family the recipes are ordered by the mean of W4A4 and W3A3.", "",
             "| family | recipe | W4A4 | W3A3 | wall min per run |", "|---|---|---|---|---|"]
 
     def key(k):

@@ -292,8 +292,8 @@ def scrm_map(x: Tensor, gamma: float = 0.1) -> tuple[Tensor, Tensor]:
 #: the norm floor of ``scrm_loss``'s channel normalisation (``F.normalize``'s default 1e-12 in the code): a
 #: position whose quantized features are all zero (frequent at 3-bit activations; the pre-quantization values
 #: are small and positive, so the STE passes gradients) gets the gradient ``1 / eps`` - at 1e-12 one SGD step
-#: turned the student's weights to NaN (ZAQ W3A3 / W4A4, lr 1e-4 .. 0.1). A nonzero 3-bit feature vector has
-#: a norm of at least one quantization step (~0.05 at 8 bits, more below), untouched by this floor.
+#: turned the student's weights to NaN (ZAQ W3A3 / W4A4, lr 1e-4 .. 0.1). A nonzero quantized feature vector
+#: has a norm of at least one quantization step (~0.05 at 8 bits, more below), untouched by this floor.
 SCRM_EPS = 1e-3
 
 

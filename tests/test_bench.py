@@ -282,6 +282,10 @@ def test_best_recipe_target_prefers_a_fully_seeded_recipe_and_counts_its_seeds()
     assert "adasg: " in row(recs) and "| met |" in row(recs)
     recs += [rec("dfq-akd", s, 77.0) for s in (1, 2)]  # dfq-akd's mean 77.67 < adasg's
     assert "adasg: " in row(recs)
+    # no fully seeded recipe reaches the goal: the best mean so far is shown, open while it lacks seeds
+    low = [rec("dfq-akd", s, 77.0) for s in range(3)] + [rec("qimera", 0, 77.5)]
+    assert row(low).endswith("| qimera: 77.50; best with 3 seeds: dfq-akd 77.00 ± 0.00 (n=3) | open (1 of 3 seeds) |")
+    assert row(low[:3]).endswith("| dfq-akd: 77.00 ± 0.00 (n=3) | **not met** |")
 
 
 def test_family_section_groups_qat_recipes_by_family_best_first():

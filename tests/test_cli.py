@@ -300,7 +300,9 @@ def test_interrupted_quantize_leaves_no_zsq_json(sig, quantized_out, tmp_path):
                 p.kill()
                 p.wait()
     if sig == signal.SIGINT:
-        assert rc == 130, log.read_text()
+        # 130 from sys.exit; once in a while (CI, not reproduced) the process still reports death by SIGINT
+        # (-2) after printing the message: both are what a shell shows as 130 (128 + SIGINT)
+        assert rc in (130, -signal.SIGINT), log.read_text()
         assert "Traceback" not in log.read_text()
         assert "interrupted" in log.read_text()
     else:

@@ -714,10 +714,9 @@ def _family_section(recs: list[dict]) -> list[str]:
             "run). Within a family the recipes are ordered by the mean of W4A4 and W3A3.", "",
             "| family | recipe | W4A4 | W3A3 | wall min per run |", "|---|---|---|---|---|"]
 
-    def key(k):
-        v = by[k]
-        both = [statistics.mean(v[b]) for b in ("W4A4", "W3A3") if v[b]]
-        return QAT_FAMILIES.index(RECIPES[k].family), -(statistics.mean(both) if len(both) == 2 else -1e9)
+    def key(k):  # family, then recipes with both bit widths first, best mean first
+        both = [statistics.mean(by[k][b]) for b in ("W4A4", "W3A3") if by[k][b]]
+        return QAT_FAMILIES.index(RECIPES[k].family), len(both) < 2, -statistics.mean(both) if len(both) == 2 else 0
 
     for k in sorted(by, key=key):
         v = by[k]

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def plot(points: list[dict], targets: dict[str, float], out: Path) -> Path:
+def plot(points: list[dict], targets: dict[str, dict[str, float]], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,9 +32,9 @@ def plot(points: list[dict], targets: dict[str, float], out: Path) -> Path:
         for ax, x in zip(axes, ("scale", "wall_min")):
             pts_x = sorted(pts, key=lambda p: p[x])
             ax.plot([p[x] for p in pts_x], [p["top1"] for p in pts_x], "o-", color=color, label=f"{recipe} {bits}")
-            if bits == "W3A3" and recipe in targets:
-                ax.axhline(targets[recipe], color=color, ls="--", lw=1,
-                           label=f"{recipe}'s family target {targets[recipe]:g}")
+            goal = targets.get(recipe, {}).get(bits) if bits == "W3A3" else None
+            if goal is not None:
+                ax.axhline(goal, color=color, ls="--", lw=1, label=f"{recipe}'s family target {goal:g}")
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("budget (multiple of the default's student steps)")
     axes[1].set_xlabel("wall minutes on 2 cores (incl. synthesis where the run made its set)")

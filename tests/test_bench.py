@@ -179,7 +179,7 @@ def test_budget_curves_points_section_and_plot(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from zsq.bench.report import _budget_section, budget_points
+    from zsq.bench.report import _budget_section, budget_points, family_goal
     from zsq.bench.suites import BUDGET_CURVES, budget
 
     runs = budget()
@@ -204,6 +204,11 @@ def test_budget_curves_points_section_and_plot(tmp_path):
                                                                             (500, 2.0, 2000, 68.0)]
     text = "\n".join(_budget_section(recs, tmp_path))
     assert "| qat-zeroq | W3A3 | steps_per_epoch=500 | 2 | 2000 | 68.00 | 72.0 | 20.0 |" in text
+    # each row shows its own bit width's family target (a W4A4 row is not held to the W3A3 one)
+    recs.append(rec(Run("cifar10_resnet20", "qat-zeroq", "qat", 4, 4), 79.5, qz))
+    assert "| qat-zeroq | W4A4 | steps_per_epoch=250 | 1 | 1000 | 79.50 | 78.5 | 10.0 |" in "\n".join(
+        _budget_section(recs, tmp_path))
+    assert (family_goal("gdfq", "W4A4"), family_goal("adasg", "W3A3")) == (78.0, 70.0)
 
     spec = importlib.util.spec_from_file_location("zsq_bench_budget_plot",
                                                   Path(__file__).resolve().parents[1] / "bench" / "budget_plot.py")

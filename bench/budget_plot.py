@@ -26,24 +26,29 @@ def plot(points: list[dict], targets: dict[str, dict[str, float]], out: Path) ->
     lines = defaultdict(list)
     for p in points:
         lines[(p["recipe"], p["bits"])].append(p)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    goals = defaultdict(list)  # one dashed line per W3A3 target value, naming the recipes it is the target of
     for i, ((recipe, bits), pts) in enumerate(sorted(lines.items())):
-        color = f"C{i}"
         for ax, x in zip(axes, ("scale", "wall_min")):
             pts_x = sorted(pts, key=lambda p: p[x])
-            ax.plot([p[x] for p in pts_x], [p["top1"] for p in pts_x], "o-", color=color, label=f"{recipe} {bits}")
-            goal = targets.get(recipe, {}).get(bits) if bits == "W3A3" else None
-            if goal is not None:
-                ax.axhline(goal, color=color, ls="--", lw=1, label=f"{recipe}'s family target {goal:g}")
+            ax.plot([p[x] for p in pts_x], [p["top1"] for p in pts_x], "o-", color=f"C{i}", label=f"{recipe} {bits}")
+        goal = targets.get(recipe, {}).get(bits) if bits == "W3A3" else None
+        if goal is not None:
+            goals[goal].append(recipe)
+    for goal, recipes in sorted(goals.items()):
+        for ax in axes:
+            ax.axhline(goal, color="gray", ls="--", lw=1, label=f"W3A3 target {goal:g} ({', '.join(recipes)})")
     axes[0].set_xscale("log", base=2)
-    axes[0].set_xlabel("budget (multiple of the default's student steps)")
-    axes[1].set_xlabel("wall minutes on 2 cores (incl. synthesis where the run made its set)")
+    axes[0].set_xlabel("budget (x the default student steps)")
+    axes[1].set_xlabel("wall minutes per run (see results.md for threads)")
     axes[0].set_ylabel("top-1 on the CIFAR-10 test set (%)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right")
+    fig.subplots_adjust(right=0.8)
     fig.suptitle("ResNet-20, qat protocol, seed 0: accuracy against budget (one run per point)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from zsq.bench.report import render
 from zsq.bench.runner import Run, run_one
 from zsq.bench.suites import SUITES
@@ -145,6 +147,29 @@ def test_sadag_target_rows_compare_means_of_three_seeds():
     recs += [rec("genie", s, 77.2, extra=GENIE_MATCHED_TIME) for s in range(3)]
     row = _sadag_target_rows(recs)[0]
     assert "(+0.40); genie at sadag's synthesis time 77.20 ± 0.00 (n=3) (+0.30) | met |" in row
+
+
+def test_sadag_cells_difference_standard_error_and_tally():
+    from zsq.bench.report import _sadag_cells_section, sadag_cells
+
+    def rec(recipe, seed, top1, bits=(3, 3), proto="genie-native"):
+        run = Run("cifar10_resnet32", recipe, proto, *bits, seed=seed)
+        return {"run": {**run.__dict__, "extra": []}, "run_id": run.run_id,
+                "zsq": {"metrics": {"top1": top1}, "synthetic": {"n_images": 256}}}
+
+    recs = [rec("genie", s, v) for s, v in enumerate((77.0, 77.2, 77.4))]
+    recs += [rec("sadag", s, v) for s, v in enumerate((77.5, 77.5, 77.8))]
+    recs += [rec("genie", s, 70.0, (2, 4)) for s in range(3)] + [rec("sadag", s, 69.0, (2, 4)) for s in range(2)]
+    (c,) = sadag_cells(recs)  # W2A4 has 2 sadag seeds: no cell
+    assert (c["bits"], c["images"]) == ("W3A3", [256])
+    assert c["diff"] == pytest.approx(0.4)
+    assert c["se"] == pytest.approx((0.04 / 3 + 0.03 / 3) ** 0.5)  # sample variances 0.04 and 0.03
+    recs.append(rec("sadag", 2, 69.0, (2, 4)))
+    text = "\n".join(_sadag_cells_section(recs))
+    assert "| W2A4 | 69.00 ± 0.00 (n=3) | 70.00 ± 0.00 (n=3) | -1.00 | 0.00 | — |" in text
+    assert "Over the 2 cells: mean diff -0.30" in text and "ahead by >= 0.3 in 1, behind by >= 0.3 in 1" in text
+    assert "|diff| > 2 se in 2 of 2" in text and "Synthetic images per set: 256" in text
+    assert _sadag_cells_section([r for r in recs if r["run"]["recipe"] == "genie"]) == []
 
 
 def test_qat_suite_native_protocols_and_baseline_margin_row():

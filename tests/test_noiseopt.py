@@ -195,6 +195,14 @@ def test_hast_focal_hand_computation():
     torch.testing.assert_close(focal_ce(logits, labels, beta=10.0, gamma=2.0), torch.tensor(want, dtype=torch.float32))
     # gamma 0, beta 1 is plain CE
     torch.testing.assert_close(focal_ce(logits, labels, 1.0, 0.0), F.cross_entropy(logits, labels))
+    # gamma < 1 (SynQ's 0.5) on a sample so confident that p_y == 1.0 in float32: finite value and gradient
+    # ((1 - p)^0.5 has an infinite derivative at p = 1; the old code turned the whole batch NaN)
+    x = torch.tensor([[60.0, 0.0], [0.0, math.log(3.0)]], requires_grad=True)
+    assert F.softmax(x, 1)[0, 0].item() == 1.0
+    loss = focal_ce(x, torch.tensor([0, 1]), 1.0, 0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss, torch.tensor(0.5 * 0.25 ** 0.5 * -math.log(0.75)), rtol=1e-5, atol=1e-6)
 
 
 def test_intraq_margin_and_leave_one_out_centres():

@@ -328,6 +328,41 @@ def test_load_verifies_checksums(model, tmp_path):
         SyntheticSet.load(s.dir / "nope")
 
 
+def test_diverged_synthesis_writes_no_shard_and_nan_sets_are_refused(model, tmp_path, monkeypatch):
+    """A batch of non-finite images stops the synthesis with a one-line error before its shard is
+    written (the earlier shards stay for a resume); a set on disk holding NaN images (made before this
+    check) is refused when its images are read, not handed to a quantizer."""
+    from zsq.synth.zeroq import ZeroQ
+
+    kw = dict(budget="smoke", n_images=12, overrides=TINY, progress=False)
+    real = ZeroQ.make_batch
+
+    def nan_second(self, model, index, *a, **k):
+        out = real(self, model, index, *a, **k)
+        return out * float("nan") if index == 1 else out
+
+    monkeypatch.setattr(ZeroQ, "make_batch", nan_second)
+    d = tmp_path / "run"
+    with pytest.raises(BadValueError, match="non-finite images in batch 1") as e:
+        synthesize(model, "zeroq", out_dir=d, **kw)
+    assert "\n" not in str(e.value)
+    assert (d / "shard_00000.pt").is_file() and not (d / "shard_00001.pt").exists()
+    assert not (d / "meta.json").exists()
+    monkeypatch.setattr(ZeroQ, "make_batch", real)
+    s = synthesize(model, "zeroq", out_dir=d, **kw)  # resumes from shard 1
+    assert s.complete and torch.isfinite(s.images).all()
+
+    # a set whose shard holds NaN (consistent checksums: as an older zsq wrote it)
+    bad = tmp_path / "bad"
+    monkeypatch.setattr(ZeroQ, "make_batch", nan_second)
+    monkeypatch.setattr(torch, "isfinite", lambda t: torch.ones_like(t, dtype=torch.bool))
+    synthesize(model, "zeroq", out_dir=bad, **kw)
+    monkeypatch.undo()
+    loaded = SyntheticSet.load(bad)  # checksums fine
+    with pytest.raises(DataError, match="non-finite images"):
+        loaded.images
+
+
 def test_cache_reuse_returns_immediately(model, monkeypatch):
     kw = dict(budget="smoke", n_images=8, overrides=TINY, progress=False)
     first = synthesize(model, "zeroq", **kw)

@@ -170,7 +170,11 @@ class SyntheticSet:
                     self._cache[key] = None
                     return None
                 parts.append(t)
-            self._cache[key] = torch.cat(parts) if parts else None
+            t = torch.cat(parts) if parts else None
+            if key == "images" and t is not None and not torch.isfinite(t).all():
+                raise DataError(f"synthetic set {self.dir} holds non-finite images (its synthesis diverged); "
+                                f"delete {self.dir} and synthesize again")
+            self._cache[key] = t
         return self._cache[key]
 
     @property

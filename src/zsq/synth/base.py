@@ -453,6 +453,9 @@ def synthesize(
                 got = tuple(imgs.shape) if isinstance(imgs, Tensor) else type(imgs).__name__
                 raise RuntimeError(f"{synthesizer.name}.make_batch returned images {got}, expected {(n_k, *shape)}")
             tensors["images"] = imgs.detach().float()
+            if not torch.isfinite(tensors["images"]).all():  # never a shard of NaN images that looks finished
+                raise BadValueError(f"{synthesizer.name} made non-finite images in batch {k} (last loss "
+                                    f"{rec.get('last')}): its synthesis diverged; lower its lr or loss weights")
             pt = d / shard_name(k)
             sha = write_shard(pt, tensors)
             side = {

@@ -124,10 +124,14 @@ def soft_target_loss(logits: Tensor, labels: Tensor, target: Tensor) -> Tensor:
 
 
 def focal_ce(logits: Tensor, labels: Tensor, beta: float, gamma: float) -> Tensor:
-    """HAST's ``beta * mean_i((1 - p_{i,y_i})^gamma * CE_i)`` (p not detached, as in the code)."""
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
-    p = F.softmax(logits.float(), dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
-    return beta * ((1 - p).pow(gamma) * ce).mean()
+    """HAST's ``beta * mean_i((1 - p_{i,y_i})^gamma * CE_i)`` (p not detached, as in the code).
+
+    ``1 - p`` is ``-expm1(log p)`` (exact for confident samples) clamped at 1e-12: with ``gamma`` < 1
+    (SynQ's 0.5) the power's derivative is infinite at ``p = 1``, which a confident sample reaches in
+    float32, and one such sample made the whole batch NaN."""
+    logp = F.log_softmax(logits.float(), dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
+    q = (-torch.expm1(logp)).clamp_min(1e-12)
+    return beta * (q.pow(gamma) * -logp).mean()
 
 
 def margin_loss(features: Tensor, centres: Tensor, mask: Tensor, low: float, up: float) -> Tensor:

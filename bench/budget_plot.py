@@ -46,7 +46,6 @@ def plot(points: list[dict], targets: dict[str, dict[str, float]], out: Path) ->
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="center right")
-    fig.subplots_adjust(right=0.8)
     fig.suptitle("ResNet-20, qat protocol, seed 0: accuracy against budget (one run per point)")
     fig.tight_layout(rect=(0, 0, 0.8, 1))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -219,6 +219,12 @@ def _qat_baseline_rows(recs: list[dict]) -> list[str]:
 SADAG_MARGIN = 0.3
 
 
+def _scored(recs: list[dict], model: str, recipe: str, proto: str, bits: str) -> list[dict]:
+    """:func:`_target_runs` of one recipe that recorded a top-1."""
+    return [x for x in _target_runs(recs, model, (recipe,), proto, bits)
+            if (x["zsq"].get("metrics") or {}).get("top1") is not None]
+
+
 def _sadag_target_rows(recs: list[dict]) -> list[str]:
     """Issue 6: ``sadag`` vs ``genie`` (mean of 3 seeds each) at W3A3 and W2A4 on ResNet-20 and ResNet-32, under
     ``genie-native`` and ``ptq``; a row only once some ``sadag`` run of it is on record."""
@@ -226,8 +232,8 @@ def _sadag_target_rows(recs: list[dict]) -> list[str]:
     for model in ("cifar10_resnet20", "cifar10_resnet32"):
         for proto in ("genie-native", "ptq"):
             for bits in ("W3A3", "W2A4"):
-                by = {r: [x["zsq"]["metrics"]["top1"] for x in _target_runs(recs, model, (r,), proto, bits)
-                          if (x["zsq"].get("metrics") or {}).get("top1") is not None] for r in ("sadag", "genie")}
+                by = {r: [x["zsq"]["metrics"]["top1"] for x in _scored(recs, model, r, proto, bits)]
+                      for r in ("sadag", "genie")}
                 if not by["sadag"]:
                     continue
                 label = f"sadag beats genie by >= {SADAG_MARGIN}, {model}, {proto}, {bits}, mean of 3 seeds"
@@ -257,8 +263,7 @@ def sadag_cells(recs: list[dict]) -> list[dict]:
                    for r in recs if r["run"]["recipe"] == "sadag"})
     order = {"W4A4": 0, "W3A3": 1, "W2A4": 2}
     for model, proto, bits in sorted(keys, key=lambda k: (k[0], k[1], order.get(k[2], 9), k[2])):
-        runs = {r: [x for x in _target_runs(recs, model, (r,), proto, bits)
-                    if (x["zsq"].get("metrics") or {}).get("top1") is not None] for r in ("sadag", "genie")}
+        runs = {r: _scored(recs, model, r, proto, bits) for r in ("sadag", "genie")}
         by = {r: [x["zsq"]["metrics"]["top1"] for x in v] for r, v in runs.items()}
         if min(len(v) for v in by.values()) < 3:
             continue

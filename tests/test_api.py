@@ -138,6 +138,10 @@ def test_resolve_applies_budget_then_user_hparams():
     assert resolve("genie", hparams={"iters": 7}).hparams["iters"] == 7  # a ReconConfig field
     with pytest.raises(UnknownNameError, match="did you mean iters"):
         resolve("genie", hparams={"itres": 7})
+    # BRECQ's activation-pass keys belong to brecq only: genie used to accept lr_a and ignore it
+    assert resolve("brecq", hparams={"lr_a": 0.0}).hparams["lr_a"] == 0.0
+    with pytest.raises(UnknownNameError):
+        resolve("genie", hparams={"lr_a": 0.0})
 
 
 def test_synth_overrides_sit_on_the_budget_and_are_recorded(resnet20):

@@ -74,6 +74,44 @@ def test_adaround_starts_at_weight_and_bakes_exactly():
     assert torch.equal(conv.weight.detach(), hard)
 
 
+def test_relative_step_learning_moves_every_channel_by_the_same_fraction():
+    """``relative``: the step is s_0 exp(u) with u learnt, so one Adam step of lr eta changes a tiny and a
+    large channel step alike by about exp(+-eta); ``absolute`` (Genie's) moves both by about eta, i.e. the
+    tiny one by a large fraction of itself. At init both modes are round-to-nearest; bake stays exact."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight[0].mul_(1e-3)  # channel 0: a step ~1000x smaller than channel 1's
+    wq = Quantizer(8, per_channel=True, channels=2, observer="minmax")
+    wq.init_from_tensor(conv.weight.detach())
+    x = torch.randn(16, 2, 4, 4)
+    target = conv(x).detach() * 1.3
+    change = {}
+    for mode in ("absolute", "relative"):
+        ada = AdaRoundQuantizer.from_quantizer(wq, conv.weight, learn_scale=mode)
+        s0 = ada.scale.detach().clone()
+        torch.testing.assert_close(ada.hard_weight(), wq(conv.weight.detach()), rtol=0, atol=0)
+        opt = torch.optim.Adam([ada.step_param], lr=1e-3)
+        loss = (torch.nn.functional.conv2d(x, ada()) - target).pow(2).sum()
+        loss.backward()
+        opt.step()
+        change[mode] = (ada.scale.detach() / s0).flatten()
+        hard = ada.hard_weight()
+        conv2 = nn.Conv2d(2, 2, 1, bias=False)
+        wq2 = Quantizer(8, per_channel=True, channels=2, observer="minmax")
+        wq2.init_from_tensor(conv.weight.detach())
+        ada.bake(conv2, wq2)
+        assert torch.equal(wq2(conv2.weight), hard)
+    rel = change["relative"]
+    torch.testing.assert_close(rel, torch.full_like(rel, math.exp(1e-3)), rtol=0, atol=1e-5)  # both grew by eta
+    # absolute: the small channel's step moved by lr = 1e-3, i.e. by a large fraction of itself
+    assert change["absolute"][0] - 1 > 100 * (change["absolute"][1] - 1) > 0
+    with pytest.raises(BadValueError):
+        AdaRoundQuantizer.from_quantizer(wq, conv.weight, learn_scale="log")
+    with pytest.raises(BadValueError):
+        ReconConfig(w_scale_param="log")
+
+
 def test_drop_prob_is_train_only():
     q = Quantizer(2)
     q.set_range(torch.tensor(0.0), torch.tensor(3.0))
@@ -182,10 +220,11 @@ def _all_tensors(model):
     return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-@pytest.mark.parametrize("method,proto", [("genie-m", "genie-native"), ("brecq", "ptq")])
-def test_resume_equals_uninterrupted(resnet20, tmp_path, method, proto):
+@pytest.mark.parametrize("method,proto,hp", [("genie-m", "genie-native", {}), ("brecq", "ptq", {"iters_a": 4}),
+                                            ("genie-m", "genie-native", {"w_scale_param": "relative"})])
+def test_resume_equals_uninterrupted(resnet20, tmp_path, method, proto, hp):
     images = _images(24, seed=1)
-    passes = method_passes(method, {"iters": 6, "batch_size": 8, "iters_a": 4}, protocol_name=proto)
+    passes = method_passes(method, {"iters": 6, "batch_size": 8, **hp}, protocol_name=proto)
     kw = dict(seed=3, progress=False)
 
     full = reconstruct(_qmodel(resnet20, proto), images, passes, **kw)

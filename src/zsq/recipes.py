@@ -169,8 +169,10 @@ def _reconstruction_quantizer(method: str, doc: str) -> Callable[[QuantContext],
 
     from .ptq.reconstruct import ReconConfig
 
+    # lr_a / iters_a set BRECQ's separate activation pass; the other methods have none, so they refuse them
+    # (a `--set lr_a=0` on genie used to be accepted and silently ignored)
     HPARAM_KEYS[method] = frozenset({f.name for f in dataclasses.fields(ReconConfig)} | {
-        "w_observer", "a_observer", "lr_a", "iters_a", "ckpt_every_s", "stop_at"})
+        "w_observer", "a_observer", "ckpt_every_s", "stop_at"} | ({"lr_a", "iters_a"} if method == "brecq" else set()))
     run.__name__ = f"quant_{method.replace('-', '_')}"
     run.__doc__ = doc
     return QUANTIZERS.add(method, run)

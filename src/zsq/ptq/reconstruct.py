@@ -72,7 +72,9 @@ class ReconConfig:
     ``iters``: optimisation steps per unit, ``batch_size`` images per step.
     ``learn_weights``: AdaRound the weights (``lr_round`` Adam on the rounding logits,
     ``round_weight`` times the regulariser, ``b_range`` annealed after ``warmup`` x iters).
-    ``lr_w_scale``: Adam lr of the weight steps (cosine to 0; 0 = fixed step, AdaRound/BRECQ/QDrop).
+    ``lr_w_scale``: Adam lr of the weight steps (cosine to 0; 0 = fixed step, AdaRound/BRECQ/QDrop);
+    ``w_scale_param``: ``absolute`` (Genie's code: Adam on the step itself) or ``relative`` (Adam on
+    ``log(s / s_0)``: the lr is a fraction of each channel's step; see :mod:`zsq.quant.adaround`).
     ``act_quant``: activation quantizers active in this pass; ``lr_a_scale``: their LSQ Adam lr
     (cosine to 0; 0 = ranges calibrated, not learnt).
     ``drop_prob``: QDrop inside the owned activation quantizers; ``input_mix``: probability that an
@@ -94,6 +96,7 @@ class ReconConfig:
     warmup: float = 0.2
     lr_round: float = 1e-3
     lr_w_scale: float = 1e-4
+    w_scale_param: str = "absolute"
     act_quant: bool = True
     lr_a_scale: float = 4e-5
     drop_prob: float = 0.5
@@ -109,6 +112,8 @@ class ReconConfig:
     def __post_init__(self):
         if self.granularity not in ("block", "layer"):
             raise BadValueError(f"granularity must be block or layer, got '{self.granularity}'")
+        if self.w_scale_param not in ("absolute", "relative"):
+            raise BadValueError(f"w_scale_param must be absolute or relative, got '{self.w_scale_param}'")
         if self.precision not in ("fp32", "bf16"):
             raise BadValueError(f"precision must be fp32 or bf16, got '{self.precision}'")
         if int(self.iters) < 0 or int(self.batch_size) < 1:
@@ -509,7 +514,8 @@ class Reconstructor:
         if learn_w:
             for _, layer in unit.layers:
                 wq = layer.wq
-                a = AdaRoundQuantizer.from_quantizer(wq, layer.weight, learn_scale=cfg.lr_w_scale > 0)
+                a = AdaRoundQuantizer.from_quantizer(wq, layer.weight,
+                                                     learn_scale=cfg.w_scale_param if cfg.lr_w_scale > 0 else False)
                 layer.wq = a
                 ada.append((layer, wq, a))
         a_params = [q.make_learnable() for _, q in unit.owned] if learn_a else []
@@ -522,7 +528,7 @@ class Reconstructor:
                     _swap(self.q, n, self._fast[n])
         iters = int(cfg.iters) if (ada or a_params) else 0
         opt_round = torch.optim.Adam([a.v for *_, a in ada], lr=cfg.lr_round) if ada else None
-        w_scales = [a.scale for *_, a in ada if isinstance(a.scale, nn.Parameter)]
+        w_scales = [a.step_param for *_, a in ada if isinstance(a.step_param, nn.Parameter)]
         groups = []
         if w_scales:
             groups.append({"params": w_scales, "lr": cfg.lr_w_scale, "base": cfg.lr_w_scale})
@@ -535,7 +541,7 @@ class Reconstructor:
             for (*_, a), v in zip(ada, partial["v"]):
                 a.v.data.copy_(v)
             for (*_, a), s in zip(ada, partial["w_scale"]):
-                a.scale.data.copy_(s)
+                a.step_param.data.copy_(s)
             for (_, q), s in zip(unit.owned, partial["a_scale"]):
                 q.scale.data.copy_(s)
             if opt_round is not None:
@@ -546,7 +552,7 @@ class Reconstructor:
         def snapshot(step):
             return {"pass": pi, "unit": ui, "step": step,
                     "v": [a.v.detach().clone() for *_, a in ada],
-                    "w_scale": [a.scale.detach().clone() for *_, a in ada],
+                    "w_scale": [a.step_param.detach().clone() for *_, a in ada],
                     "a_scale": [q.scale.detach().clone() for _, q in unit.owned],
                     "opt_round": opt_round.state_dict() if opt_round is not None else None,
                     "opt_scale": opt_scale.state_dict() if opt_scale is not None else None}

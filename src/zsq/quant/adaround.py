@@ -11,10 +11,15 @@ where ``floor(w / s_0)`` is computed **once** from the initial step ``s_0`` and 
 The regulariser ``sum(1 - |2 h(v) - 1|^beta)`` pushes every ``h`` to 0 or 1; after training the
 rounding is hard: ``h = [v >= 0]``.
 
-With ``learn_scale=True`` the step ``s`` is an ``nn.Parameter`` learnt jointly with ``v`` while the
-floor stays the one of ``s_0`` (Genie-M [code: SamsungLabs/Genie quantizer.py]; methods.md A.3
-pitfall 3: the integer grid effectively moves with ``s``). With ``learn_scale=False`` the step is
-fixed (AdaRound / BRECQ / QDrop).
+With ``learn_scale=True`` (or ``"absolute"``) the step ``s`` is an ``nn.Parameter`` learnt jointly
+with ``v`` while the floor stays the one of ``s_0`` (Genie-M [code: SamsungLabs/Genie quantizer.py];
+methods.md A.3 pitfall 3: the integer grid effectively moves with ``s``). With ``"relative"`` the
+learnt parameter is ``u = log(s / s_0)`` (``s = s_0 exp(u)``, ``u`` starts at 0), so an optimizer
+step changes every channel's step by the same *fraction* whatever its size: Adam's update has
+roughly the size of its learning rate, and an absolute lr of 1e-4 (Genie's) moves an 8-bit step of
+3e-4 (EfficientNet-Lite0's depthwise layers) by a third of itself per iteration. With
+``learn_scale=False`` the step is fixed (AdaRound / BRECQ / QDrop). :attr:`step_param` is the tensor
+that is learnt (``s`` or ``u``), :attr:`scale` always the step itself.
 
 :meth:`AdaRoundQuantizer.bake` turns the result back into zsq's standard structure: a plain
 :class:`~zsq.quant.modules.Quantizer` whose ``scale`` is the learnt step and a weight lying on that
@@ -26,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import BadValueError
 from .modules import Quantizer
 
 ZETA, GAMMA = 1.1, -0.1
@@ -54,31 +60,50 @@ class AdaRoundQuantizer(nn.Module):
     argument is only used for its shape/dtype: the floor is fixed at construction).
     """
 
+    SCALE_MODES = ("fixed", "absolute", "relative")
+
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                 learn_scale: bool = False, ch_axis: int = 0):
+                 learn_scale: bool | str = False, ch_axis: int = 0):
         super().__init__()
         shape = [1] * weight.dim()
         shape[ch_axis] = -1
         if scale.numel() == 1:
             shape = [1] * weight.dim()
         s0 = scale.detach().float().reshape(shape).clone()
-        self.qmin, self.qmax, self.learn_scale = int(qmin), int(qmax), bool(learn_scale)
+        mode = ("absolute" if learn_scale else "fixed") if isinstance(learn_scale, bool) else str(learn_scale)
+        if mode not in self.SCALE_MODES:
+            raise BadValueError(f"weight step learning must be one of {', '.join(self.SCALE_MODES)}, got '{mode}'")
+        self.qmin, self.qmax, self.scale_mode = int(qmin), int(qmax), mode
+        self.learn_scale = mode != "fixed"
         self.soft = True
         w = weight.detach().float()
         floor = torch.floor(w / s0)
         self.register_buffer("floor", floor)
         self.register_buffer("zero_point", zero_point.detach().float().reshape(shape).clone())
-        if learn_scale:
-            self.scale = nn.Parameter(s0)
+        if mode == "absolute":
+            self.step = nn.Parameter(s0)
+        elif mode == "relative":
+            self.register_buffer("step", s0)
+            self.log_ratio = nn.Parameter(torch.zeros_like(s0))
         else:
-            self.register_buffer("scale", s0)
+            self.register_buffer("step", s0)
         frac = (w / s0 - floor).clamp(0.0, 1.0 - 1e-6)
         self.v = nn.Parameter(rectified_sigmoid_inverse(frac))
 
     @classmethod
-    def from_quantizer(cls, q: Quantizer, weight: torch.Tensor, learn_scale: bool = False) -> "AdaRoundQuantizer":
+    def from_quantizer(cls, q: Quantizer, weight: torch.Tensor, learn_scale: bool | str = False) -> "AdaRoundQuantizer":
         return cls(weight, q.scale, q.zero_point, q.qmin, q.qmax, learn_scale=learn_scale,
                    ch_axis=q.ch_axis if q.per_channel else 0)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The weight step ``s`` (``s_0 exp(u)`` in ``relative`` mode)."""
+        return self.step * torch.exp(self.log_ratio) if self.scale_mode == "relative" else self.step
+
+    @property
+    def step_param(self) -> torch.Tensor:
+        """What reconstruction learns and checkpoints: ``u`` (relative), else the step tensor itself."""
+        return self.log_ratio if self.scale_mode == "relative" else self.step
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v) if self.soft else (self.v >= 0).to(self.v.dtype)

@@ -522,7 +522,9 @@ def _genie_val_section(d: Path) -> list[str]:
            "ResNet-20, `genie` recipe (`genie-native`), seed 0. Top-1 on the **validation split** (first 500 "
            "images per class of `cifar10-jpeg/train.tar`, 5,000 images; never the test set). Synthetic sets: "
            "Genie-D, 256 images in 2 batches of 128; `real` = 256 real training images (a reference, not "
-           "zero-shot). `p1000b8` is a cheap proxy reconstruction (1,000 steps per block, batch 8). Wall "
+           "zero-shot). `p1000b8` is a cheap proxy reconstruction (1,000 steps per block, batch 8). `rel1e3` / "
+           "`rel3e3`: the default reconstruction with the weight step learnt as log(s / s_0) at Adam lr 1e-3 / 3e-3 "
+           "(`w_scale_param=relative`) instead of Genie's absolute lr 1e-4 on s. Wall "
            "times include other work running on the machine at the time (the `load` column).", "",
            "| synthetic set | overrides | reconstruction | hparams | bits | val top-1 | synth s | recon s | load |",
            "|---|---|---|---|---|---|---|---|---|"]

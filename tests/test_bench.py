@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from zsq.bench.report import render
+from zsq.bench.report import genie_step_param_summary, render
 from zsq.bench.runner import Run, run_one
 from zsq.bench.suites import SUITES
 
@@ -335,3 +335,18 @@ def test_family_section_groups_qat_recipes_by_family_best_first():
     rows = [r for r in _family_section(recs) if r.startswith("| ") and not r.startswith("| family")]
     assert [r.split(" | ")[1] for r in rows] == ["qat-zeroq", "gznq", "adasg", "gdfq"]
     assert rows[2] == "| generator | adasg | 78.00 | 62.50 ± 0.71 (n=2) | 15.0 |"
+
+
+def test_genie_step_param_summary_differences_to_the_default():
+    def rec(recon, bits, top1, synth="s300c"):
+        return {"recon": recon, "bits": bits, "val_top1": top1, "synth": synth}
+
+    recs = [rec("r3000b8abs", "W3A3", 82.42), rec("r3000b8abs", "W4A4", 83.88),
+            rec("r3000b8rel1e3", "W3A3", 81.66), rec("r3000b8rel1e3", "W4A4", 84.20),
+            rec("r3000b8rel1e3", "W8A8", 86.0),  # no default at W8A8: left out
+            rec("r3000b8rel1e3", "W4A4", 90.0, synth="s500u"),  # another set: not compared
+            rec("r3000b8", "W3A3", 81.86)]
+    (line, blank) = genie_step_param_summary(recs)
+    assert line == ("Relative weight step minus Genie's absolute one (`r3000b8abs`, same set, seed 0): "
+                    "`r3000b8rel1e3` W3A3 -0.76, W4A4 +0.32.") and blank == ""
+    assert genie_step_param_summary([rec("r3000b8rel1e3", "W3A3", 81.0)]) == []

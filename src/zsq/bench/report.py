@@ -534,7 +534,21 @@ def _genie_val_section(d: Path) -> list[str]:
         hp = ", ".join(f"{k}={v}" for k, v in r["recon_hparams"].items())
         out.append(f"| {r['synth']} | {ov} | {r['recon']} | {hp} | {r['bits']} | {r['val_top1']:.2f} | "
                    f"{r['synth_wall_s']} | {r['recon_wall_s']} | {r.get('load_avg')} |")
-    return out + [""]
+    return out + [""] + genie_step_param_summary(recs)
+
+
+def genie_step_param_summary(recs: list[dict]) -> list[str]:
+    """One line per relative-step setting: its val top-1 minus the default's (``r3000b8abs``, the same
+    synthetic set) at each bit setting both have."""
+    base = {(r["synth"], r["bits"]): r["val_top1"] for r in recs if r["recon"] == "r3000b8abs"}
+    diffs: dict[str, list[str]] = defaultdict(list)
+    for r in sorted(recs, key=lambda r: (r["recon"], r["bits"])):
+        if r["recon"].startswith("r3000b8rel") and (r["synth"], r["bits"]) in base:
+            diffs[r["recon"]].append(f"{r['bits']} {r['val_top1'] - base[(r['synth'], r['bits'])]:+.2f}")
+    if not diffs:
+        return []
+    return ["Relative weight step minus Genie's absolute one (`r3000b8abs`, same set, seed 0): "
+            + "; ".join(f"`{k}` {', '.join(v)}" for k, v in diffs.items()) + ".", ""]
 
 
 def sadag_val_rows(recs: list[dict], order: list[str] | None = None) -> list[str]:

@@ -41,11 +41,11 @@ RECON = {
     "r3000b32": {"iters": 3000, "batch_size": 32},  # the current default
     "r3000b8": {"iters": 3000, "batch_size": 8},  # the official code's effective batch for 256 images
     "r5000b8": {"iters": 5000, "batch_size": 8},
-    # the weight step learnt as log(s / s_0) (lr = a fraction of each channel's step) instead of Genie's
-    # absolute Adam lr 1e-4, which moves a small 8-bit step by a large fraction of itself per iteration
     # the default again, run on the same synthetic set as the rel* rows (the r3000b8 rows above used an
     # older set of the same seed)
     "r3000b8abs": {"iters": 3000, "batch_size": 8, "w_scale_param": "absolute"},
+    # the weight step learnt as log(s / s_0) (lr = a fraction of each channel's step) instead of Genie's
+    # absolute Adam lr 1e-4, which moves a small 8-bit step by a large fraction of itself per iteration
     "r3000b8rel1e3": {"iters": 3000, "batch_size": 8, "w_scale_param": "relative", "lr_w_scale": 1e-3},
     "r3000b8rel3e3": {"iters": 3000, "batch_size": 8, "w_scale_param": "relative", "lr_w_scale": 3e-3},
 }

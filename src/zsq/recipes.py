@@ -159,7 +159,8 @@ _add(Recipe(
 
 # -- block reconstruction (issue 5): AdaRound, BRECQ, QDrop, Genie-M; the genie / brecq / qdrop recipes --------
 
-def _reconstruction_quantizer(method: str, doc: str) -> Callable[[QuantContext], nn.Module]:
+def _reconstruction_quantizer(method: str, doc: str,
+                              extra_keys: tuple[str, ...] = ()) -> Callable[[QuantContext], nn.Module]:
     def run(ctx: QuantContext) -> nn.Module:
         from .ptq.reconstruct import quantize_reconstruct
 
@@ -169,10 +170,10 @@ def _reconstruction_quantizer(method: str, doc: str) -> Callable[[QuantContext],
 
     from .ptq.reconstruct import ReconConfig
 
-    # lr_a / iters_a set BRECQ's separate activation pass; the other methods have none, so they refuse them
-    # (a `--set lr_a=0` on genie used to be accepted and silently ignored)
+    # extra_keys: hparams only this method's passes read (BRECQ's activation pass: lr_a, iters_a); the others
+    # refuse them (a `--set lr_a=0` on genie used to be accepted and silently ignored)
     HPARAM_KEYS[method] = frozenset({f.name for f in dataclasses.fields(ReconConfig)} | {
-        "w_observer", "a_observer", "ckpt_every_s", "stop_at"} | ({"lr_a", "iters_a"} if method == "brecq" else set()))
+        "w_observer", "a_observer", "ckpt_every_s", "stop_at", *extra_keys})
     run.__name__ = f"quant_{method.replace('-', '_')}"
     run.__doc__ = doc
     return QUANTIZERS.add(method, run)
@@ -185,7 +186,7 @@ _reconstruction_quantizer("adaround", (
 _reconstruction_quantizer("brecq", (
     "BRECQ (Li et al., ICLR 2021) [code: yhhhli/BRECQ]: block by block, stage 1 AdaRound weights (act quant "
     "off, weight 0.01, iters per block), stage 2 LSQ activation steps (iters_a = 5000, lr_a = 4e-4); inputs "
-    "from the quantized model; plain output MSE (no Fisher: no labels)."))
+    "from the quantized model; plain output MSE (no Fisher: no labels)."), extra_keys=("lr_a", "iters_a"))
 _reconstruction_quantizer("qdrop", (
     "QDrop (Wei et al., ICLR 2022) [code: wimh966/QDrop]: block by block, AdaRound weights (weight 0.01, Adam 1e-3) "
     "and LSQ activation steps (lr 4e-5, cosine) jointly, with the block input an elementwise 50/50 mix of FP "

@@ -74,7 +74,6 @@ class AdaRoundQuantizer(nn.Module):
         if mode not in self.SCALE_MODES:
             raise BadValueError(f"weight step learning must be one of {', '.join(self.SCALE_MODES)}, got '{mode}'")
         self.qmin, self.qmax, self.scale_mode = int(qmin), int(qmax), mode
-        self.learn_scale = mode != "fixed"
         self.soft = True
         w = weight.detach().float()
         floor = torch.floor(w / s0)
@@ -94,6 +93,10 @@ class AdaRoundQuantizer(nn.Module):
     def from_quantizer(cls, q: Quantizer, weight: torch.Tensor, learn_scale: bool | str = False) -> "AdaRoundQuantizer":
         return cls(weight, q.scale, q.zero_point, q.qmin, q.qmax, learn_scale=learn_scale,
                    ch_axis=q.ch_axis if q.per_channel else 0)
+
+    @property
+    def learn_scale(self) -> bool:
+        return self.scale_mode != "fixed"
 
     @property
     def scale(self) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""Accuracy against budget (issues 8 / 10): draw the points of ``zsq bench run budget`` as a PNG.
+"""Accuracy against budget (issues 5 / 8 / 10): draw the points of ``zsq bench run budget`` as a PNG.
 
 Reads ``bench/runs/*.json`` (the curves' runs and the plain default runs they share with the ``qat`` /
-``gen`` suites, selected by ``zsq.bench.report.budget_points``) and writes
+``gen`` / ``genie`` suites, selected by ``zsq.bench.report.budget_points``) and writes
 ``bench/runs/budget/accuracy_vs_budget.png``: top-1 against the multiple of the default budget (left)
 and against wall minutes (right), one line per (recipe, bits), with each family's W3A3 target dashed.
 ``zsq bench report`` then links the PNG from docs/results.md.
@@ -39,14 +39,14 @@ def plot(points: list[dict], targets: dict[str, dict[str, float]], out: Path) ->
         for ax in axes:
             ax.axhline(goal, color="gray", ls="--", lw=1, label=f"W3A3 target {goal:g} ({', '.join(recipes)})")
     axes[0].set_xscale("log", base=2)
-    axes[0].set_xlabel("budget (x the default student steps)")
+    axes[0].set_xlabel("budget (x the default: student steps, or reconstruction steps for genie)")
     axes[1].set_xlabel("wall minutes per run (see results.md for threads)")
     axes[0].set_ylabel("top-1 on the CIFAR-10 test set (%)")
     for ax in axes:
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="center right")
-    fig.suptitle("ResNet-20, qat protocol, seed 0: accuracy against budget (one run per point)")
+    fig.suptitle("ResNet-20, seed 0: accuracy against budget (one run per point; genie under genie-native, the rest qat)")
     fig.tight_layout(rect=(0, 0, 0.8, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

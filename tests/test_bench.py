@@ -211,6 +211,8 @@ def test_budget_curves_points_section_and_plot(tmp_path):
     assert len(runs) == sum(len(v) for *_, v in BUDGET_CURVES)
     assert Run("cifar10_resnet20", "qat-zeroq", "qat", 3, 3) in runs  # the default point = the qat suite's run
     assert Run("cifar10_resnet20", "gdfq", "qat", 3, 3, extra=("--set", "epochs=25")) in runs
+    assert Run("cifar10_resnet20", "genie", "genie-native", 3, 3) in runs  # the genie suite's run
+    assert Run("cifar10_resnet20", "genie", "genie-native", 3, 3, extra=("--set", "iters=12000")) in runs
 
     def rec(run, top1, hparams, wall=600.0):
         return {"run": {**run.__dict__, "extra": list(run.extra)}, "run_id": run.run_id,
@@ -228,12 +230,23 @@ def test_budget_curves_points_section_and_plot(tmp_path):
     assert [(p["value"], p["scale"], p["iters"], p["top1"]) for p in pts] == [(250, 1.0, 1000, 65.9),
                                                                             (500, 2.0, 2000, 68.0)]
     text = "\n".join(_budget_section(recs, tmp_path))
-    assert "| qat-zeroq | W3A3 | steps_per_epoch=500 | 2 | 2000 | 68.00 | 72.0 | 20.0 |" in text
+    assert "| qat-zeroq | qat | W3A3 | steps_per_epoch=500 | 2 | 2000 | 68.00 | 72.0 | 20.0 |" in text
     # each row shows its own bit width's family target (a W4A4 row is not held to the W3A3 one)
     recs.append(rec(Run("cifar10_resnet20", "qat-zeroq", "qat", 4, 4), 79.5, qz))
-    assert "| qat-zeroq | W4A4 | steps_per_epoch=250 | 1 | 1000 | 79.50 | 78.5 | 10.0 |" in "\n".join(
+    assert "| qat-zeroq | qat | W4A4 | steps_per_epoch=250 | 1 | 1000 | 79.50 | 78.5 | 10.0 |" in "\n".join(
         _budget_section(recs, tmp_path))
     assert (family_goal("gdfq", "W4A4"), family_goal("adasg", "W3A3")) == (78.0, 70.0)
+    # genie: its own protocol, steps per block as the loop count, its own issue-5 target; a genie run under
+    # another protocol is no point of its curve
+    gh = {"iters": 3000, "batch_size": 8}
+    recs.append(rec(Run("cifar10_resnet20", "genie", "genie-native", 3, 3, extra=("--set", "iters=6000")), 77.6,
+                    {**gh, "iters": 6000}, wall=900.0))
+    recs.append(rec(Run("cifar10_resnet20", "genie", "ptq", 3, 3, extra=("--set", "iters=6000")), 77.0,
+                    {**gh, "iters": 6000}))
+    text = "\n".join(_budget_section(recs, tmp_path))
+    assert "| genie | genie-native | W3A3 | iters=6000 | 2 | 6000 | 77.60 | 78.3 | 15.0 |" in text
+    assert "| genie | ptq |" not in text
+    assert (family_goal("genie", "W3A3", "genie-native"), family_goal("genie", "W4A4", "genie-native")) == (78.3, 80.2)
 
     spec = importlib.util.spec_from_file_location("zsq_bench_budget_plot",
                                                   Path(__file__).resolve().parents[1] / "bench" / "budget_plot.py")

@@ -688,61 +688,72 @@ def _sharpness_section(d: Path) -> list[str]:
             + sharpness_rows(recs) + [""])
 
 
-def family_goal(recipe: str, bits: str) -> float | None:
-    """The ``top1_best`` target of ``recipe``'s QAT family at ``bits`` (from ``_TARGETS``): the generator family's
-    for a generator recipe, else the noise-optimization family's (``qat-zeroq`` is that family's baseline)."""
+def family_goal(recipe: str, bits: str, proto: str = "qat") -> float | None:
+    """The target a budget curve's row is held to at ``bits`` (from ``_TARGETS``): under ``qat``, that of
+    ``recipe``'s QAT family (the generator family's for a generator recipe, else the noise-optimization
+    family's; ``qat-zeroq`` is that family's baseline); under another protocol, the recipe's own target."""
+    if proto != "qat":
+        return next((goal for _, _, recipes, p, b, stat, goal, _ in _TARGETS
+                     if recipes == recipe and p == proto and b == bits and stat == "top1"), None)
     fam = _GEN if recipe in _GEN else _QAT
-    return next((goal for _, _, recipes, proto, b, stat, goal, _ in _TARGETS
-                 if recipes == fam and proto == "qat" and b == bits and stat == "top1_best"), None)
+    return next((goal for _, _, recipes, p, b, stat, goal, _ in _TARGETS
+                 if recipes == fam and p == "qat" and b == bits and stat == "top1_best"), None)
 
 
-#: issues 8 / 10: each curve's family targets per bit width (``bench/budget_plot.py`` draws the W3A3 one)
-BUDGET_TARGETS = {recipe: {bits: family_goal(recipe, bits) for bits in ("W4A4", "W3A3")}
-                  for recipe, *_ in BUDGET_CURVES}
+#: issues 5 / 8 / 10: each curve's targets per bit width (``bench/budget_plot.py`` draws the W3A3 one)
+BUDGET_TARGETS = {recipe: {bits: family_goal(recipe, bits, proto) for bits in ("W4A4", "W3A3")}
+                  for recipe, proto, *_ in BUDGET_CURVES}
 
 
 def budget_points(recs: list[dict]) -> list[dict]:
-    """The points of the accuracy-against-budget curves (``BUDGET_CURVES``): per recipe, its ``qat`` runs
-    (default budget, synthetic data, seed 0) whose only extra flag sets the curve's hparam, and the plain
-    default run; each with the hparam's value, the multiple of the default, loop iterations (epochs x steps
-    per epoch), top-1 and wall minutes. Sorted by recipe, bits, value."""
+    """The points of the accuracy-against-budget curves (``BUDGET_CURVES``): per recipe, its runs under the
+    curve's protocol (default budget, synthetic data, seed 0) whose only extra flag sets the curve's hparam,
+    and the plain default run; each with the hparam's value, the multiple of the default, loop iterations
+    (``qat``: epochs x steps per epoch; ``genie``: steps per block), top-1, the target and wall minutes.
+    Sorted by recipe, bits, value."""
     pts = []
-    for recipe, key, default, _ in BUDGET_CURVES:
+    for recipe, proto, key, default, _ in BUDGET_CURVES:
         for r in recs:
             run, z = r["run"], r["zsq"]
             extra = list(run.get("extra") or ())
             top1 = (z.get("metrics") or {}).get("top1")
-            if (run["recipe"] != recipe or run["protocol"] != "qat" or run.get("calib") or run["seed"] != 0
+            if (run["recipe"] != recipe or run["protocol"] != proto or run.get("calib") or run["seed"] != 0
                     or run.get("budget") != "default" or top1 is None
                     or not (extra == [] or (len(extra) == 2 and extra[0] == "--set"
                                             and extra[1].startswith(f"{key}=")))):
                 continue
             hp = (z.get("recipe") or {}).get("hparams") or {}
             value = hp.get(key, default)
-            pts.append({"recipe": recipe, "bits": f"W{run['w']}A{run['a']}", "key": key, "value": value,
-                        "scale": value / default, "iters": hp.get("epochs", 0) * hp.get("steps_per_epoch", 0),
-                        "top1": top1, "wall_min": z["wall_s"] / 60})
+            bits = f"W{run['w']}A{run['a']}"
+            loops = hp.get("epochs", 0) * hp.get("steps_per_epoch", 0) if proto == "qat" else value
+            pts.append({"recipe": recipe, "protocol": proto, "bits": bits, "key": key, "value": value,
+                        "scale": value / default, "iters": loops, "top1": top1,
+                        "goal": family_goal(recipe, bits, proto), "wall_min": z["wall_s"] / 60})
     return sorted(pts, key=lambda p: (p["recipe"], p["bits"], p["value"]))
 
 
 def _budget_section(recs: list[dict], runs_dir: Path) -> list[str]:
-    """Issues 8 / 10: accuracy against budget, once some curve has a point besides its default run."""
+    """Issues 5 / 8 / 10: accuracy against budget, once some curve has a point besides its default run."""
     pts = budget_points(recs)
     if not any(p["scale"] != 1 for p in pts):
         return []
     png = runs_dir / "budget" / "accuracy_vs_budget.png"
     out = ["## Accuracy against budget (`zsq bench run budget`)", "",
-           "ResNet-20, `qat`, seed 0, top-1 on the test set; one run per point (each point is its own run with "
-           "its own schedule, not an intermediate epoch of a longer one). `qat-zeroq`: the QAT baseline (5,120 "
-           "`zeroq` images, the shared KD loop), budget = steps per epoch of its 4 epochs; `gdfq`: the generator "
-           "lineage's base, `adasg`: the best generator recipe at W3A3, budget = epochs of 100 iterations (the "
-           "first a warm-up). Wall minutes include the synthesis only where the run made its synthetic set."
+           "ResNet-20, seed 0, top-1 on the test set; one run per point (each point is its own run with its own "
+           "schedule, not an intermediate epoch of a longer one). Under `qat`: `qat-zeroq`, the QAT baseline "
+           "(5,120 `zeroq` images, the shared KD loop), budget = steps per epoch of its 4 epochs; `gdfq`: the "
+           "generator lineage's base, `adasg`: the best generator recipe at W3A3, budget = epochs of 100 "
+           "iterations (the first a warm-up). Under `genie-native`: `genie`, budget = reconstruction steps per "
+           "block (batch 8; loop iterations = steps per block, 11 blocks) on the default run's synthetic set "
+           "(256 images; the paper: 20,000 steps of batch 32 on 1,024). Target: the family's (`qat`) or the "
+           "recipe's own (3-seed means; these points are seed 0). Wall minutes include the synthesis only where "
+           "the run made its synthetic set."
            + (f" Plot: `{png.as_posix()}` (`python bench/budget_plot.py`)." if png.exists() else ""), "",
-           "| recipe | bits | budget hparam | x default | loop iterations | top-1 | family target | wall min |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| recipe | protocol | bits | budget hparam | x default | loop iterations | top-1 | target | wall min |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for p in pts:
-        out.append(f"| {p['recipe']} | {p['bits']} | {p['key']}={p['value']} | {p['scale']:.2g} | {p['iters']} | "
-                   f"{p['top1']:.2f} | {family_goal(p['recipe'], p['bits']) or '—'} | {p['wall_min']:.1f} |")
+        out.append(f"| {p['recipe']} | {p['protocol']} | {p['bits']} | {p['key']}={p['value']} | {p['scale']:.2g} | "
+                   f"{p['iters']} | {p['top1']:.2f} | {p['goal'] or '—'} | {p['wall_min']:.1f} |")
     return out + [""]
 
 

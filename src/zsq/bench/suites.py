@@ -192,22 +192,25 @@ def vit_data(seed: int = 0) -> list[Run]:
     return runs
 
 
-#: issues 8 / 10, accuracy against budget: (recipe, the hparam that sets its budget, its ``default`` value,
-#: the values run). ``qat``: steps per epoch (4 epochs; the EMA warm-up stays 2% of the steps, the cosine
+#: issues 5 / 8 / 10, accuracy against budget: (recipe, protocol, the hparam that sets its budget, its ``default``
+#: value, the values run). ``qat``: steps per epoch (4 epochs; the EMA warm-up stays 2% of the steps, the cosine
 #: schedule spans the run); generator recipes: epochs (one warm-up epoch + 12 at ``default``; the lr
-#: milestones are fractions of the epochs). About x0.5 / x1 / x2 / x4 of the default's student steps.
-BUDGET_CURVES = (("qat-zeroq", "steps_per_epoch", 250, (125, 250, 500, 1000)),
-                 ("gdfq", "epochs", 13, (7, 13, 25, 49)),
-                 ("adasg", "epochs", 13, (13, 25, 49)))  # the best generator recipe at W3A3 (seed 0)
+#: milestones are fractions of the epochs); ``genie``: reconstruction steps per block (the synthetic set, made
+#: once per seed, is the default run's; the paper runs 20,000). About x0.5 / x1 / x2 / x4 of the default.
+BUDGET_CURVES = (("qat-zeroq", "qat", "steps_per_epoch", 250, (125, 250, 500, 1000)),
+                 ("gdfq", "qat", "epochs", 13, (7, 13, 25, 49)),
+                 ("adasg", "qat", "epochs", 13, (13, 25, 49)),  # the best generator recipe at W3A3 (seed 0)
+                 ("genie", "genie-native", "iters", 3000, (1000, 3000, 6000, 12000)))
 
 
 def budget(seeds=(0,)) -> list[Run]:
-    """Issues 8 / 10: accuracy against budget at W3A3 (the bits whose targets are furthest) for the
-    ``qat`` baseline, the generator lineage's base and its best recipe at W3A3 (``BUDGET_CURVES``), seed 0;
-    the ``default`` point is the ``qat`` / ``gen`` suites' run (shared). ~5 h on 2 cores, resumable."""
+    """Issues 5 / 8 / 10: accuracy against budget at W3A3 (the bits whose targets are furthest) for the
+    ``qat`` baseline, the generator lineage's base and its best recipe at W3A3, and ``genie``
+    (``BUDGET_CURVES``), seed 0; the ``default`` point is the ``qat`` / ``gen`` / ``genie`` suites' run
+    (shared). ~6.5 h on 2 cores, resumable."""
     m = "cifar10_resnet20"
-    return [Run(m, r, "qat", 3, 3, seed=s, extra=() if v == default else ("--set", f"{key}={v}"))
-            for r, key, default, values in BUDGET_CURVES for v in values for s in seeds]
+    return [Run(m, r, proto, 3, 3, seed=s, extra=() if v == default else ("--set", f"{key}={v}"))
+            for r, proto, key, default, values in BUDGET_CURVES for v in values for s in seeds]
 
 
 #: recipes of the ``qat`` suite, in run order (the baseline first)

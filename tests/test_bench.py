@@ -358,8 +358,9 @@ def test_genie_step_param_summary_differences_to_the_default():
             rec("r3000b8rel1e3", "W3A3", 81.66), rec("r3000b8rel1e3", "W4A4", 84.20),
             rec("r3000b8rel1e3", "W8A8", 86.0),  # no default at W8A8: left out
             rec("r3000b8rel1e3", "W4A4", 90.0, synth="s500u"),  # another set: not compared
-            rec("r3000b8", "W3A3", 81.86)]
+            rec("r3000b8", "W3A3", 81.86),  # the older set's default: not a variant
+            rec("r3000b8lr3e3", "W3A3", 80.98)]
     (line, blank) = genie_step_param_summary(recs)
-    assert line == ("Relative weight step minus Genie's absolute one (`r3000b8abs`, same set, seed 0): "
-                    "`r3000b8rel1e3` W3A3 -0.76, W4A4 +0.32.") and blank == ""
+    assert line == ("Each variant minus Genie's default reconstruction (`r3000b8abs`, same set, seed 0): "
+                    "`r3000b8lr3e3` W3A3 -1.44; `r3000b8rel1e3` W3A3 -0.76, W4A4 +0.32.") and blank == ""
     assert genie_step_param_summary([rec("r3000b8rel1e3", "W3A3", 81.0)]) == []

@@ -631,14 +631,16 @@ class Reconstructor:
             q.train(False)
         if cfg.channels_last:
             unit.module.to(memory_format=torch.contiguous_format)
-        held = self._heldout_loss(unit, x, y, xq) if iters else None
+        mse_xq = self._xq_loss(unit, xq, y) if iters else None
         bar.finish(last_loss)
         self.stats.append({"pass": pi, "unit": unit.name, "iters": iters, "skipped": unit.skip,
-                           "loss_first": first_loss, "loss_last": last_loss, "mse_xq": held,
+                           "loss_first": first_loss, "loss_last": last_loss, "mse_xq": mse_xq,
                            "wall_s": round(time.perf_counter() - t0, 3), "loop_s": round(loop_s, 3)})
 
     @torch.no_grad()
-    def _heldout_loss(self, unit: Unit, x, y, xq) -> float:
+    def _xq_loss(self, unit: Unit, xq: torch.Tensor, y: torch.Tensor) -> float:
+        """The finished (hard-rounded) unit's reconstruction loss on the quantized model's inputs of the
+        first 256 calibration images: the images it trained on, not held-out ones."""
         k = min(256, xq.shape[0])
         out = self._unit_forward(unit, xq[:k].contiguous())
         return float((out.float() - y[:k]).pow(2).sum(1).mean())

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from zsq.bench.report import genie_step_param_summary, render
-from zsq.bench.runner import Run, run_one
+from zsq.bench.runner import Run, RunBusy, run_one, run_wall_s, work_dir
 from zsq.bench.suites import SUITES
 
 
@@ -195,6 +195,57 @@ def test_qat_suite_native_protocols_and_baseline_margin_row():
     assert "+0.83 | **not met** |" in _qat_baseline_rows(recs)[0]
     recs += [rec("hast", s, 67.2) for s in (1, 2)]  # hast mean 66.80 is now the best: +0.90
     assert _qat_baseline_rows(recs)[0].startswith("| best QAT recipe beats qat-zeroq by >= 1.0 at W3A3 (qat) | hast ")
+
+
+def test_run_one_resumes_an_interrupted_run_and_locks_it(tmp_path, monkeypatch):
+    """An interrupted run (its OUT with a checkpoint in ZSQ_CACHE/bench-work/RUN_ID) is continued with
+    --resume and its JSON records the earlier attempt's wall; a checkpoint of other settings makes the
+    runner start over; a live lock refuses a second runner, a dead one is taken over; the work
+    directory goes once the JSON is written."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import zsq.bench.runner as runner
+
+    monkeypatch.setenv("ZSQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CI", "true")
+    run = Run("cifar10_resnet20", "qat-zeroq", "qat", 4, 4, budget="smoke", eval_limit=50,
+              extra=("--set", "steps_per_epoch=6"))
+    work = work_dir(run)
+    assert work == tmp_path / "cache" / "bench-work" / run.run_id
+
+    def interrupt(*sets):  # the state a killed `zsq bench run` leaves: OUT with a checkpoint, one attempt
+        cmd = [sys.executable, "-m", "zsq", "quantize", run.model, "--recipe", run.recipe, "--protocol", "qat",
+               "--w", "4", "--a", "4", "--budget", "smoke", "--threads", "1", "-q", "-o", str(work / "out"), *sets]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        assert p.returncode != 0 and "stopped after step 3 of epoch 0" in p.stderr, p.stderr[-2000:]
+        now = time.time()
+        (work / "attempts.json").write_text(json.dumps([{"start": now - 100.0, "last": now - 40.0}]))
+
+    cmds = []
+    real = runner._attempt
+    monkeypatch.setattr(runner, "_attempt", lambda cmd, *a: cmds.append(cmd) or real(cmd, *a))
+
+    interrupt("--set", "steps_per_epoch=6", "--set", "stop_at=[0,3]")
+    (work / "lock.json").write_text(json.dumps({"runner": os.getppid(), "child": None}))  # alive: another runner
+    with pytest.raises(RunBusy):
+        run_one(run, tmp_path / "runs", threads=1)
+    (work / "lock.json").write_text(json.dumps({"runner": 2 ** 22 + 12345, "child": None}))  # gone: taken over
+    rec = run_one(run, tmp_path / "runs", threads=1)
+    assert "--resume" in cmds[-1] and "--resume" not in rec["command"]
+    assert rec["resumed"] == {"attempts": 1, "earlier_wall_s": 60.0}
+    assert run_wall_s(rec) == pytest.approx(rec["zsq"]["wall_s"] + 60.0)
+    assert not work.exists() and (tmp_path / "runs" / f"{run.run_id}.json").is_file()
+
+    # a checkpoint of other settings (6 -> 7 steps per epoch): resuming is refused, the run starts over
+    interrupt("--set", "steps_per_epoch=7", "--set", "stop_at=[0,3]")
+    cmds.clear()
+    again = run_one(run, tmp_path / "runs", threads=1, force=True)
+    assert ["--resume" in c for c in cmds] == [True, False] and "resumed" not in again
+    assert again["zsq"]["metrics"]["top1"] == rec["zsq"]["metrics"]["top1"]  # resumed = uninterrupted
+    assert not work.exists()
 
 
 def test_budget_curves_points_section_and_plot(tmp_path):

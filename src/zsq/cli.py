@@ -354,7 +354,8 @@ def bench_run(
     force: bool = typer.Option(False, help="recompute finished runs"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and exit"),
 ):
-    """Run a suite; finished runs (their JSON exists) are skipped, so an interrupted suite resumes."""
+    """Run a suite; finished runs (their JSON exists) are skipped and an interrupted run continues from its
+    checkpoints (ZSQ_CACHE/bench-work), so an interrupted suite resumes."""
     from .bench.runner import run_suite
     from .bench.suites import SUITES
     from .registry import Registry
@@ -369,7 +370,12 @@ def bench_run(
         for r in runs:
             out_console.print(r.run_id)
         return
-    recs = run_suite(runs, runs_dir, threads, force)
+    try:
+        recs = run_suite(runs, runs_dir, threads, force)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the quantize process got SIGINT and saved its checkpoint
+        console.print("interrupted: the unfinished run keeps its checkpoints in ZSQ_CACHE/bench-work; "
+                      "the same `zsq bench run` continues it")
+        sys.exit(130)
     if len(recs) < len(runs):  # a failed run is reported by run_suite and makes the exit status non-zero
         console.print(f"[red]{len(runs) - len(recs)} of {len(runs)} runs failed[/]")
         raise typer.Exit(1)

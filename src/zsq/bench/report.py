@@ -7,6 +7,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from .runner import run_wall_s
 from .suites import BUDGET_CURVES, GENIE_MATCHED_TIME
 
 HEADER = """# Results
@@ -19,7 +20,8 @@ set is cached and reused by later bit settings of the same (model, recipe, budge
 first setting carries the synthesis time. "CPU s" is the CPU time of all threads for the same span,
 and "load" the machine's 1-minute load average when the run started: on a shared 2-core machine
 (load > 2) wall time is inflated and CPU s / threads is the better estimate of an idle run. Peak
-RSS is that of the whole process.
+RSS is that of the whole process. A run interrupted and resumed (`--resume` from its checkpoints) shows
+the wall of all its attempts (earlier ones up to their last heartbeat); its CPU s is the last attempt's.
 Protocols are defined in `../shared/docs/benchmarks.md` and `zsq.spec.PROTOCOLS`.
 """
 
@@ -27,6 +29,14 @@ Protocols are defined in `../shared/docs/benchmarks.md` and `zsq.spec.PROTOCOLS`
 def _load(runs_dir: Path) -> list[dict]:
     """Every ``*.json`` directly in ``runs_dir`` (none when it does not exist), sorted by file name."""
     return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+
+
+def _wall_cell(rec: dict):
+    """The wall-seconds cell of a run: zsq's own, or for a resumed run the total with the attempt count."""
+    res = rec.get("resumed")
+    if not res:
+        return rec["zsq"].get("wall_s")
+    return f"{run_wall_s(rec):.1f} (resumed, {res['attempts'] + 1} attempts)"
 
 
 def _fmt(vals: list[float]) -> str:
@@ -88,7 +98,7 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
         syn = z.get("synthetic") or {}
         label = _label(run)
         lines.append(f"| {run['model']} | {label} | {run['protocol']} | W{run['w']}A{run['a']} | {run['budget']} | "
-                     f"{run['seed']} | {m.get('top1', '—')} | {m.get('top5', '—')} | {z.get('wall_s')} | {z.get('cpu_s', '—')} | "
+                     f"{run['seed']} | {m.get('top1', '—')} | {m.get('top5', '—')} | {_wall_cell(r)} | {z.get('cpu_s', '—')} | "
                      f"{r.get('load_avg', '—')} | "
                      f"{syn.get('kind', '—')}{' (cached)' if syn.get('cached') else ''} | {syn.get('n_images')} | "
                      f"{z.get('peak_rss_mb')} |")
@@ -166,12 +176,12 @@ def _targets_section(recs: list[dict]) -> list[str]:
             if best_full and best_full != best:
                 shown += f"; best with {seeds} seeds: {best_full} {_fmt(by[best_full])}"
         elif stat == "wall_max" and sel:
-            value = -max(r["zsq"]["wall_s"] for r in sel)
+            value = -max(run_wall_s(r) for r in sel)
             shown = f"{-value:.1f} s (n={len(sel)})"
         elif stat == "first_wall_max" and sel:
             per_seed = defaultdict(list)  # the run of a seed that made the synthetic set is its slowest
             for r in sel:
-                per_seed[r["run"]["seed"]].append(r["zsq"]["wall_s"])
+                per_seed[r["run"]["seed"]].append(run_wall_s(r))
             firsts = [max(v) for v in per_seed.values()]
             if firsts:
                 value = -max(firsts)
@@ -732,7 +742,7 @@ def budget_points(recs: list[dict]) -> list[dict]:
             loops = hp.get("epochs", 0) * hp.get("steps_per_epoch", 0) if proto == "qat" else value
             pts.append({"recipe": recipe, "protocol": proto, "bits": bits, "key": key, "value": value,
                         "scale": value / default, "iters": loops, "top1": top1,
-                        "goal": family_goal(recipe, bits, proto), "wall_min": z["wall_s"] / 60})
+                        "goal": family_goal(recipe, bits, proto), "wall_min": run_wall_s(r) / 60})
     return sorted(pts, key=lambda p: (p["recipe"], p["bits"], p["value"]))
 
 
@@ -795,7 +805,7 @@ def _family_section(recs: list[dict]) -> list[str]:
         top1 = (r["zsq"].get("metrics") or {}).get("top1")
         if rec.kind == "QAT" and rec.family in QAT_FAMILIES and top1 is not None:
             by[r["run"]["recipe"]][f"W{r['run']['w']}A{r['run']['a']}"].append(top1)
-            by[r["run"]["recipe"]]["wall"].append(r["zsq"]["wall_s"])
+            by[r["run"]["recipe"]]["wall"].append(run_wall_s(r))
     if not any(RECIPES[k].family == "generator" for k in by):
         return []
     rows = ["## QAT families side by side: noise optimization vs generator (ResNet-20, `qat`, default budgets)", "",

@@ -5,6 +5,13 @@ from those files.
 Each run is a separate ``python -m zsq quantize ...`` process, so wall time and peak memory are
 those of that run alone. Synthetic sets are cached in ``ZSQ_CACHE``: the first bit setting of a
 (model, recipe, seed) pays the synthesis, later ones reuse it; the JSON records which.
+
+An unfinished run resumes too: its OUT (with the quantizer's checkpoints, ``OUT/.ckpt``) lives in
+``ZSQ_CACHE/bench-work/RUN_ID`` until it finishes, and a later ``zsq bench run`` continues it with
+``--resume`` (QAT, generator and reconstruction engines checkpoint; the others start over). Its JSON
+then records the earlier attempts (``resumed``: their count and wall seconds up to their last
+heartbeat, an upper bound of the work they kept). A lock in that directory keeps two ``bench run``
+processes off the same run.
 """
 
 from __future__ import annotations
@@ -13,16 +20,16 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
 from rich.console import Console
 
-from ..paths import write_json_atomic
+from ..paths import write_json_atomic, zsq_cache
 
 console = Console(stderr=True)
 
@@ -62,35 +69,141 @@ def _asset(p: str) -> str:
     return str(Path(home) / p) if home else p
 
 
-def run_one(run: Run, runs_dir: Path, threads: int = 2, force: bool = False) -> dict:
+class RunBusy(RuntimeError):
+    """The run is in progress in another ``zsq bench run`` process (its lock is held)."""
+
+
+def work_dir(run: Run) -> Path:
+    """Where ``run``'s OUT lives until it finishes (kept across invocations, so it can resume)."""
+    return zsq_cache() / "bench-work" / run.run_id
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _take_lock(work: Path) -> None:
+    """Own ``work``: refuse (:class:`RunBusy`) while the process that holds its lock, or the quantize
+    process it started, is alive; a lock whose processes are gone is taken over."""
+    work.mkdir(parents=True, exist_ok=True)
+    lock = work / "lock.json"
+    try:
+        held = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        held = {}
+    if any(_alive(held.get(k)) for k in ("runner", "child")) and held.get("runner") != os.getpid():
+        raise RunBusy(f"in progress in process {held.get('runner')} ({work})")
+    write_json_atomic(lock, {"runner": os.getpid(), "child": None})
+
+
+def _earlier_attempts(work: Path) -> list[dict]:
+    try:
+        return json.loads((work / "attempts.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def _attempt(cmd: list[str], env: dict, work: Path, attempts: list[dict], heartbeat_s: float) -> subprocess.CompletedProcess:
+    """Run one attempt of ``cmd``, recording its start and a heartbeat in ``work/attempts.json``; Ctrl-C
+    or SIGTERM is passed on as SIGINT (the engines then save a checkpoint) and re-raised."""
+    me = {"start": time.time(), "last": time.time()}
+    attempts = attempts + [me]
+    write_json_atomic(work / "attempts.json", attempts)
+    with open(work / "stdout.log", "w") as out, open(work / "stderr.log", "w") as err:
+        # SIGINT back to its default in the child (a runner started in the background, e.g. `nohup ... &`,
+        # ignores it, and the child would inherit that): Python then turns it into KeyboardInterrupt
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        write_json_atomic(work / "lock.json", {"runner": os.getpid(), "child": p.pid})
+        old = signal.signal(signal.SIGTERM, signal.default_int_handler) if _main_thread() else None
+        try:
+            while True:
+                try:
+                    rc = p.wait(timeout=heartbeat_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    me["last"] = time.time()
+                    write_json_atomic(work / "attempts.json", attempts)
+        except KeyboardInterrupt:
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            raise
+        finally:
+            me["last"] = time.time()
+            write_json_atomic(work / "attempts.json", attempts)
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+    return subprocess.CompletedProcess(cmd, rc, (work / "stdout.log").read_text(), (work / "stderr.log").read_text())
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def run_one(run: Run, runs_dir: Path, threads: int = 2, force: bool = False, heartbeat_s: float = 30.0) -> dict:
     out_json = runs_dir / f"{run.run_id}.json"
     if out_json.exists() and not force:
         return json.loads(out_json.read_text())
-    tmp = Path(tempfile.mkdtemp(prefix="zsq-bench-"))
+    work = work_dir(run)
+    _take_lock(work)
+    out = work / "out"
     cmd = [sys.executable, "-m", "zsq", "quantize", run.model, "--recipe", run.recipe, "--protocol", run.protocol,
            "--w", str(run.w), "--a", str(run.a), "--seed", str(run.seed), "--budget", run.budget,
-           "--threads", str(threads), "--eval", _asset(run.eval), "-o", str(tmp / "out"), "--quiet", *run.extra]
+           "--threads", str(threads), "--eval", _asset(run.eval), "-o", str(out), "--quiet", *run.extra]
     if run.eval_limit:
         cmd += ["--eval-limit", str(run.eval_limit)]
     if run.calib:
         cmd += ["--calib", _asset(run.calib), "--calib-n", str(run.calib_n)]
     load = round(os.getloadavg()[0], 2)
-    t0 = time.perf_counter()
     # passive OpenMP waiting: spinning threads slow torch 5-13x when the 2 cores are shared
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    total = time.perf_counter() - t0
     try:
+        earlier = _earlier_attempts(work)
+        resume = bool(earlier) and (out / ".ckpt").is_dir() and any((out / ".ckpt").iterdir())
+        if not resume:
+            earlier = []
+            shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        p = _attempt(cmd + ["--overwrite"] + (["--resume"] if resume else []), env, work, earlier, heartbeat_s)
+        if p.returncode != 0 and resume:  # e.g. a checkpoint of other settings: start over once
+            console.print(f"[yellow]{run.run_id}: resuming failed ({p.stderr.strip()[-200:]}); starting over[/]")
+            earlier, resume = [], False
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            p = _attempt(cmd + ["--overwrite"], env, work, [], heartbeat_s)
+        total = time.perf_counter() - t0
         if p.returncode != 0:
             raise RuntimeError(f"{run.run_id} failed (exit {p.returncode}): {p.stderr.strip()[-500:]}")
-        z = json.loads((tmp / "out" / "zsq.json").read_text())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    rec = {"run": asdict(run), "run_id": run.run_id, "command": " ".join(cmd[2:]).replace(str(tmp / "out"), "OUT"),
+        z = json.loads((out / "zsq.json").read_text())
+    except BaseException:
+        lock = work / "lock.json"
+        if lock.exists():
+            lock.unlink()
+        raise
+    rec = {"run": asdict(run), "run_id": run.run_id, "command": " ".join(cmd[2:]).replace(str(out), "OUT"),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "process_wall_s": round(total, 1), "load_avg": load,
            "zsq": z}
+    if resume:
+        rec["resumed"] = {"attempts": len(earlier),
+                          "earlier_wall_s": round(sum(a["last"] - a["start"] for a in earlier), 1)}
     write_json_atomic(out_json, rec)
+    shutil.rmtree(work, ignore_errors=True)
     return rec
+
+
+def run_wall_s(rec: dict) -> float:
+    """A run's wall seconds: zsq's own (synthesis + quantization) plus, for a resumed run, its earlier
+    attempts' (``resumed.earlier_wall_s``)."""
+    return rec["zsq"]["wall_s"] + (rec.get("resumed") or {}).get("earlier_wall_s", 0.0)
 
 
 def run_suite(runs: list[Run], runs_dir: str | Path = "bench/runs", threads: int = 2, force: bool = False) -> list[dict]:
@@ -99,13 +212,18 @@ def run_suite(runs: list[Run], runs_dir: str | Path = "bench/runs", threads: int
     out = []
     for i, r in enumerate(runs, 1):
         done = (runs_dir / f"{r.run_id}.json").exists() and not force
-        console.print(f"[{i}/{len(runs)}] {r.run_id}{' (done)' if done else ''}")
+        resuming = not done and (work_dir(r) / "out" / ".ckpt").is_dir()
+        console.print(f"[{i}/{len(runs)}] {r.run_id}{' (done)' if done else ' (resuming)' if resuming else ''}")
         try:
             rec = run_one(r, runs_dir, threads, force)
+        except RunBusy as e:
+            console.print(f"[yellow]    skipped: {e}[/]")
+            continue
         except RuntimeError as e:
             console.print(f"[red]{e}[/]")
             continue
         m = rec["zsq"]["metrics"] or {}
-        console.print(f"    top1 {m.get('top1')}  wall {rec['zsq']['wall_s']} s")
+        console.print(f"    top1 {m.get('top1')}  wall {rec['zsq']['wall_s']} s"
+                      + (f" (+{rec['resumed']['earlier_wall_s']} s earlier attempts)" if rec.get("resumed") else ""))
         out.append(rec)
     return out

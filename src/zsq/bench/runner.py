@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
@@ -143,9 +144,7 @@ def _attempt(cmd: list[str], env: dict, work: Path, attempts: list[dict], heartb
     return subprocess.CompletedProcess(cmd, rc, (work / "stdout.log").read_text(), (work / "stderr.log").read_text())
 
 
-def _main_thread() -> bool:
-    import threading
-
+def _main_thread() -> bool:  # signal handlers can only be set there
     return threading.current_thread() is threading.main_thread()
 
 

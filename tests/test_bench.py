@@ -412,6 +412,30 @@ def test_genie_step_param_summary_differences_to_the_default():
             rec("r3000b8", "W3A3", 81.86),  # the older set's default: not a variant
             rec("r3000b8lr3e3", "W3A3", 80.98)]
     (line, blank) = genie_step_param_summary(recs)
-    assert line == ("Each variant minus Genie's default reconstruction (`r3000b8abs`, same set, seed 0): "
+    assert line == ("Each variant minus Genie's default reconstruction (`r3000b8abs`, same set and seed; seed 0 unless named): "
                     "`r3000b8lr3e3` W3A3 -1.44; `r3000b8rel1e3` W3A3 -0.76, W4A4 +0.32.") and blank == ""
     assert genie_step_param_summary([rec("r3000b8rel1e3", "W3A3", 81.0)]) == []
+
+
+def test_genie_val_section_rows_name_seed_and_set(tmp_path):
+    """bench/genie_validation.py's rows: one per experiment, with its seed and, where recorded, the synthetic
+    set's cache key (rows of one set compare directly); the summary line compares each variant with the
+    default of the same set, seed and bits."""
+    from zsq.bench.report import _genie_val_section
+
+    def rec(name, synth, recon, hp, bits, seed, top1, synth_set=None):
+        d = {"name": name, "synth": synth, "synth_overrides": {"n_images": 512} if synth.endswith("512") else {},
+             "recon": recon, "recon_hparams": hp, "bits": bits, "seed": seed, "val_top1": top1,
+             "synth_wall_s": 10.0, "recon_wall_s": 20.0, "load_avg": 1.0}
+        if synth_set:
+            d["synth_set"] = synth_set
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+
+    rec("s300c__r3000b8abs__W3A3__s1", "s300c", "r3000b8abs", {"iters": 3000}, "W3A3", 1, 82.0, "genie-abcdef0123456789")
+    rec("s300c__r3000b8rel1e3__W3A3__s1", "s300c", "r3000b8rel1e3", {"iters": 3000}, "W3A3", 1, 81.5,
+        "genie-abcdef0123456789")
+    rec("s300c512__p1000b8__W3A3__s0", "s300c512", "p1000b8", {"iters": 1000}, "W3A3", 0, 83.1)
+    text = "\n".join(_genie_val_section(tmp_path))
+    assert "| s300c (`genie-abcdef`) | — | r3000b8abs | iters=3000 | W3A3 | 1 | 82.00 |" in text
+    assert "| s300c512 | n_images=512 | p1000b8 | iters=1000 | W3A3 | 0 | 83.10 |" in text
+    assert "`r3000b8rel1e3` W3A3 s1 -0.50" in text

@@ -529,39 +529,47 @@ def _genie_val_section(d: Path) -> list[str]:
     if not recs:
         return []
     out = ["## Genie default budget: chosen on a validation split (`bench/genie_validation.py`)", "",
-           "ResNet-20, `genie` recipe (`genie-native`), seed 0. Top-1 on the **validation split** (first 500 "
+           "ResNet-20, `genie` recipe (`genie-native`). Top-1 on the **validation split** (first 500 "
            "images per class of `cifar10-jpeg/train.tar`, 5,000 images; never the test set). Synthetic sets: "
            "Genie-D, 256 images in 2 batches of 128; `real` = 256 real training images (a reference, not "
            "zero-shot). `p1000b8` is a cheap proxy reconstruction (1,000 steps per block, batch 8). `rel1e3` / "
            "`rel3e3`: the default reconstruction with the weight step learnt as log(s / s_0) at Adam lr 1e-3 / 3e-3 "
            "(`w_scale_param=relative`) instead of Genie's absolute lr 1e-4 on s. `lr3e3`: the default with the rounding "
            "logits' Adam lr 3e-3 instead of 1e-3 (the paper's lr is sized for 20,000 steps; tried for the 3,000 here). "
+           "`s300c512`: the default synthesis with 512 images instead of 256. Where a row names its set (the cache "
+           "key), rows of the same set compare directly; the s300c rows without one that are not `r3000b8abs` / "
+           "`rel` / `lr` rows used an older set of seed 0 (another cache key), so the `s0cur` experiments redo "
+           "them on today's. "
            "Wall "
            "times include other work running on the machine at the time (the `load` column).", "",
-           "| synthetic set | overrides | reconstruction | hparams | bits | val top-1 | synth s | recon s | load |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(recs, key=lambda r: (r["recon"], r["bits"], r["synth"])):
+           "| synthetic set | overrides | reconstruction | hparams | bits | seed | val top-1 | synth s | recon s | load |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(recs, key=lambda r: (r["recon"], r["bits"], r["synth"], r["seed"], r["name"])):
         ov = ", ".join(f"{k}={v}" for k, v in (r["synth_overrides"] or {}).items()) or ("—" if r["synth_overrides"]
                                                                                        is not None else "real")
         hp = ", ".join(f"{k}={v}" for k, v in r["recon_hparams"].items())
-        out.append(f"| {r['synth']} | {ov} | {r['recon']} | {hp} | {r['bits']} | {r['val_top1']:.2f} | "
+        synth = f"{r['synth']} (`{r['synth_set'][:12]}`)" if r.get("synth_set") else r["synth"]
+        out.append(f"| {synth} | {ov} | {r['recon']} | {hp} | {r['bits']} | {r['seed']} | {r['val_top1']:.2f} | "
                    f"{r['synth_wall_s']} | {r['recon_wall_s']} | {r.get('load_avg')} |")
     return out + [""] + genie_step_param_summary(recs)
 
 
 def genie_step_param_summary(recs: list[dict]) -> list[str]:
     """One line: each variant of the default reconstruction (``r3000b8<variant>``: relative weight step,
-    rounding lr ...) minus the default itself (``r3000b8abs``, the same synthetic set) at each bit setting
-    both have. The plain ``r3000b8`` rows (an older set) are not compared."""
-    base = {(r["synth"], r["bits"]): r["val_top1"] for r in recs if r["recon"] == "r3000b8abs"}
+    rounding lr ...) minus the default itself (``r3000b8abs``, the same synthetic set and seed) at each bit
+    setting both have. The plain ``r3000b8`` rows (an older set) are not compared."""
+    def key(r):
+        return r["synth"], r["bits"], r.get("seed", 0), r.get("synth_set")
+
+    base = {key(r): r["val_top1"] for r in recs if r["recon"] == "r3000b8abs"}
     diffs: dict[str, list[str]] = defaultdict(list)
-    for r in sorted(recs, key=lambda r: (r["recon"], r["bits"])):
-        if (r["recon"].startswith("r3000b8") and r["recon"] not in ("r3000b8", "r3000b8abs")
-                and (r["synth"], r["bits"]) in base):
-            diffs[r["recon"]].append(f"{r['bits']} {r['val_top1'] - base[(r['synth'], r['bits'])]:+.2f}")
+    for r in sorted(recs, key=lambda r: (r["recon"], r["bits"], r.get("seed", 0))):
+        if r["recon"].startswith("r3000b8") and r["recon"] not in ("r3000b8", "r3000b8abs") and key(r) in base:
+            seed = f" s{r['seed']}" if r.get("seed", 0) else ""
+            diffs[r["recon"]].append(f"{r['bits']}{seed} {r['val_top1'] - base[key(r)]:+.2f}")
     if not diffs:
         return []
-    return ["Each variant minus Genie's default reconstruction (`r3000b8abs`, same set, seed 0): "
+    return ["Each variant minus Genie's default reconstruction (`r3000b8abs`, same set and seed; seed 0 unless named): "
             + "; ".join(f"`{k}` {', '.join(v)}" for k, v in diffs.items()) + ".", ""]
 
 

@@ -294,9 +294,11 @@ def test_budget_curves_points_section_and_plot(tmp_path):
                     {**gh, "iters": 6000}, wall=900.0))
     recs.append(rec(Run("cifar10_resnet20", "genie", "ptq", 3, 3, extra=("--set", "iters=6000")), 77.0,
                     {**gh, "iters": 6000}))
+    recs.append(rec(Run("cifar10_resnet32", "genie", "genie-native", 3, 3), 77.3, gh))  # another model
+    recs.append(rec(Run("cifar10_resnet20", "genie", "genie-native", 2, 4), 76.7, gh))  # bits of no target
     text = "\n".join(_budget_section(recs, tmp_path))
     assert "| genie | genie-native | W3A3 | iters=6000 | 2 | 6000 | 77.60 | 78.3 | 15.0 |" in text
-    assert "| genie | ptq |" not in text
+    assert "| genie | ptq |" not in text and "77.30" not in text and "W2A4" not in text
     assert (family_goal("genie", "W3A3", "genie-native"), family_goal("genie", "W4A4", "genie-native")) == (78.3, 80.2)
 
     spec = importlib.util.spec_from_file_location("zsq_bench_budget_plot",

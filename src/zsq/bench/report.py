@@ -728,8 +728,8 @@ BUDGET_TARGETS = {recipe: {bits: family_goal(recipe, bits, proto) for bits in ("
 
 
 def budget_points(recs: list[dict]) -> list[dict]:
-    """The points of the accuracy-against-budget curves (``BUDGET_CURVES``): per recipe, its runs under the
-    curve's protocol (default budget, synthetic data, seed 0) whose only extra flag sets the curve's hparam,
+    """The points of the accuracy-against-budget curves (``BUDGET_CURVES``): per recipe, its ResNet-20 W4A4 / W3A3
+    runs under the curve's protocol (default budget, synthetic data, seed 0) whose only extra flag sets the curve's hparam,
     and the plain default run; each with the hparam's value, the multiple of the default, loop iterations
     (``qat``: epochs x steps per epoch; ``genie``: steps per block), top-1, the target and wall minutes.
     Sorted by recipe, bits, value."""
@@ -740,6 +740,7 @@ def budget_points(recs: list[dict]) -> list[dict]:
             extra = list(run.get("extra") or ())
             top1 = (z.get("metrics") or {}).get("top1")
             if (run["recipe"] != recipe or run["protocol"] != proto or run.get("calib") or run["seed"] != 0
+                    or run["model"] != "cifar10_resnet20" or f"W{run['w']}A{run['a']}" not in ("W4A4", "W3A3")
                     or run.get("budget") != "default" or top1 is None
                     or not (extra == [] or (len(extra) == 2 and extra[0] == "--set"
                                             and extra[1].startswith(f"{key}=")))):

@@ -88,7 +88,7 @@ def run(name: str) -> dict:
     t0 = time.perf_counter()
     synth_s = 0.0
     kw = {}
-    kw_set = None
+    set_key = None  # the synthetic set's cache key (rows of one key compare directly)
     if SYNTH[s] is None:
         kw["calib"] = str(home / "cifar10-jpeg" / "train.tar")
         kw["calib_n"] = 256
@@ -98,12 +98,12 @@ def run(name: str) -> dict:
         sset = synthesize(model, "genie", budget="default", seed=seed, n_images=n, progress=False, overrides=ov or None)
         synth_s = float(json.loads((Path(sset.dir) / "meta.json").read_text()).get("wall_s", 0.0))
         kw["synthetic"] = str(sset.dir)
-        kw_set = Path(sset.dir).name
+        set_key = Path(sset.dir).name
     t1 = time.perf_counter()
     q = quantize(model, "genie", w, a, seed=seed, hparams=RECON[r], progress=False, **kw)
     recon_s = time.perf_counter() - t1
     acc = evaluate(q, valsplit.val_dataset(model), progress=False)
-    return {"name": name, "synth": s, "synth_overrides": SYNTH[s], "synth_set": kw_set, "recon": r,
+    return {"name": name, "synth": s, "synth_overrides": SYNTH[s], "synth_set": set_key, "recon": r,
             "recon_hparams": RECON[r],
             "bits": f"W{w}A{a}", "seed": seed, "val_top1": acc["top1"], "val_n": acc["n"],
             "synth_wall_s": round(synth_s, 1), "recon_wall_s": round(recon_s, 1),

@@ -722,8 +722,10 @@ def family_goal(recipe: str, bits: str, proto: str = "qat") -> float | None:
                  if recipes == fam and p == "qat" and b == bits and stat == "top1_best"), None)
 
 
+#: the bit widths of the budget curves' points (those with targets)
+BUDGET_BITS = ("W4A4", "W3A3")
 #: issues 5 / 8 / 10: each curve's targets per bit width (``bench/budget_plot.py`` draws the W3A3 one)
-BUDGET_TARGETS = {recipe: {bits: family_goal(recipe, bits, proto) for bits in ("W4A4", "W3A3")}
+BUDGET_TARGETS = {recipe: {bits: family_goal(recipe, bits, proto) for bits in BUDGET_BITS}
                   for recipe, proto, *_ in BUDGET_CURVES}
 
 
@@ -740,7 +742,7 @@ def budget_points(recs: list[dict]) -> list[dict]:
             extra = list(run.get("extra") or ())
             top1 = (z.get("metrics") or {}).get("top1")
             if (run["recipe"] != recipe or run["protocol"] != proto or run.get("calib") or run["seed"] != 0
-                    or run["model"] != "cifar10_resnet20" or f"W{run['w']}A{run['a']}" not in ("W4A4", "W3A3")
+                    or run["model"] != "cifar10_resnet20" or f"W{run['w']}A{run['a']}" not in BUDGET_BITS
                     or run.get("budget") != "default" or top1 is None
                     or not (extra == [] or (len(extra) == 2 and extra[0] == "--set"
                                             and extra[1].startswith(f"{key}=")))):

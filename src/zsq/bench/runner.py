@@ -101,6 +101,12 @@ def _take_lock(work: Path) -> None:
     write_json_atomic(lock, {"runner": os.getpid(), "child": None})
 
 
+def _has_checkpoint(work: Path) -> bool:
+    """Whether ``work``'s OUT holds a checkpoint to resume from."""
+    ck = work / "out" / ".ckpt"
+    return ck.is_dir() and any(ck.iterdir())
+
+
 def _earlier_attempts(work: Path) -> list[dict]:
     try:
         return json.loads((work / "attempts.json").read_text())
@@ -167,7 +173,7 @@ def run_one(run: Run, runs_dir: Path, threads: int = 2, force: bool = False, hea
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     try:
         earlier = _earlier_attempts(work)
-        resume = bool(earlier) and (out / ".ckpt").is_dir() and any((out / ".ckpt").iterdir())
+        resume = bool(earlier) and _has_checkpoint(work)
         if not resume:
             earlier = []
             shutil.rmtree(out, ignore_errors=True)
@@ -211,7 +217,7 @@ def run_suite(runs: list[Run], runs_dir: str | Path = "bench/runs", threads: int
     out = []
     for i, r in enumerate(runs, 1):
         done = (runs_dir / f"{r.run_id}.json").exists() and not force
-        resuming = not done and (work_dir(r) / "out" / ".ckpt").is_dir()
+        resuming = not done and _has_checkpoint(work_dir(r))
         console.print(f"[{i}/{len(runs)}] {r.run_id}{' (done)' if done else ' (resuming)' if resuming else ''}")
         try:
             rec = run_one(r, runs_dir, threads, force)

@@ -284,6 +284,25 @@ def test_genie_batches_reproducible(resnet20):
     assert all(not m._forward_pre_hooks for m in resnet20.modules())
 
 
+def test_genie_label_term_makes_confident_class_balanced_images(resnet20):
+    """``ce_weight`` (an ablation, off by default): the teacher is surer of the images and they spread
+    over the classes of the balanced target labels."""
+    from zsq.synth import get_synthesizer
+    from zsq.synth.base import batch_generator
+
+    kw = dict(batch_size=10, image_shape=(3, 32, 32))
+    out = {}
+    for w in (0.0, 1.0):
+        s = get_synthesizer("genie", "smoke", {"iters": 30, "batch_size": 10, "ce_weight": w})
+        x = s.make_batch(resnet20, 0, batch_generator(0, 0), **kw)
+        with torch.inference_mode():
+            out[w] = resnet20(x).softmax(1)
+    assert out[1.0].max(1).values.mean() > out[0.0].max(1).values.mean() + 0.2
+    assert len(set(out[1.0].argmax(1).tolist())) >= 8 > len(set(out[0.0].argmax(1).tolist()))
+    with pytest.raises(BadValueError, match="ce_weight"):
+        get_synthesizer("genie", "smoke", {"ce_weight": -1})
+
+
 def test_genie_recipe_smoke_end_to_end(resnet20, tmp_path):
     import zsq
 

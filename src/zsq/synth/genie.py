@@ -16,6 +16,9 @@ Source: SamsungLabs/Genie ``distill.py`` / ``main.py`` (methods.md A.3):
   cropped back at a random offset in {0, 1, 2}^2 (new draw every forward), applied with forward
   pre-hooks so the model itself is untouched;
 * the images returned are those of the last iteration's forward (before its update), as in the code;
+* ``ce_weight`` (0 = off, the published method): an ablation adding cross-entropy of the teacher's
+  logits to balanced target labels (the label term of DeepInversion / GDFQ); the plateau schedule and
+  the progress trace keep seeing the BNS loss only;
 * 1,024 images in batches of 128, 4,000 iterations per batch (``paper`` budget).
 
 Every random draw (generator initialisation, latents, swing offsets) comes from the batch's own
@@ -41,6 +44,7 @@ from torch import Tensor, nn
 from ..errors import BadValueError
 from .base import SYNTHESIZERS, StepCallback, SynthConfig, Synthesizer
 from .losses import BNStatsLoss, bn_layers
+from .pixel import draw_labels, num_classes
 
 
 @dataclass
@@ -58,6 +62,9 @@ class GenieConfig(SynthConfig):
     g_decay: float = 0.95  # ExponentialLR(gamma=0.95) on the generator ...
     g_decay_every: int = 100  # ... stepped every 100 iterations
     swing: int = 1  # jitter (px) of the swing convolution; 0 disables it
+    # not Genie-D (an ablation, 0 = off): + ce_weight x CE(teacher logits, balanced target labels), the
+    # label term of DeepInversion / GDFQ, for class-confident, class-balanced images
+    ce_weight: float = 0.0
     eps: float = 1e-6  # sqrt(running_var + eps)
     precision: str = "bf16"
     channels_last: bool = True
@@ -75,6 +82,8 @@ class GenieConfig(SynthConfig):
             raise BadValueError(f"iters must be >= 1, got {self.iters}")
         if int(self.g_decay_every) < 1 or int(self.plateau_patience) < 0:
             raise BadValueError("g_decay_every must be >= 1 and plateau_patience >= 0")
+        if not float(self.ce_weight) >= 0:
+            raise BadValueError(f"ce_weight must be >= 0, got {self.ce_weight}")
 
 
 class GenieGenerator(nn.Module):
@@ -155,6 +164,8 @@ class Genie(Synthesizer):
         opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_generator)
         sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.g_decay)
         extra = self.extra_loss(model, generator, batch_size=batch_size, image_shape=image_shape)
+        # drawn only when used, so Genie-D's own stream (and its images) stay as they were
+        labels = draw_labels(num_classes(model), batch_size, generator) if cfg.ce_weight > 0 else None
         handles = swing_hooks(model, generator, cfg.swing) if cfg.swing > 0 else []
         x = None
         try:
@@ -164,9 +175,12 @@ class Genie(Synthesizer):
                     opt_g.zero_grad(set_to_none=True)
                     with self.autocast(device):
                         x = gen(z)
-                        model(x.contiguous(memory_format=self.memory_format()))
+                        logits = model(x.contiguous(memory_format=self.memory_format()))
                     loss = bns.loss(x.float())
-                    (loss if extra is None else loss + extra(it, x)).backward()
+                    total = loss if extra is None else loss + extra(it, x)
+                    if labels is not None:
+                        total = total + cfg.ce_weight * F.cross_entropy(logits.float(), labels)
+                    total.backward()
                     opt_z.step()
                     opt_g.step()
                     value = loss.item()

@@ -196,6 +196,15 @@ def num_classes(model: nn.Module) -> int:
     return int(n)
 
 
+def draw_labels(k: int, batch_size: int, generator: torch.Generator, mode: str = "balanced") -> Tensor:
+    """Target labels from ``generator``: ``balanced`` = a cycle through the ``k`` classes from a random
+    offset (every class ``batch_size / k`` times), ``random`` = uniform draws."""
+    if mode == "balanced":
+        start = int(torch.randint(0, k, (1,), generator=generator, device=generator.device))
+        return (torch.arange(batch_size, device=generator.device) + start) % k
+    return torch.randint(0, k, (batch_size,), generator=generator, device=generator.device)
+
+
 def last_linear(model: nn.Module) -> nn.Linear | None:
     found = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return found[-1] if found else None
@@ -278,11 +287,7 @@ class PixelSynthesizer(Synthesizer):
 
     # the batch ------------------------------------------------------------------------------------
     def make_labels(self, model: nn.Module, generator: torch.Generator, batch_size: int) -> Tensor:
-        k = num_classes(model)
-        if self.config.label_mode == "balanced":
-            start = int(torch.randint(0, k, (1,), generator=generator, device=generator.device))
-            return (torch.arange(batch_size, device=generator.device) + start) % k
-        return torch.randint(0, k, (batch_size,), generator=generator, device=generator.device)
+        return draw_labels(num_classes(model), batch_size, generator, self.config.label_mode)
 
     def initial_pixels(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         if self.config.init == "uniform":  # ZeroQ's data_utils: (randint(0, 255) - 127.5) / 5418.75

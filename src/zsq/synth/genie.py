@@ -18,7 +18,8 @@ Source: SamsungLabs/Genie ``distill.py`` / ``main.py`` (methods.md A.3):
 * the images returned are those of the last iteration's forward (before its update), as in the code;
 * ``ce_weight`` (0 = off, the published method): an ablation adding cross-entropy of the teacher's
   logits to balanced target labels (the label term of DeepInversion / GDFQ); the plateau schedule and
-  the progress trace keep seeing the BNS loss only;
+  the progress trace keep seeing the BNS loss only; ``out_affine`` (off = the published method): an
+  ablation letting the generator's last BN learn a per-channel scale and shift;
 * 1,024 images in batches of 128, 4,000 iterations per batch (``paper`` budget).
 
 Every random draw (generator initialisation, latents, swing offsets) comes from the batch's own
@@ -65,6 +66,10 @@ class GenieConfig(SynthConfig):
     # not Genie-D (an ablation, 0 = off): + ce_weight x CE(teacher logits, balanced target labels), the
     # label term of DeepInversion / GDFQ, for class-confident, class-balanced images
     ce_weight: float = 0.0
+    # not Genie-D (an ablation): a learnable per-channel scale and shift after the generator's last BN,
+    # which otherwise fixes every batch's input channels at mean 0 / std 1 (a CIFAR model normalised with
+    # ImageNet's mean / std sees real channels at mean 0.03-0.18, std 1.06-1.15)
+    out_affine: bool = False
     eps: float = 1e-6  # sqrt(running_var + eps)
     precision: str = "bf16"
     channels_last: bool = True
@@ -89,7 +94,8 @@ class GenieConfig(SynthConfig):
 class GenieGenerator(nn.Module):
     """Genie's per-batch generator (unconditional DCGAN-style, ``image_size // 4`` start)."""
 
-    def __init__(self, image_size: int = 32, latent_dim: int = 256, c1: int = 128, c2: int = 64, channels: int = 3):
+    def __init__(self, image_size: int = 32, latent_dim: int = 256, c1: int = 128, c2: int = 64, channels: int = 3,
+                 out_affine: bool = False):
         super().__init__()
         if image_size % 4:
             raise BadValueError(f"the Genie generator needs an image size divisible by 4, got {image_size}")
@@ -104,7 +110,7 @@ class GenieGenerator(nn.Module):
             nn.Upsample(scale_factor=2),
             nn.Conv2d(c2, channels, 3, stride=1, padding=1),
             nn.Tanh(),
-            nn.BatchNorm2d(channels, affine=False),
+            nn.BatchNorm2d(channels, affine=out_affine),
         )
 
     def forward(self, z: Tensor) -> Tensor:
@@ -155,7 +161,7 @@ class Genie(Synthesizer):
         init_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
             torch.manual_seed(init_seed)
-            gen = GenieGenerator(h, cfg.latent_dim, channels=c).to(device)
+            gen = GenieGenerator(h, cfg.latent_dim, channels=c, out_affine=cfg.out_affine).to(device)
         gen = gen.to(memory_format=self.memory_format()).train()
         z = torch.randn(batch_size, cfg.latent_dim, generator=generator, device=device).requires_grad_(True)
         opt_z = torch.optim.Adam([z], lr=cfg.lr_latent)

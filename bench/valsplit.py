@@ -30,6 +30,34 @@ def val_dataset(model):
     return open_dataset(home / "cifar10-jpeg" / "train.tar", model.zsq_info.preprocess, limit=VAL_N)
 
 
+def fidelity(fp, q, dataset, n_hard: int = 1000, batch_size: int = 500) -> dict:
+    """Label-free and hard-image views of ``q`` on the validation split, beside its top-1.
+
+    The split is training images the FP model was fitted to (its top-1 there is far above the test
+    set's), so label top-1 may miss what separates calibration sets on unseen images. Recorded:
+    ``val_agree`` (top-1 agreement with the FP model), ``val_kl`` (mean KL(FP || q), nats), and top-1 /
+    agreement on the ``n_hard`` images the FP model is least sure of (lowest max-probability).
+    """
+    import torch.nn.functional as F
+
+    fp.eval(), q.eval()
+    pf, pq, ys = [], [], []
+    with torch.inference_mode():
+        for x, y in dataset.batches(batch_size):
+            pf.append(F.log_softmax(fp(x).float(), 1))
+            pq.append(F.log_softmax(q(x).float(), 1))
+            ys.append(y)
+    pf, pq, y = torch.cat(pf), torch.cat(pq), torch.cat(ys)
+    agree = pq.argmax(1) == pf.argmax(1)
+    hard = pf.max(1).values.argsort()[:n_hard]
+    kl = (pf.exp() * (pf - pq)).sum(1)
+    return {"val_fp_top1": round(100 * float((pf.argmax(1) == y).float().mean()), 2),
+            "val_agree": round(100 * float(agree.float().mean()), 2), "val_kl": round(float(kl.mean()), 4),
+            "hard_n": int(len(hard)), "hard_top1": round(100 * float((pq.argmax(1) == y)[hard].float().mean()), 2),
+            "hard_fp_top1": round(100 * float((pf.argmax(1) == y)[hard].float().mean()), 2),
+            "hard_agree": round(100 * float(agree[hard].float().mean()), 2)}
+
+
 def env_fields() -> dict:
     """Machine facts recorded with every experiment (peak memory, load, torch version, date)."""
     from zsq.api import peak_rss_mb

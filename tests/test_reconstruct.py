@@ -322,6 +322,21 @@ def test_genie_out_affine_frees_the_input_channels(resnet20):
     assert first[True] < 0.9 * first[False]
 
 
+def test_genie_ablation_settings_leave_the_cache_key_at_their_default(resnet20):
+    """``ablation()`` fields at their default are left out of the synthetic set's key (sets cached
+    before they existed stay valid); set, they change it."""
+    from zsq.synth import get_synthesizer
+    from zsq.synth.base import model_fingerprint, synthetic_key
+
+    fp, shape = model_fingerprint(resnet20), (3, 32, 32)
+    keys = {name: synthetic_key(fp, get_synthesizer("genie", "default", ov), "default", 0, shape)
+            for name, ov in (("plain", None), ("zero", {"ce_weight": 0.0, "out_affine": False}),
+                             ("ce", {"ce_weight": 1.0}), ("aff", {"out_affine": True}))}
+    assert keys["plain"] == keys["zero"] and len({keys["plain"], keys["ce"], keys["aff"]}) == 3
+    cfg = get_synthesizer("genie", "default").config
+    assert "ce_weight" in cfg.to_dict() and "ce_weight" not in cfg.key_dict()
+
+
 def test_genie_recipe_smoke_end_to_end(resnet20, tmp_path):
     import zsq
 

@@ -53,6 +53,15 @@ StepCallback = Callable[[int, int, float], None]
 # ---------------------------------------------------------------------------------------------------
 # configs
 # ---------------------------------------------------------------------------------------------------
+ABLATION = "zsq_ablation"
+
+
+def ablation(default: Any) -> Any:
+    """A config field for an ablation added to an existing synthesizer: at ``default`` it must leave
+    the images unchanged (no extra random draw), and it is then left out of the cache key."""
+    return dataclasses.field(default=default, metadata={ABLATION: True})
+
+
 @dataclass
 class SynthConfig:
     """Hyperparameters every synthesizer has. Subclasses add theirs (defaults = the paper's).
@@ -98,6 +107,13 @@ class SynthConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def key_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` less the settings added after sets were cached (``ablation()`` fields) while
+        they hold their default, which reproduces the images made before they existed: cached sets
+        keep their key."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not (f.metadata.get(ABLATION) and getattr(self, f.name) == f.default)}
 
     @property
     def n_batches(self) -> int:
@@ -277,7 +293,7 @@ def synthetic_key(fingerprint: dict[str, Any], synth: Synthesizer, budget: str, 
                   image_shape: tuple[int, int, int]) -> str:
     """``<synth>-<hash>``: hash of model (id + weights), synthesizer + resolved config, budget, seed, n."""
     payload = {
-        "model": fingerprint, "synth": synth.name, "config": synth.config.to_dict(), "budget": budget,
+        "model": fingerprint, "synth": synth.name, "config": synth.config.key_dict(), "budget": budget,
         "seed": int(seed), "n_images": synth.config.n_images, "image_shape": list(image_shape),
     }
     h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

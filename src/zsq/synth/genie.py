@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import BadValueError
-from .base import SYNTHESIZERS, StepCallback, SynthConfig, Synthesizer
+from .base import SYNTHESIZERS, StepCallback, SynthConfig, Synthesizer, ablation
 from .losses import BNStatsLoss, bn_layers
 from .pixel import draw_labels, num_classes
 
@@ -65,11 +65,11 @@ class GenieConfig(SynthConfig):
     swing: int = 1  # jitter (px) of the swing convolution; 0 disables it
     # not Genie-D (an ablation, 0 = off): + ce_weight x CE(teacher logits, balanced target labels), the
     # label term of DeepInversion / GDFQ, for class-confident, class-balanced images
-    ce_weight: float = 0.0
+    ce_weight: float = ablation(0.0)
     # not Genie-D (an ablation): a learnable per-channel scale and shift after the generator's last BN,
     # which otherwise fixes every batch's input channels at mean 0 / std 1 (a CIFAR model normalised with
     # ImageNet's mean / std sees real channels at mean 0.03-0.18, std 1.06-1.15)
-    out_affine: bool = False
+    out_affine: bool = ablation(False)
     eps: float = 1e-6  # sqrt(running_var + eps)
     precision: str = "bf16"
     channels_last: bool = True

@@ -441,3 +441,22 @@ def test_genie_val_section_rows_name_seed_and_set(tmp_path):
     assert "| s300c (`genie-abcdef`) | — | r3000b8abs | iters=3000 | W3A3 | 1 | 82.00 |" in text
     assert "| s300c512 | n_images=512 | p1000b8 | iters=1000 | W3A3 | 0 | 83.10 |" in text
     assert "`r3000b8rel1e3` W3A3 s1 -0.50" in text
+
+
+def test_genie_fidelity_summary_means_over_seeds():
+    """Only rows with valsplit.fidelity's fields; one line per set kind / reconstruction / bits, means over
+    its seeds."""
+    from zsq.bench.report import genie_fidelity_summary
+
+    def rec(synth, seed, top1, agree=None, kl=None, hard=None):
+        d = {"synth": synth, "recon": "p1000b8", "bits": "W3A3", "seed": seed, "val_top1": top1}
+        if agree is not None:
+            d.update(val_agree=agree, val_kl=kl, hard_agree=hard)
+        return d
+
+    recs = [rec("real", 0, 82.0, 87.0, 0.33, 58.0), rec("real", 1, 81.0, 86.0, 0.35, 55.0),
+            rec("s300c", 0, 82.5, 85.5, 0.40, 53.0), rec("s300c", 1, 99.0)]  # no fidelity fields: left out
+    lines = genie_fidelity_summary(recs)
+    assert "| real | p1000b8 | W3A3 | 0, 1 | 81.50 | 86.50 | 0.3400 | 56.50 |" in lines
+    assert "| s300c | p1000b8 | W3A3 | 0 | 82.50 | 85.50 | 0.4000 | 53.00 |" in lines
+    assert genie_fidelity_summary([rec("s300c", 0, 80.0)]) == []

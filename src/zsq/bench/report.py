@@ -557,7 +557,30 @@ def _genie_val_section(d: Path) -> list[str]:
         fid = " | ".join(f"{r[k]:.2f}" if k in r else "—" for k in ("val_agree", "hard_top1"))
         out.append(f"| {synth} | {ov} | {r['recon']} | {hp} | {r['bits']} | {r['seed']} | {r['val_top1']:.2f} | "
                    f"{fid} | {r['synth_wall_s']} | {r['recon_wall_s']} | {r.get('load_avg')} |")
-    return out + [""] + genie_step_param_summary(recs)
+    return out + [""] + genie_step_param_summary(recs) + genie_fidelity_summary(recs)
+
+
+def genie_fidelity_summary(recs: list[dict]) -> list[str]:
+    """Per synthetic-set kind and bits, over the seeds it has with :func:`valsplit.fidelity`'s fields (the
+    W3A3 proxy rows): mean val top-1, agreement with FP, KL(FP || q), agreement on the hard images."""
+    by: dict[tuple[str, str, str], dict[int, dict]] = defaultdict(dict)
+    for r in recs:
+        if "val_agree" in r:
+            by[(r["synth"], r["recon"], r["bits"])][r["seed"]] = r  # one row per seed (the later name wins)
+    if not by:
+        return []
+    out = ["Agreement with the FP model on the validation split (means over the seeds listed; `hard` = the 1,000 "
+           "images the FP model is least sure of):", "",
+           "| synthetic set | reconstruction | bits | seeds | val top-1 | agree | KL(FP, q) | hard agree |",
+           "|---|---|---|---|---|---|---|---|"]
+    for (synth, recon, bits), rows in sorted(by.items()):
+        v = list(rows.values())
+
+        def mean(k, nd=2):
+            return f"{sum(r[k] for r in v) / len(v):.{nd}f}"
+        out.append(f"| {synth} | {recon} | {bits} | {', '.join(map(str, sorted(rows)))} | {mean('val_top1')} | "
+                   f"{mean('val_agree')} | {mean('val_kl', 4)} | {mean('hard_agree')} |")
+    return out + [""]
 
 
 def genie_step_param_summary(recs: list[dict]) -> list[str]:

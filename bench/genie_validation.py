@@ -45,6 +45,7 @@ SYNTH = {
     # the generator's last BN with a learnable scale / shift: its input channels are otherwise pinned at
     # mean 0 / std 1 (real: mean 0.03-0.18, std 1.06-1.15 under the model's ImageNet normalisation)
     "s300caff": {"out_affine": True},
+    "s300caffce1": {"out_affine": True, "ce_weight": 1.0},  # both (each raised agreement with FP alone)
 }
 # reconstruction hparams on top of the recipe's default budget
 RECON = {
@@ -88,6 +89,7 @@ for seed in (0, 1):
 for seed in (0, 1):
     for s in ("s300c", "real", "s300cce1"):
         EXPERIMENTS[f"{s}__p1000b8__W3A3__s{seed}fid"] = (s, "p1000b8", (3, 3), seed)
+    EXPERIMENTS[f"s300caffce1__p1000b8__W3A3__s{seed}"] = ("s300caffce1", "p1000b8", (3, 3), seed)
 EXPERIMENTS["s300c__r3000b8abs__W3A3__s1"] = ("s300c", "r3000b8abs", (3, 3), 1)
 EXPERIMENTS["s300c__r3000b8lr3e3__W3A3__s0"] = ("s300c", "r3000b8lr3e3", (3, 3), 0)  # -1.44: W4A4 not run
 

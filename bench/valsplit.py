@@ -40,7 +40,8 @@ def fidelity(fp, q, dataset, n_hard: int = 1000, batch_size: int = 500) -> dict:
     """
     import torch.nn.functional as F
 
-    fp.eval(), q.eval()
+    fp.eval()
+    q.eval()
     pf, pq, ys = [], [], []
     with torch.inference_mode():
         for x, y in dataset.batches(batch_size):

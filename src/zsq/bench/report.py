@@ -528,6 +528,8 @@ def _genie_val_section(d: Path) -> list[str]:
     recs = _load(d)
     if not recs:
         return []
+    fp = next((r for r in recs if "hard_fp_top1" in r), None)
+    fp_note = f"; the FP model gets {fp['hard_fp_top1']:.2f} there, {fp['val_fp_top1']:.2f} on the whole split" if fp else ""
     out = ["## Genie default budget: chosen on a validation split (`bench/genie_validation.py`)", "",
            "ResNet-20, `genie` recipe (`genie-native`). Top-1 on the **validation split** (first 500 "
            "images per class of `cifar10-jpeg/train.tar`, 5,000 images; never the test set). Synthetic sets: "
@@ -542,8 +544,8 @@ def _genie_val_section(d: Path) -> list[str]:
            "them on today's. `ce_weight` / `out_affine`: ablations of Genie-D's synthesis (cross-entropy to balanced "
            "target labels; a learnable scale / shift after the generator's last BN). Rows named `fid` record beside "
            "top-1 the agreement with the FP model (`agree`) and top-1 on the 1,000 validation images the FP model is "
-           "least sure of (`hard`; the FP model gets 55.5 there, 85.96 on the whole split): the split is training "
-           "images, and its top-1 did not show the real images' test-set lead. "
+           f"least sure of (`hard`{fp_note}): the split is training images, and its top-1 did not show the real "
+           "images' test-set lead. "
            "Wall "
            "times include other work running on the machine at the time (the `load` column).", "",
            "| synthetic set | overrides | reconstruction | hparams | bits | seed | val top-1 | agree | hard top-1 | "

@@ -41,3 +41,25 @@ def test_fidelity_top1_matches_evaluate_and_is_exact_against_itself(resnet20, on
     valsplit.fidelity(resnet20, q, open_dataset(CIFAR_TEST, resnet20.zsq_info.preprocess, limit=100), n_hard=10)
     assert len(valsplit._FP_CACHE) == 3
     valsplit._FP_CACHE.clear()
+
+
+def test_genie_validation_settings_are_valid_configs():
+    """Every synthetic-set setting of bench/genie_validation.py builds its synthesizer's `default` config (a
+    typo in an override fails here, not an hour into a run), and every experiment names a known setting."""
+    import importlib.util
+
+    from zsq.synth import SYNTHESIZERS
+
+    spec = importlib.util.spec_from_file_location("zsq_bench_genie_validation",
+                                                  Path(valsplit.__file__).parent / "genie_validation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, ov in mod.SYNTH.items():
+        if ov is None:  # real images
+            continue
+        ov = dict(ov)
+        ov.pop("n_images", None)
+        cfg = SYNTHESIZERS[ov.pop("synth", "genie")].Config.for_budget("default", **ov)
+        assert all(getattr(cfg, k) == v for k, v in ov.items()), name
+    assert all(s in mod.SYNTH and r in mod.RECON for s, r, _, _ in mod.EXPERIMENTS.values())
+    assert mod.EXPERIMENTS["sadagce1__p1000b8__W3A3__s1fid"] == ("sadagce1", "p1000b8", (3, 3), 1)

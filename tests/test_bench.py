@@ -457,6 +457,12 @@ def test_genie_fidelity_summary_means_over_seeds():
     recs = [rec("real", 0, 82.0, 87.0, 0.33, 58.0), rec("real", 1, 81.0, 86.0, 0.35, 55.0),
             rec("s300c", 0, 82.5, 85.5, 0.40, 53.0), rec("s300c", 1, 99.0)]  # no fidelity fields: left out
     lines = genie_fidelity_summary(recs)
-    assert "| real | p1000b8 | W3A3 | 0, 1 | 81.50 | 86.50 | 0.3400 | 56.50 |" in lines
-    assert "| s300c | p1000b8 | W3A3 | 0 | 82.50 | 85.50 | 0.4000 | 53.00 |" in lines
+    assert "| real | p1000b8 | W3A3 | 0, 1 | 81.50 | 86.50 | 0.3400 | 56.50 | — |" in lines
+    assert "| s300c | p1000b8 | W3A3 | 0 | 82.50 | 85.50 | 0.4000 | 53.00 | — |" in lines
     assert genie_fidelity_summary([rec("s300c", 0, 80.0)]) == []
+    # beside each kind, its test-set row at the same bits (the default's label for s300c), where there is one
+    test = {"genie": {"W3A3": [77.0, 77.2, 77.3], "W4A4": [79.7]},
+            "calib-real (genie quantizer, 256 real train images)": {"W4A4": [80.2]}}
+    lines = genie_fidelity_summary(recs, test)
+    assert "| s300c | p1000b8 | W3A3 | 0 | 82.50 | 85.50 | 0.4000 | 53.00 | 77.17 ± 0.15 (n=3) |" in lines
+    assert "| real | p1000b8 | W3A3 | 0, 1 | 81.50 | 86.50 | 0.3400 | 56.50 | — |" in lines  # no W3A3 row

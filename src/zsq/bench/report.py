@@ -81,7 +81,8 @@ def render(runs_dir: str | Path = "bench/runs") -> str:
     lines += _family_section(recs)
     lines += _onnx_section(Path(runs_dir) / "onnx")
     lines += _peers_section(Path(runs_dir) / "peers")
-    lines += _genie_val_section(Path(runs_dir) / "genie-val")
+    lines += _genie_val_section(Path(runs_dir) / "genie-val",
+                                groups.get(("cifar10_resnet20", "genie-native", "default", 10000), {}))
     lines += _qat_val_section(Path(runs_dir) / "qat-val")
     lines += _sadag_cells_section(recs)
     lines += _sadag_val_section(Path(runs_dir) / "sadag-val")
@@ -523,8 +524,9 @@ def _peers_section(d: Path) -> list[str]:
     return out + [""]
 
 
-def _genie_val_section(d: Path) -> list[str]:
-    """Rows of ``bench/genie_validation.py``: how the `genie` default budget was chosen (validation split)."""
+def _genie_val_section(d: Path, test: dict | None = None) -> list[str]:
+    """Rows of ``bench/genie_validation.py``: how the `genie` default budget was chosen (validation split).
+    ``test``: the ResNet-20 ``genie-native`` default-budget table (label -> bits -> test top-1 per seed)."""
     recs = _load(d)
     if not recs:
         return []
@@ -559,12 +561,21 @@ def _genie_val_section(d: Path) -> list[str]:
         fid = " | ".join(f"{r[k]:.2f}" if k in r else "—" for k in ("val_agree", "hard_top1"))
         out.append(f"| {synth} | {ov} | {r['recon']} | {hp} | {r['bits']} | {r['seed']} | {r['val_top1']:.2f} | "
                    f"{fid} | {r['synth_wall_s']} | {r['recon_wall_s']} | {r.get('load_avg')} |")
-    return out + [""] + genie_step_param_summary(recs) + genie_fidelity_summary(recs)
+    return out + [""] + genie_step_param_summary(recs) + genie_fidelity_summary(recs, test)
 
 
-def genie_fidelity_summary(recs: list[dict]) -> list[str]:
+#: the test-set row (label of the ResNet-20 ``genie-native`` default table) of each validation set kind
+VAL_SET_TEST_LABEL = {"real": "calib-real (genie quantizer, 256 real train images)", "s300c": "genie",
+                      "s300caff": "genie --synth-set out_affine=true", "s300cce1": "genie --synth-set ce_weight=1.0",
+                      "sadag": "sadag"}
+
+
+def genie_fidelity_summary(recs: list[dict], test: dict | None = None) -> list[str]:
     """Per synthetic-set kind and bits, over the seeds it has with :func:`valsplit.fidelity`'s fields (the
-    W3A3 proxy rows): mean val top-1, agreement with FP, KL(FP || q), agreement on the hard images."""
+    W3A3 proxy rows): mean val top-1, agreement with FP, KL(FP || q), agreement on the hard images; beside
+    them the same kind's test-set top-1 at the same bits under the default reconstruction, from ``test``
+    (label -> bits -> values; :data:`VAL_SET_TEST_LABEL`), where it was run: does the validation split rank the
+    sets as the test set does?"""
     by: dict[tuple[str, str, str], dict[int, dict]] = defaultdict(dict)
     for r in recs:
         if "val_agree" in r:
@@ -573,15 +584,17 @@ def genie_fidelity_summary(recs: list[dict]) -> list[str]:
         return []
     out = ["Agreement with the FP model on the validation split (means over the seeds listed; `hard` = the 1,000 "
            "images the FP model is least sure of):", "",
-           "| synthetic set | reconstruction | bits | seeds | val top-1 | agree | KL(FP, q) | hard agree |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| synthetic set | reconstruction | bits | seeds | val top-1 | agree | KL(FP, q) | hard agree | "
+           "test top-1 (default reconstruction) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for (synth, recon, bits), rows in sorted(by.items()):
         v = list(rows.values())
 
         def mean(k, nd=2):
             return f"{sum(r[k] for r in v) / len(v):.{nd}f}"
+        t = _fmt(((test or {}).get(VAL_SET_TEST_LABEL.get(synth, "")) or {}).get(bits, []))
         out.append(f"| {synth} | {recon} | {bits} | {', '.join(map(str, sorted(rows)))} | {mean('val_top1')} | "
-                   f"{mean('val_agree')} | {mean('val_kl', 4)} | {mean('hard_agree')} |")
+                   f"{mean('val_agree')} | {mean('val_kl', 4)} | {mean('hard_agree')} | {t} |")
     return out + [""]
 
 

@@ -77,8 +77,9 @@ def genie_paper(seeds=(0,)) -> list[Run]:
     20,000 steps per block at batch 32. Cost: a synthesis iteration (fp32, batch 128) measured 1.4 s on one
     thread beside three other runs, so ~12.6 h of synthesis alone that way (32,000 iterations; ~3.5 h
     estimated with both cores free), then ~1.5-3 h per bit setting (20,000 steps x 11 blocks at ~25 ms).
-    Well beyond the issue's ~6 h benchmark budget, so not run yet. Resumable over sittings: finished synthesis batches are cached shards, the reconstruction
-    checkpoints per block and within a block (``zsq bench run genie-paper --threads 1`` continues)."""
+    Well beyond the issue's ~6 h benchmark budget, so not run yet. Resumable over sittings: finished
+    synthesis batches are cached shards, the reconstruction checkpoints per block and within a block
+    (``zsq bench run genie-paper --threads 1`` continues)."""
     return [Run("cifar10_resnet20", "genie", "genie-native", w, a, seed=s, budget="paper")
             for s in seeds for w, a in [(3, 3), (4, 4)]]
 
@@ -262,7 +263,6 @@ GEN_RECIPES = ["gdfq", "qimera", "ait", "adasg", "adadfq", "dfq-akd", "zaq", "au
 
 from .suites_datafree import datafree  # noqa: E402
 
-SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie, "genie-paper": genie_paper,
-          "sadag": sadag,
-          "qat": qat, "qat-seeds": qat_seeds, "gen": gen, "gen-seeds": gen_seeds,
-          "budget": budget, "vit": vit, "vit-data": vit_data}
+SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie,
+          "genie-paper": genie_paper, "sadag": sadag, "qat": qat, "qat-seeds": qat_seeds, "gen": gen,
+          "gen-seeds": gen_seeds, "budget": budget, "vit": vit, "vit-data": vit_data}

@@ -1,20 +1,105 @@
 """The one rich progress layout of zsq's long loops (synthesis batches, reconstruction units): a bar
 per task with done/total, the running loss, elapsed and remaining time, on stderr (stdout carries
-results such as ``top1 ...``)."""
+results such as ``top1 ...``).
+
+Where stderr is not a terminal (a log file, ``nohup``, CI, a ``zsq bench run`` child) rich draws nothing
+until the loop ends, so there :class:`PlainProgress` writes plain lines instead: one when a task
+finishes and, for the tasks still running, one at most every ``ZSQ_PROGRESS_EVERY`` seconds (default 60).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
 
 def loss_progress(enabled: bool):
-    """A started-on-enter ``rich.progress.Progress`` with a ``loss`` field per task, or ``None``."""
+    """A started-on-enter progress display with a ``loss`` field per task (rich on a terminal, else
+    :class:`PlainProgress`), or ``None``."""
     if not enabled:
         return None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    if not Console(stderr=True).is_terminal:
+        return PlainProgress()
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=Console(stderr=True))
+
+
+@dataclass
+class _Task:
+    description: str
+    total: float | None
+    completed: float = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    reported: bool = False  # its finished line is written
+
+
+class PlainProgress:
+    """The subset of ``rich.progress.Progress`` zsq's loops use (``add_task``, ``update``, ``advance``,
+    ``remove_task``, ``tasks``, ``start``, ``stop``), written as plain lines to ``stream`` (stderr): a task's
+    line when it finishes, and every running task's line at most every ``every`` seconds."""
+
+    def __init__(self, stream=None, every: float | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.every = float(os.environ.get("ZSQ_PROGRESS_EVERY", "60")) if every is None else float(every)
+        self._tasks: dict[int, _Task] = {}
+        self._next = 0
+        self._last = time.monotonic()
+
+    @property
+    def tasks(self) -> list[_Task]:
+        return list(self._tasks.values())
+
+    def start(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        pass
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
+        self._next += 1
+        self._tasks[self._next] = _Task(description, total, completed, dict(fields))
+        return self._next
+
+    def remove_task(self, task_id: int) -> None:
+        self._tasks.pop(task_id, None)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def update(self, task_id: int, *, completed: float | None = None, total: float | None = None,
+               advance: float | None = None, **fields) -> None:
+        t = self._tasks[task_id]
+        if total is not None:
+            t.total = total
+        if completed is not None:
+            t.completed = completed
+        if advance is not None:
+            t.completed += advance
+        t.fields.update(fields)
+        now = time.monotonic()
+        if t.total is not None and t.completed >= t.total and not t.reported:
+            t.reported = True
+            self._write(t, now)
+        elif now - self._last >= self.every:
+            self._last = now
+            for u in self._tasks.values():
+                if not u.reported:
+                    self._write(u, now)
+
+    def _write(self, t: _Task, now: float) -> None:
+        total = "?" if t.total is None else f"{t.total:g}"
+        loss = t.fields.get("loss")
+        el = int(now - t.started)
+        print(f"{t.description.strip()}: {t.completed:g}/{total}" + (f" loss {loss}" if loss not in (None, "-") else "")
+              + f" [{el // 60}:{el % 60:02d}]", file=self.stream, flush=True)
 
 
 def fmt_loss(loss: float | None) -> str:

@@ -224,9 +224,9 @@ def test_run_one_resumes_an_interrupted_run_and_locks_it(tmp_path, monkeypatch):
         now = time.time()
         (work / "attempts.json").write_text(json.dumps([{"start": now - 100.0, "last": now - 40.0}]))
 
-    cmds = []
+    cmds, done = [], []
     real = runner._attempt
-    monkeypatch.setattr(runner, "_attempt", lambda cmd, *a: cmds.append(cmd) or real(cmd, *a))
+    monkeypatch.setattr(runner, "_attempt", lambda cmd, *a: cmds.append(cmd) or done.append(real(cmd, *a)) or done[-1])
 
     interrupt("--set", "steps_per_epoch=6", "--set", "stop_at=[0,3]")
     (work / "lock.json").write_text(json.dumps({"runner": os.getppid(), "child": None}))  # alive: another runner
@@ -238,6 +238,8 @@ def test_run_one_resumes_an_interrupted_run_and_locks_it(tmp_path, monkeypatch):
     assert rec["resumed"] == {"attempts": 1, "earlier_wall_s": 60.0}
     assert run_wall_s(rec) == pytest.approx(rec["zsq"]["wall_s"] + 60.0)
     assert not work.exists() and (tmp_path / "runs" / f"{run.run_id}.json").is_file()
+    # the child's progress reached its stderr.log as plain lines (a file, not a terminal)
+    assert "--quiet" not in cmds[-1] and "qat epochs: 1/1 loss" in done[-1].stderr, done[-1].stderr[-2000:]
 
     # a checkpoint of other settings (6 -> 7 steps per epoch): resuming is refused, the run starts over
     interrupt("--set", "steps_per_epoch=7", "--set", "stop_at=[0,3]")

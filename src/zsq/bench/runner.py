@@ -161,9 +161,10 @@ def run_one(run: Run, runs_dir: Path, threads: int = 2, force: bool = False, hea
     work = work_dir(run)
     _take_lock(work)
     out = work / "out"
+    # progress on: stderr is a file (work/stderr.log), so it comes as plain lines (zsq.progress) to follow a long run
     cmd = [sys.executable, "-m", "zsq", "quantize", run.model, "--recipe", run.recipe, "--protocol", run.protocol,
            "--w", str(run.w), "--a", str(run.a), "--seed", str(run.seed), "--budget", run.budget,
-           "--threads", str(threads), "--eval", _asset(run.eval), "-o", str(out), "--quiet", *run.extra]
+           "--threads", str(threads), "--eval", _asset(run.eval), "-o", str(out), *run.extra]
     if run.eval_limit:
         cmd += ["--eval-limit", str(run.eval_limit)]
     if run.calib:

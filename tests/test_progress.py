@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
+from zsq.errors import BadValueError
 from zsq.progress import LossBar, PlainProgress, loss_progress
 
 
@@ -39,6 +42,9 @@ def test_plain_progress_writes_finished_tasks_once_and_running_ones_periodically
     # the period comes from ZSQ_PROGRESS_EVERY when not given
     monkeypatch.setenv("ZSQ_PROGRESS_EVERY", "5")
     assert PlainProgress(io.StringIO()).every == 5.0
+    monkeypatch.setenv("ZSQ_PROGRESS_EVERY", "often")
+    with pytest.raises(BadValueError, match="ZSQ_PROGRESS_EVERY must be a number of seconds, got 'often'"):
+        PlainProgress(io.StringIO())
 
 
 def test_loss_progress_is_plain_off_a_terminal_and_none_when_disabled():

@@ -31,6 +31,16 @@ def loss_progress(enabled: bool):
                     console=Console(stderr=True))
 
 
+def _every_s() -> float:
+    from .errors import BadValueError
+
+    v = os.environ.get("ZSQ_PROGRESS_EVERY", "60")
+    try:
+        return max(0.0, float(v))
+    except ValueError:
+        raise BadValueError(f"ZSQ_PROGRESS_EVERY must be a number of seconds, got '{v}'") from None
+
+
 @dataclass
 class _Task:
     description: str
@@ -48,7 +58,7 @@ class PlainProgress:
 
     def __init__(self, stream=None, every: float | None = None):
         self.stream = stream if stream is not None else sys.stderr
-        self.every = float(os.environ.get("ZSQ_PROGRESS_EVERY", "60")) if every is None else float(every)
+        self.every = _every_s() if every is None else float(every)
         self._tasks: dict[int, _Task] = {}
         self._next = 0
         self._last = time.monotonic()

@@ -33,12 +33,6 @@ def val_dataset(model):
 _FP_CACHE: dict[tuple, torch.Tensor] = {}  # the FP model's log-probabilities per (weights, split), per process
 
 
-def _fingerprint(model) -> tuple:
-    """A cheap identity of a model's weights (the same pretrained model loaded again matches)."""
-    return tuple(round(float(p.detach().double().sum()), 6) for p in model.state_dict().values()
-                 if isinstance(p, torch.Tensor) and p.is_floating_point())
-
-
 def fidelity(fp, q, dataset, n_hard: int = 1000, batch_size: int = 500) -> dict:
     """Top-1 of ``q`` on the validation split, with label-free and hard-image views beside it.
 
@@ -47,13 +41,16 @@ def fidelity(fp, q, dataset, n_hard: int = 1000, batch_size: int = 500) -> dict:
     ``val_top1`` / ``val_n``, ``val_agree`` (top-1 agreement with the FP model), ``val_kl`` (mean
     KL(FP || q), nats), and top-1 / agreement on the ``n_hard`` images the FP model is least sure of
     (lowest max-probability). One pass of ``q`` over the split; the FP model's pass is cached per
-    process (keyed by its weights and the split's size), as every experiment of a script shares it.
+    process (keyed by its current weights' hash and the split's size), as every experiment of a script
+    shares it.
     """
     import torch.nn.functional as F
 
+    from zsq.synth.base import state_dict_sha256
+
     fp.eval()
     q.eval()
-    key = (_fingerprint(fp), len(dataset))
+    key = (state_dict_sha256(fp), len(dataset))
     pq, ys = [], []
     with torch.inference_mode():
         for x, y in dataset.batches(batch_size):

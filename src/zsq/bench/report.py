@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .runner import run_wall_s
-from .suites import BUDGET_CURVES, GENIE_MATCHED_TIME
+from .suites import BUDGET_CURVES, GENIE_CE, GENIE_MATCHED_TIME, GENIE_OUT_AFFINE
 
 HEADER = """# Results
 
@@ -564,12 +564,6 @@ def _genie_val_section(d: Path, test: dict | None = None) -> list[str]:
     return out + [""] + genie_step_param_summary(recs) + genie_fidelity_summary(recs, test)
 
 
-#: the test-set row (label of the ResNet-20 ``genie-native`` default table) of each validation set kind
-VAL_SET_TEST_LABEL = {"real": "calib-real (genie quantizer, 256 real train images)", "s300c": "genie",
-                      "s300caff": "genie --synth-set out_affine=true", "s300cce1": "genie --synth-set ce_weight=1.0",
-                      "sadag": "sadag"}
-
-
 def genie_fidelity_summary(recs: list[dict], test: dict | None = None) -> list[str]:
     """Per synthetic-set kind and bits, over the seeds it has with :func:`valsplit.fidelity`'s fields (the
     W3A3 proxy rows): mean val top-1, agreement with FP, KL(FP || q), agreement on the hard images; beside
@@ -891,6 +885,14 @@ def _label(run: dict, long: bool = False) -> str:
     if run.get("extra"):
         label += " " + " ".join(run["extra"])
     return label
+
+
+#: the test-set row (label of the ResNet-20 ``genie-native`` default table) of each validation set kind: the
+#: label :func:`_label` gives the ``genie`` suite's run of the same kind
+VAL_SET_TEST_LABEL = {
+    "real": _label({"recipe": "genie", "calib": "cifar10-jpeg/train.tar", "calib_n": 256}, long=True),
+    "s300c": "genie", "s300caff": _label({"recipe": "genie", "extra": GENIE_OUT_AFFINE}),
+    "s300cce1": _label({"recipe": "genie", "extra": GENIE_CE}), "sadag": "sadag"}
 
 
 def write(runs_dir: str | Path = "bench/runs", out: str | Path = "docs/results.md") -> Path:

@@ -24,11 +24,12 @@ def loss_progress(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    if not Console(stderr=True).is_terminal:
+    console = Console(stderr=True)
+    if not console.is_terminal:
         return PlainProgress()
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True))
+                    console=console)
 
 
 def _every_s() -> float:

@@ -350,7 +350,7 @@ def _levels_ok(q: nn.Module, x: torch.Tensor, a_bits: int) -> None:
 @pytest.mark.parametrize("recipe", ["dfq", "squant", "udfc"])
 def test_recipe_runs_on_resnet20_w4a4(recipe, resnet20, real_batch):
     q = zsq.quantize(resnet20, recipe, 4, 4, protocol="fixed", progress=False)
-    assert q.zsq_result["synthetic"]["n_images"] == 0 and q.zsq_result["wall_s"] < 30
+    assert q.zsq_result["synthetic"]["n_images"] == 0
     _levels_ok(q, real_batch[0], 4)
     top1 = zsq.evaluate(q, TEST_TAR, limit=1000, progress=False)["top1"]
     assert top1 >= 70.0, top1  # FP 81.03 (full set); W4A4 of these recipes ~76-79 on the full set

@@ -6,7 +6,6 @@ Small on purpose (2 shared cores): a few steps per unit, a few dozen images.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -340,10 +339,7 @@ def test_genie_ablation_settings_leave_the_cache_key_at_their_default(resnet20):
 def test_genie_recipe_smoke_end_to_end(resnet20, tmp_path):
     import zsq
 
-    t0 = time.perf_counter()
     q = zsq.quantize(resnet20, recipe="genie", w_bits=4, a_bits=4, budget="smoke", progress=False)
-    wall = time.perf_counter() - t0
-    assert wall < 120
     assert q.zsq_result["recipe"]["synth"] == "genie" and q.zsq_result["protocol"] == "genie-native"
     assert len(q.zsq_recon["units"]) == 11
     top1 = zsq.evaluate(q, str(CIFAR_TEST), limit=1000, progress=False)["top1"]

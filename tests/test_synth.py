@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -371,9 +370,7 @@ def test_cache_reuse_returns_immediately(model, monkeypatch):
         raise AssertionError("make_batch called for a finished set")
 
     monkeypatch.setattr(ZeroQ, "make_batch", boom)
-    t = time.perf_counter()
     again = synthesize(model, "zeroq", **kw)
-    assert time.perf_counter() - t < 5.0
     assert again.dir == first.dir and again.sha256 == first.sha256
     assert torch.equal(again.images, first.images)
     # another seed / setting is another key

@@ -173,7 +173,8 @@ def _reconstruction_quantizer(method: str, doc: str,
     # extra_keys: hparams only this method's passes read (BRECQ's activation pass: lr_a, iters_a); the others
     # refuse them (a `--set lr_a=0` on genie used to be accepted and silently ignored)
     HPARAM_KEYS[method] = frozenset({f.name for f in dataclasses.fields(ReconConfig)} | {
-        "w_observer", "a_observer", "ckpt_every_s", "stop_at", *extra_keys})
+        "w_observer", "a_observer", "ckpt_every_s", "stop_at", "augment", "augment_copies", "augment_pad",
+        *extra_keys})
     run.__name__ = f"quant_{method.replace('-', '_')}"
     run.__doc__ = doc
     return QUANTIZERS.add(method, run)

@@ -57,6 +57,7 @@ from ..errors import BadValueError
 from ..paths import load_resume_checkpoint, torch_save_checked
 from ..progress import LossBar, fmt_loss
 from ..quant.adaround import AdaRoundQuantizer
+from ..data.augment import augment_set
 from ..quant.graph import is_block
 from ..quant.modules import QUANT_LAYERS, Quantizer
 from ..quant.protocol import frozen_fp_copy
@@ -725,13 +726,14 @@ def reconstruct(qmodel: nn.Module, images: torch.Tensor, passes: ReconConfig | l
     """Reconstruct ``qmodel`` (fresh from ``apply_protocol``) in place; see :class:`Reconstructor`.
 
     The result has ``zsq_recon`` = per-unit statistics (loss at the first and last step, the
-    hard-rounded unit's loss on quantized inputs, wall time).
+    hard-rounded unit's loss on quantized inputs, wall time) and ``n_images``, the number of images it
+    trained on (the calibration set, with its augmented copies where ``augment`` asked for them).
     """
     if isinstance(passes, ReconConfig):
         passes = [passes]
     r = Reconstructor(qmodel, images, passes, **kw)
     q = r.run()
-    q.zsq_recon = {"units": r.stats, "steps_run": r.steps_run}
+    q.zsq_recon = {"units": r.stats, "steps_run": r.steps_run, "n_images": int(r.images.shape[0])}
     return q
 
 
@@ -792,11 +794,14 @@ def quantize_reconstruct(ctx, method: str) -> nn.Module:
     if ctx.images is None:
         raise BadValueError(f"the {method} quantizer needs calibration images (a synthesizer, --synthetic or --calib)")
     hp = dict(ctx.hparams or {})
+    # augmented copies of the calibration set (zsq.data.augment); ``none`` leaves it as it is
+    images = augment_set(ctx.images, str(hp.get("augment", "none")), copies=int(hp.get("augment_copies", 1)),
+                         pad=int(hp.get("augment_pad", 4)), seed=ctx.seed)
     q = apply_protocol(ctx.model, ctx.protocol, ctx.w_bits, ctx.a_bits, policy=ctx.policy,
                        w_observer=hp.get("w_observer", "mse"), a_observer=hp.get("a_observer", "mse"),
                        strict=ctx.strict)
     passes = method_passes(method, hp, protocol_name=ctx.protocol.name)
     stop_at = hp.get("stop_at")
-    return reconstruct(q, ctx.images, passes, seed=ctx.seed, progress=ctx.progress, ckpt_dir=ctx.ckpt_dir,
+    return reconstruct(q, images, passes, seed=ctx.seed, progress=ctx.progress, ckpt_dir=ctx.ckpt_dir,
                        resume=ctx.resume, ckpt_every_s=float(hp.get("ckpt_every_s", 120.0)),
                        stop_at=tuple(stop_at) if stop_at is not None else None)

@@ -468,3 +468,10 @@ def test_genie_fidelity_summary_means_over_seeds():
     lines = genie_fidelity_summary(recs, test)
     assert "| s300c | p1000b8 | W3A3 | 0 | 82.50 | 85.50 | 0.4000 | 53.00 | 77.17 ± 0.15 (n=3) |" in lines
     assert "| real | p1000b8 | W3A3 | 0, 1 | 81.50 | 86.50 | 0.3400 | 56.50 | — |" in lines  # no W3A3 row
+    # a reconstruction variant of the proxy maps to the test row of the same variant, not to the set's default
+    aug = dict(recs[2], recon="p1000b8fs3")
+    lines = genie_fidelity_summary([aug], test)
+    assert "| s300c | p1000b8fs3 | W3A3 | 0 | 82.50 | 85.50 | 0.4000 | 53.00 | — |" in lines
+    test["genie --set augment=flipshift --set augment_copies=3"] = {"W3A3": [78.0]}
+    assert "| s300c | p1000b8fs3 | W3A3 | 0 | 82.50 | 85.50 | 0.4000 | 53.00 | 78.00 |" in genie_fidelity_summary(
+        [aug], test)

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .runner import run_wall_s
-from .suites import BUDGET_CURVES, GENIE_CE, GENIE_MATCHED_TIME, GENIE_OUT_AFFINE
+from .suites import BUDGET_CURVES, GENIE_AUG, GENIE_CE, GENIE_MATCHED_TIME, GENIE_OUT_AFFINE
 
 HEADER = """# Results
 
@@ -567,9 +567,10 @@ def _genie_val_section(d: Path, test: dict | None = None) -> list[str]:
 def genie_fidelity_summary(recs: list[dict], test: dict | None = None) -> list[str]:
     """Per synthetic-set kind and bits, over the seeds it has with :func:`valsplit.fidelity`'s fields (the
     W3A3 proxy rows): mean val top-1, agreement with FP, KL(FP || q), agreement on the hard images; beside
-    them the same kind's test-set top-1 at the same bits under the default reconstruction, from ``test``
-    (label -> bits -> values; :data:`VAL_SET_TEST_LABEL`), where it was run: does the validation split rank the
-    sets as the test set does?"""
+    them the test-set top-1 at the same bits of the test-set row that corresponds to the set kind and proxy
+    reconstruction (the default reconstruction, or its variant such as ``augment``), from ``test`` (label ->
+    bits -> values; :data:`VAL_SET_TEST_LABEL`), where it was run: does the validation split rank the sets as
+    the test set does?"""
     by: dict[tuple[str, str, str], dict[int, dict]] = defaultdict(dict)
     for r in recs:
         if "val_agree" in r:
@@ -586,7 +587,7 @@ def genie_fidelity_summary(recs: list[dict], test: dict | None = None) -> list[s
 
         def mean(k, nd=2):
             return f"{sum(r[k] for r in v) / len(v):.{nd}f}"
-        t = _fmt(((test or {}).get(VAL_SET_TEST_LABEL.get(synth, "")) or {}).get(bits, []))
+        t = _fmt(((test or {}).get(VAL_SET_TEST_LABEL.get((synth, recon), "")) or {}).get(bits, []))
         out.append(f"| {synth} | {recon} | {bits} | {', '.join(map(str, sorted(rows)))} | {mean('val_top1')} | "
                    f"{mean('val_agree')} | {mean('val_kl', 4)} | {mean('hard_agree')} | {t} |")
     return out + [""]
@@ -887,12 +888,16 @@ def _label(run: dict, long: bool = False) -> str:
     return label
 
 
-#: the test-set row (label of the ResNet-20 ``genie-native`` default table) of each validation set kind: the
-#: label :func:`_label` gives the ``genie`` suite's run of the same kind
+#: the test-set row (label of the ResNet-20 ``genie-native`` default table) of each validation (set kind, proxy
+#: reconstruction): the label :func:`_label` gives the ``genie`` suite's run of the same kind. The proxy
+#: ``p1000b8`` stands for the default reconstruction; ``p1000b8fs3`` for it on the augmented set (GENIE_AUG)
 VAL_SET_TEST_LABEL = {
-    "real": _label({"recipe": "genie", "calib": "cifar10-jpeg/train.tar", "calib_n": 256}, long=True),
-    "s300c": "genie", "s300caff": _label({"recipe": "genie", "extra": GENIE_OUT_AFFINE}),
-    "s300cce1": _label({"recipe": "genie", "extra": GENIE_CE}), "sadag": "sadag"}
+    ("real", "p1000b8"): _label({"recipe": "genie", "calib": "cifar10-jpeg/train.tar", "calib_n": 256}, long=True),
+    ("s300c", "p1000b8"): "genie",
+    ("s300caff", "p1000b8"): _label({"recipe": "genie", "extra": GENIE_OUT_AFFINE}),
+    ("s300cce1", "p1000b8"): _label({"recipe": "genie", "extra": GENIE_CE}),
+    ("sadag", "p1000b8"): "sadag",
+    ("s300c", "p1000b8fs3"): _label({"recipe": "genie", "extra": GENIE_AUG})}
 
 
 def write(runs_dir: str | Path = "bench/runs", out: str | Path = "docs/results.md") -> Path:

@@ -52,6 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zsq.data.augment import random_flip_shift
+
 REPO = Path(__file__).resolve().parents[1]
 FORMAT = "zsq-train-vit-1"
 # assumed, not measured (the machine was loaded): two free cores run this model's step 1.7x faster
@@ -132,17 +134,8 @@ def load_uint8(path: str, subset: int | None, seed: int) -> tuple[torch.Tensor, 
     return x, y
 
 
-def augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding ``pad``) + horizontal flip, per image, on a uint8 batch."""
-    b, _, h, w = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # [B, H, 1]
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # [B, 1, W]
-    out = xp.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols].permute(0, 3, 1, 2)
-    flip = torch.rand(b, generator=g) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
+#: random crop 32 with zero padding 4 + horizontal flip, per image, on the uint8 batch (one gather)
+augment = random_flip_shift
 
 
 def normalize(x: torch.Tensor, pre) -> torch.Tensor:

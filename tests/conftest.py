@@ -13,6 +13,30 @@ ASSETS = SHARED / "assets"
 CIFAR_TEST = ASSETS / "cifar10-jpeg" / "test.tar"
 
 
+def load_bench_script(name: str):
+    """``bench/<name>.py`` imported as the module ``zsq_bench_<name>`` (registered in ``sys.modules``, once),
+    with ``bench/`` on ``sys.path`` while it loads (the scripts import their sibling ``valsplit``)."""
+    import importlib.util
+    import sys
+
+    mod_name = f"zsq_bench_{name}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    bench = str(ROOT / "bench")
+    spec = importlib.util.spec_from_file_location(mod_name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod
+    sys.path.insert(0, bench)
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(mod_name, None)
+        raise
+    finally:
+        sys.path.remove(bench)
+    return mod
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _zsq_env(tmp_path_factory):
     old = {k: os.environ.get(k) for k in ("ZSQ_HOME", "ZSQ_CACHE")}

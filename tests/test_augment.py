@@ -51,10 +51,10 @@ def test_flip_shift_draws_are_seeded_and_vary():
     assert torch.equal(a, augment_set(x, "flipshift", seed=1))
     assert not torch.equal(a, augment_set(x, "flipshift", seed=2))
     g = torch.Generator().manual_seed(0)
-    z = random_flip_shift(torch.ones(64, 1, 8, 8), 4, g)
+    z = random_flip_shift(torch.ones(64, 1, 8, 8), g, 4)
     # zero padding shows up as zeros in most shifted copies; an all-ones copy means offset (4, 4)
     assert 0 < int((z.sum((1, 2, 3)) == 64).sum()) < 16
-    flips = random_flip_shift(torch.arange(4.0).view(1, 1, 1, 4).repeat(200, 1, 1, 1), 0, g)
+    flips = random_flip_shift(torch.arange(4.0).view(1, 1, 1, 4).repeat(200, 1, 1, 1), g, 0)
     n_flipped = int((flips[:, 0, 0, 0] == 3).sum())
     assert 60 < n_flipped < 140, n_flipped  # Bernoulli(1/2) over 200
 

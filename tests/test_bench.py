@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import load_bench_script
 
 from zsq.bench.report import genie_step_param_summary, render
 from zsq.bench.runner import Run, RunBusy, run_one, run_wall_s, work_dir
@@ -254,9 +255,6 @@ def test_budget_curves_points_section_and_plot(tmp_path):
     """The accuracy-against-budget curves: the suite runs each curve's values (the default as the shared
     plain run), the report lists the points once one besides the default exists, and
     bench/budget_plot.py draws them (exit 2 with no points)."""
-    import importlib.util
-    from pathlib import Path
-
     from zsq.bench.report import _budget_section, budget_points, family_goal
     from zsq.bench.suites import BUDGET_CURVES, budget
 
@@ -303,10 +301,7 @@ def test_budget_curves_points_section_and_plot(tmp_path):
     assert "| genie | ptq |" not in text and "77.30" not in text and "W2A4" not in text
     assert (family_goal("genie", "W3A3", "genie-native"), family_goal("genie", "W4A4", "genie-native")) == (78.3, 80.2)
 
-    spec = importlib.util.spec_from_file_location("zsq_bench_budget_plot",
-                                                  Path(__file__).resolve().parents[1] / "bench" / "budget_plot.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench_script("budget_plot")
     assert mod.main(["--runs-dir", str(tmp_path)]) == 2  # no runs there
     for i, r in enumerate(recs):
         (tmp_path / f"{i}.json").write_text(json.dumps(r))
@@ -319,21 +314,10 @@ def test_budget_curves_points_section_and_plot(tmp_path):
 def test_sadag_ablation_settings_and_table():
     """bench/sadag_ablation.py: every setting is a valid synthesizer configuration (a typo fails here, not
     after an hour of runs), and the table compares each setting with genie over the seeds both have."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     from zsq.bench.report import sadag_val_rows
     from zsq.synth import SYNTHESIZERS
 
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location("zsq_bench_sadag_ablation", bench / "sadag_ablation.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(bench))
+    mod = load_bench_script("sadag_ablation")
     for synth, overrides in mod.SETTINGS.values():
         SYNTHESIZERS[synth].Config.for_budget("default", **overrides)
     assert list(mod.EXPERIMENTS)[: len(mod.SETTINGS)] == [f"{s}__W3A3__s0" for s in mod.SETTINGS]  # seed 0 first

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import valsplit  # noqa: E402
 
-from conftest import CIFAR_TEST  # noqa: E402
+from conftest import CIFAR_TEST, load_bench_script  # noqa: E402
 
 
 def test_fidelity_top1_matches_evaluate_and_is_exact_against_itself(resnet20, one_thread):
@@ -46,14 +46,9 @@ def test_fidelity_top1_matches_evaluate_and_is_exact_against_itself(resnet20, on
 def test_genie_validation_settings_are_valid_configs():
     """Every synthetic-set setting of bench/genie_validation.py builds its synthesizer's `default` config (a
     typo in an override fails here, not an hour into a run), and every experiment names a known setting."""
-    import importlib.util
-
     from zsq.synth import SYNTHESIZERS
 
-    spec = importlib.util.spec_from_file_location("zsq_bench_genie_validation",
-                                                  Path(valsplit.__file__).parent / "genie_validation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench_script("genie_validation")
     for name, ov in mod.SYNTH.items():
         if ov is None:  # real images
             continue

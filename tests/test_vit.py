@@ -7,21 +7,20 @@ the quantizers sit.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_bench_script
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import zsq
 from zsq.errors import BadValueError, ChecksumError, WeightsError
 from zsq.models import vit as vitmod
-from zsq.models.vit import VIT_TINY, MatMul, VisionTransformer, ViTConfig
+from zsq.models.vit import VIT_TINY, MatMul, VisionTransformer
 from zsq.ptq.calibrate import calibrate
 from zsq.quant.modules import QuantMatMul, Quantizer
 from zsq.quant.protocol import apply_protocol
@@ -272,11 +271,7 @@ def test_timm_vit_is_rebuilt_with_matmul_modules(one_thread):
 
 # ---------------------------------------------------------------------------------- training script
 def _train_script():
-    spec = importlib.util.spec_from_file_location("zsq_bench_train_vit", REPO / "bench" / "train_vit.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("train_vit")
 
 
 @pytest.mark.skipif(not TRAIN_TAR.is_file(), reason=f"shared asset {TRAIN_TAR} not present")

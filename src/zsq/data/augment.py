@@ -24,22 +24,20 @@ from ..errors import BadValueError
 AUGMENT_MODES = ("none", "flip", "flipshift")
 
 
-def random_flip_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Each image mirrored with probability 1/2 and translated by (dy, dx) in [-pad, pad]^2, filling
-    with zeros; one gather for the whole batch (no per-image loop)."""
-    n, _, h, w = images.shape
-    flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    if pad <= 0:
-        return x.clone()
-    xp = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # n, 1, h, 1
-    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # n, 1, 1, w
-    idx = torch.arange(n)[:, None, None, None]
-    ch = torch.arange(images.shape[1])[None, :, None, None]
-    return xp[idx, ch, rows, cols].contiguous()
+def random_flip_shift(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """The CIFAR training augmentation on a batch (any dtype, uint8 included): each image cropped back to
+    its size from its zero-padded (``pad``) version at a random offset, i.e. translated by up to ``pad``
+    pixels, then mirrored with probability 1/2; one gather for the whole batch (no per-image loop).
+    Draws: the row offsets, the column offsets, then the flips (bench/train_vit.py trains with it)."""
+    b, _, h, w = images.shape
+    xp = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # [B, H, 1]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # [B, 1, W]
+    out = xp.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+    flip = torch.rand(b, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out).contiguous()
 
 
 def augment_set(images: torch.Tensor, mode: str = "none", *, copies: int = 1, pad: int = 4,
@@ -56,5 +54,5 @@ def augment_set(images: torch.Tensor, mode: str = "none", *, copies: int = 1, pa
         return torch.cat([images, images.flip(-1)])
     g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
     src = images.detach().cpu()
-    extra = [random_flip_shift(src, int(pad), g) for _ in range(int(copies))]
+    extra = [random_flip_shift(src, g, int(pad)) for _ in range(int(copies))]
     return torch.cat([images, *(e.to(images.device, images.dtype) for e in extra)])

@@ -99,6 +99,8 @@ BAD = {
     "set-unknown-hparam": (Q + ["--set", "w_obsrver=mse"], ["unknown hparam", "w_obsrver", "did you mean", "w_observer"],
                            {}),
     "set-not-key-value": (Q + ["--set", "w_observer"], ["--set", "KEY=VALUE", "w_observer"], {}),
+    "set-bad-int": (["quantize", "cifar10_resnet20", "--recipe", "genie", "--budget", "smoke", "-q", "--set",
+                     "iters=many"], ["setting iters expects a int", "many"], {}),
     "set-bad-augment": (["quantize", "cifar10_resnet20", "--recipe", "genie", "--budget", "smoke", "-q", "--calib",
                          "{test}", "--calib-n", "16", "--set", "augment=rotate"],
                         ["augment must be one of", "flipshift", "rotate"], {}),

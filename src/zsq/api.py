@@ -21,7 +21,7 @@ from . import __version__
 from .errors import BadValueError, DataError, OutputExistsError, UnknownNameError, ZsqError
 from .models import load_model
 from .paths import torch_save_atomic, write_json_atomic
-from .recipes import HPARAM_KEYS, PRE_STEPS, QUANTIZERS, RECIPES, QuantContext
+from .recipes import HPARAM_DEFAULTS, HPARAM_KEYS, PRE_STEPS, QUANTIZERS, RECIPES, QuantContext
 from .spec import PROTOCOLS, LayerPolicy, check_bits, check_budget
 
 SCHEMA_VERSION = 1
@@ -44,17 +44,23 @@ def resolve(recipe: str, *, pre=None, synth=None, quant=None, protocol=None, bud
             hparams: dict | None = None) -> Resolved:
     r = RECIPES[recipe]
     budget = check_budget(budget)
+    quant_name = quant or r.quant
+    QUANTIZERS[quant_name]
+    if hparams:
+        from .synth.base import coerce_setting
+
+        typed = HPARAM_DEFAULTS.get(quant_name, {})
+        hparams = {k: coerce_setting(typed[k], v, k) if k in typed else v for k, v in hparams.items()}
     res = Resolved(
         name=r.name,
         pre=None if pre in ("none", "") else (pre or r.pre),
         synth=None if synth == "none" else (synth or r.synth),
-        quant=quant or r.quant,
+        quant=quant_name,
         protocol=protocol or r.protocol,
         budget=budget,
         hparams={**r.hparams, **r.budgets.get(budget, {}).get("quant", {}), **(hparams or {})},
     )
     PROTOCOLS[res.protocol]
-    QUANTIZERS[res.quant]
     if hparams:
         allowed = set(r.hparams) | set(HPARAM_KEYS.get(res.quant, ())) | set(HPARAM_KEYS.get(f"pre:{res.pre}", ()))
         for k in hparams:

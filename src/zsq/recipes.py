@@ -71,6 +71,9 @@ RECIPES: Registry[Recipe] = Registry("recipe")
 #: hparam keys each quantizer (and, as ``pre:NAME``, each pre-step) reads: what ``--set KEY=VALUE``
 #: may override besides the recipe's own hparams
 HPARAM_KEYS: dict[str, frozenset[str]] = {}
+#: typed defaults of a quantizer's hparams: a ``--set`` string is converted to the default's type (or refused
+#: with a one-line error) before anything runs
+HPARAM_DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
 @QUANTIZERS.register("calib")
@@ -175,6 +178,8 @@ def _reconstruction_quantizer(method: str, doc: str,
     HPARAM_KEYS[method] = frozenset({f.name for f in dataclasses.fields(ReconConfig)} | {
         "w_observer", "a_observer", "ckpt_every_s", "stop_at", "augment", "augment_copies", "augment_pad",
         *extra_keys})
+    HPARAM_DEFAULTS[method] = {**{f.name: f.default for f in dataclasses.fields(ReconConfig)},
+                               "ckpt_every_s": 120.0, "augment": "none", "augment_copies": 1, "augment_pad": 4}
     run.__name__ = f"quant_{method.replace('-', '_')}"
     run.__doc__ = doc
     return QUANTIZERS.add(method, run)

@@ -53,11 +53,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.augment import augment_set
 from ..errors import BadValueError
 from ..paths import load_resume_checkpoint, torch_save_checked
 from ..progress import LossBar, fmt_loss
 from ..quant.adaround import AdaRoundQuantizer
-from ..data.augment import augment_set
 from ..quant.graph import is_block
 from ..quant.modules import QUANT_LAYERS, Quantizer
 from ..quant.protocol import frozen_fp_copy

@@ -103,7 +103,7 @@ class SynthConfig:
             raise BadValueError(f"{cls.__name__} has no setting '{k}': {hint}")
         base = cls()
         values = {**cls.PRESETS.get(budget, {}), **overrides}
-        return dataclasses.replace(base, **{k: _coerce(getattr(base, k), v, k) for k, v in values.items()})
+        return dataclasses.replace(base, **{k: coerce_setting(getattr(base, k), v, k) for k, v in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,8 +120,10 @@ class SynthConfig:
         return math.ceil(self.n_images / self.batch_size)
 
 
-def _coerce(default: Any, value: Any, name: str) -> Any:
-    """Turn CLI strings into the type of the field's default (bool / int / float)."""
+def coerce_setting(default: Any, value: Any, name: str) -> Any:
+    """Turn a CLI string into the type of the setting's default (bool / int / float); a string that does
+    not parse is a :class:`BadValueError`. Other values pass unchanged. Used for ``--synth-set`` and,
+    through :func:`zsq.api.resolve`, for ``--set`` on quantizers that declare typed defaults."""
     if not isinstance(value, str) or isinstance(default, str) or default is None:
         return value
     try:
@@ -207,7 +209,7 @@ def get_synthesizer(
     if isinstance(synth, Synthesizer):
         if overrides:
             return type(synth)(dataclasses.replace(synth.config, **{
-                k: _coerce(getattr(synth.config, k), v, k) for k, v in overrides.items()}))
+                k: coerce_setting(getattr(synth.config, k), v, k) for k, v in overrides.items()}))
         return synth
     cls = SYNTHESIZERS[synth] if isinstance(synth, str) else synth
     return cls.from_budget(budget, **overrides)

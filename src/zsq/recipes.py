@@ -94,6 +94,7 @@ def quant_calib(ctx: QuantContext) -> nn.Module:
 
 
 HPARAM_KEYS["calib"] = frozenset({"w_observer", "a_observer", "calib_batch", "sequential"})
+HPARAM_DEFAULTS["calib"] = {"w_observer": "minmax", "a_observer": "minmax", "calib_batch": 256, "sequential": False}
 
 
 def _add(r: Recipe) -> Recipe:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .errors import BadValueError
-from .recipes import HPARAM_KEYS, QUANTIZERS, RECIPES, QuantContext, Recipe
+from .recipes import HPARAM_DEFAULTS, HPARAM_KEYS, QUANTIZERS, RECIPES, QuantContext, Recipe
 from .synth.vit import nonzero_patches
 
 
@@ -69,6 +69,7 @@ def quant_calib_sparse(ctx: QuantContext) -> nn.Module:
 
 
 HPARAM_KEYS["calib-sparse"] = HPARAM_KEYS["calib"]
+HPARAM_DEFAULTS["calib-sparse"] = HPARAM_DEFAULTS["calib"]
 
 
 #: activation ranges of the ``smoke`` / ``default`` budgets: per-tensor MSE search instead of the official

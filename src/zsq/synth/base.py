@@ -138,7 +138,8 @@ def coerce_setting(default: Any, value: Any, name: str) -> Any:
         if isinstance(default, float):
             return float(value)
     except ValueError:
-        raise BadValueError(f"setting {name} expects a {type(default).__name__}, got '{value}'") from None
+        kind = {"int": "an integer", "float": "a number", "bool": "true or false"}[type(default).__name__]
+        raise BadValueError(f"setting {name} expects {kind}, got '{value}'") from None
     return value
 
 

@@ -24,6 +24,22 @@ from ..errors import BadValueError
 AUGMENT_MODES = ("none", "flip", "flipshift")
 
 
+def resample_box_flip(x: torch.Tensor, fw: torch.Tensor, fh: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
+                      sign: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """Per image, the box of width / height ``fw`` / ``fh`` (fractions of the image) centred at ``cx`` /
+    ``cy`` (normalised coordinates, -1..1) resampled to the full size (bilinear, differentiable) and
+    mirrored where ``sign`` is -1: one affine ``grid_sample`` for the batch. The random-resized-crop
+    augmentations of synthesis (``zsq.synth.pixel``) and of the QAT engine draw their boxes and call this."""
+    b = x.shape[0]
+    theta = torch.zeros(b, 2, 3, device=x.device)
+    theta[:, 0, 0] = fw * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = fh
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
 def random_flip_shift(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """The CIFAR training augmentation on a batch (any dtype, uint8 included): each image cropped back to
     its size from its zero-padded (``pad``) version at a random offset, i.e. translated by up to ``pad``

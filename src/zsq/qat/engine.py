@@ -168,6 +168,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from .. import distributed as zdist
+from ..data.augment import resample_box_flip
 from ..errors import BadValueError
 from ..paths import load_resume_checkpoint, torch_save_checked
 from ..progress import LossBar, fmt_loss
@@ -425,13 +426,9 @@ def random_resized_crop_flip(x: Tensor, generator: torch.Generator | None,
     w = torch.sqrt(area * aspect).clamp(max=1.0)  # box width / image width
     h = torch.sqrt(area / aspect).clamp(max=1.0)
     flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3, device=x.device)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = (2.0 * u[:, 2] - 1.0) * (1.0 - w)  # box centre, normalised coordinates
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = (2.0 * u[:, 3] - 1.0) * (1.0 - h)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # box centre in normalised coordinates
+    return resample_box_flip(x.float(), w, h, (2.0 * u[:, 2] - 1.0) * (1.0 - w), (2.0 * u[:, 3] - 1.0) * (1.0 - h),
+                             flip, padding_mode="border")
 
 
 def channel_attention(a: Tensor) -> Tensor:

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.augment import resample_box_flip
 from ..errors import BadValueError
 from .base import StepCallback, SynthConfig, Synthesizer, prepared
 from .losses import BNStatsLoss, bn_layers
@@ -162,13 +163,7 @@ def random_resized_crop_flip(x: Tensor, scale: float, generator: torch.Generator
     cx = (2 * torch.rand(b, generator=generator, device=generator.device) - 1) * (1 - fw)
     cy = (2 * torch.rand(b, generator=generator, device=generator.device) - 1) * (1 - fh)
     sign = torch.where(torch.rand(b, generator=generator, device=generator.device) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3, device=x.device)
-    theta[:, 0, 0] = fw * sign
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = fh
-    theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return resample_box_flip(x, fw, fh, cx, cy, sign, padding_mode="zeros")
 
 
 def random_roll(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:

@@ -76,6 +76,10 @@ HPARAM_KEYS: dict[str, frozenset[str]] = {}
 HPARAM_DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
+HPARAM_DEFAULTS["calib"] = {"w_observer": "minmax", "a_observer": "minmax", "calib_batch": 256, "sequential": False}
+HPARAM_KEYS["calib"] = frozenset(HPARAM_DEFAULTS["calib"])
+
+
 @QUANTIZERS.register("calib")
 def quant_calib(ctx: QuantContext) -> nn.Module:
     """Range calibration only: weights from ``w_observer`` (per the protocol's granularity),
@@ -83,18 +87,13 @@ def quant_calib(ctx: QuantContext) -> nn.Module:
     from .ptq.calibrate import calibrate
     from .quant.protocol import apply_protocol
 
-    h = ctx.hparams
+    h = {**HPARAM_DEFAULTS["calib"], **ctx.hparams}
     q = apply_protocol(ctx.model, ctx.protocol, ctx.w_bits, ctx.a_bits, policy=ctx.policy,
-                       w_observer=h.get("w_observer", "minmax"), a_observer=h.get("a_observer", "minmax"),
-                       strict=ctx.strict)
+                       w_observer=h["w_observer"], a_observer=h["a_observer"], strict=ctx.strict)
     if ctx.images is None:
         raise BadValueError("the calib quantizer needs calibration images (a synthesizer, --synthetic or --calib)")
-    return calibrate(q, ctx.images, observer=h.get("a_observer", "minmax"),
-                     batch_size=int(h.get("calib_batch", 256)), sequential=bool(h.get("sequential", False)))
-
-
-HPARAM_KEYS["calib"] = frozenset({"w_observer", "a_observer", "calib_batch", "sequential"})
-HPARAM_DEFAULTS["calib"] = {"w_observer": "minmax", "a_observer": "minmax", "calib_batch": 256, "sequential": False}
+    return calibrate(q, ctx.images, observer=h["a_observer"], batch_size=int(h["calib_batch"]),
+                     sequential=bool(h["sequential"]))
 
 
 def _add(r: Recipe) -> Recipe:
@@ -172,15 +171,12 @@ def _reconstruction_quantizer(method: str, doc: str,
 
     import dataclasses
 
-    from .ptq.reconstruct import ReconConfig
+    from .ptq.reconstruct import ENGINE_HPARAMS, ReconConfig
 
+    HPARAM_DEFAULTS[method] = {**{f.name: f.default for f in dataclasses.fields(ReconConfig)}, **ENGINE_HPARAMS}
     # extra_keys: hparams only this method's passes read (BRECQ's activation pass: lr_a, iters_a); the others
     # refuse them (a `--set lr_a=0` on genie used to be accepted and silently ignored)
-    HPARAM_KEYS[method] = frozenset({f.name for f in dataclasses.fields(ReconConfig)} | {
-        "w_observer", "a_observer", "ckpt_every_s", "stop_at", "augment", "augment_copies", "augment_pad",
-        *extra_keys})
-    HPARAM_DEFAULTS[method] = {**{f.name: f.default for f in dataclasses.fields(ReconConfig)},
-                               "ckpt_every_s": 120.0, "augment": "none", "augment_copies": 1, "augment_pad": 4}
+    HPARAM_KEYS[method] = frozenset(HPARAM_DEFAULTS[method]) | {"w_observer", "a_observer", "stop_at", *extra_keys}
     run.__name__ = f"quant_{method.replace('-', '_')}"
     run.__doc__ = doc
     return QUANTIZERS.add(method, run)

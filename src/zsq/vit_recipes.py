@@ -59,12 +59,11 @@ def quant_calib_sparse(ctx: QuantContext) -> nn.Module:
     if not hasattr(getattr(ctx.model, "patch_embed", None), "patch_size"):
         raise BadValueError(f"calib-sparse needs a vision transformer from zsq.models.vit, not "
                             f"{type(ctx.model).__name__} (use --quant calib)")
-    h = ctx.hparams
+    h = {**HPARAM_DEFAULTS["calib"], **ctx.hparams}
     q = apply_protocol(ctx.model, ctx.protocol, ctx.w_bits, ctx.a_bits, policy=ctx.policy,
-                       w_observer=h.get("w_observer", "minmax"), a_observer=h.get("a_observer", "minmax"),
-                       strict=ctx.strict)
-    calibrate(KeptPatches(q), ctx.images, observer=h.get("a_observer", "minmax"),
-              batch_size=int(h.get("calib_batch", 256)), sequential=bool(h.get("sequential", False)))
+                       w_observer=h["w_observer"], a_observer=h["a_observer"], strict=ctx.strict)
+    calibrate(KeptPatches(q), ctx.images, observer=h["a_observer"], batch_size=int(h["calib_batch"]),
+              sequential=bool(h["sequential"]))
     return q
 
 

@@ -75,6 +75,4 @@ def augment_set(images: torch.Tensor, mode: str = "none", *, copies: int = 1, pa
     if mode == "flip":
         return torch.cat([images, images.flip(-1)])
     g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-    src = images.detach().cpu()
-    extra = [random_flip_shift(src, g, int(pad)) for _ in range(int(copies))]
-    return torch.cat([images, *(e.to(images.device, images.dtype) for e in extra)])
+    return torch.cat([images, *(random_flip_shift(images, g, int(pad)) for _ in range(int(copies)))])

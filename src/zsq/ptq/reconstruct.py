@@ -62,6 +62,10 @@ from ..quant.graph import is_block
 from ..quant.modules import QUANT_LAYERS, Quantizer
 from ..quant.protocol import frozen_fp_copy
 
+#: hparams of the reconstruction quantizers besides the ReconConfig fields, with their defaults: the
+#: mid-unit checkpoint period and the calibration-set augmentation (zsq.data.augment)
+ENGINE_HPARAMS = {"ckpt_every_s": 120.0, "augment": "none", "augment_copies": 1, "augment_pad": 4}
+
 CKPT_NAME = "recon.pt"
 CKPT_FORMAT = "zsq-recon-2"  # 2: SHA-256 trailer (paths.torch_save_checked)
 
@@ -793,15 +797,15 @@ def quantize_reconstruct(ctx, method: str) -> nn.Module:
 
     if ctx.images is None:
         raise BadValueError(f"the {method} quantizer needs calibration images (a synthesizer, --synthetic or --calib)")
-    hp = dict(ctx.hparams or {})
+    hp = {**ENGINE_HPARAMS, **(ctx.hparams or {})}
     # augmented copies of the calibration set (zsq.data.augment); ``none`` leaves it as it is
-    images = augment_set(ctx.images, str(hp.get("augment", "none")), copies=int(hp.get("augment_copies", 1)),
-                         pad=int(hp.get("augment_pad", 4)), seed=ctx.seed)
+    images = augment_set(ctx.images, str(hp["augment"]), copies=int(hp["augment_copies"]), pad=int(hp["augment_pad"]),
+                         seed=ctx.seed)
     q = apply_protocol(ctx.model, ctx.protocol, ctx.w_bits, ctx.a_bits, policy=ctx.policy,
                        w_observer=hp.get("w_observer", "mse"), a_observer=hp.get("a_observer", "mse"),
                        strict=ctx.strict)
     passes = method_passes(method, hp, protocol_name=ctx.protocol.name)
     stop_at = hp.get("stop_at")
     return reconstruct(q, images, passes, seed=ctx.seed, progress=ctx.progress, ckpt_dir=ctx.ckpt_dir,
-                       resume=ctx.resume, ckpt_every_s=float(hp.get("ckpt_every_s", 120.0)),
+                       resume=ctx.resume, ckpt_every_s=float(hp["ckpt_every_s"]),
                        stop_at=tuple(stop_at) if stop_at is not None else None)

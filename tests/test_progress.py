@@ -4,11 +4,17 @@ plain lines: each task once when it finishes, and the running ones at most every
 from __future__ import annotations
 
 import io
+import os
+import re
+import subprocess
+import sys
 
 import pytest
+import torch
+from conftest import CIFAR_TEST, ROOT
 
 from zsq.errors import BadValueError
-from zsq.progress import LossBar, PlainProgress, loss_progress
+from zsq.progress import LossBar, PlainProgress, count_progress, loss_progress
 
 
 def test_plain_progress_writes_finished_tasks_once_and_running_ones_periodically(monkeypatch):
@@ -52,3 +58,44 @@ def test_loss_progress_is_plain_off_a_terminal_and_none_when_disabled():
     assert isinstance(loss_progress(True), PlainProgress)  # pytest captures stderr: not a terminal
     with LossBar(True) as bar:
         assert isinstance(bar.p, PlainProgress)
+    assert count_progress(False) is None
+    assert isinstance(count_progress(True), PlainProgress)
+
+
+def test_zsq_eval_off_a_terminal_writes_progress_lines_on_stderr_and_results_on_stdout():
+    # stderr is a pipe (as under nohup, CI, a bench-run child): the rich bar would draw nothing there
+    env = {**os.environ, "CI": "true", "ZSQ_PROGRESS_EVERY": "0"}
+    cmd = [sys.executable, "-m", "zsq", "eval", "cifar10_resnet20", "--data", str(CIFAR_TEST), "--threads", "1"]
+    r = subprocess.run(cmd + ["--limit", "1000"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = re.findall(r"^eval test\.tar: (\d+)/1000 \[\d+:\d\d\]$", r.stderr, re.M)
+    assert len(lines) >= 2, r.stderr  # running lines (every 0 s: each batch) and the finished one
+    assert [int(n) for n in lines] == sorted(int(n) for n in lines) and lines[-1] == "1000"
+    assert re.search(r"^top1 \d+\.\d\d$", r.stdout, re.M), r.stdout
+    assert "eval test.tar" not in r.stdout
+    # --quiet: no progress at all
+    q = subprocess.run(cmd + ["--limit", "100", "-q"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert q.returncode == 0, q.stderr
+    assert "eval test.tar" not in q.stderr + q.stdout and re.search(r"^top1 ", q.stdout, re.M)
+
+
+def test_real_calibration_images_are_counted_while_they_load(resnet20, capsys, monkeypatch):
+    from zsq.data.eval import load_images
+
+    monkeypatch.setenv("ZSQ_PROGRESS_EVERY", "0")
+    pre = resnet20.zsq_info.preprocess
+    x, y = load_images(CIFAR_TEST, pre, 300, seed=3, progress=True)  # decoded 256 at a time
+    err = capsys.readouterr().err.splitlines()
+    assert [ln.rsplit(" [", 1)[0] for ln in err] == ["loading 300 images from test.tar: 256/300",
+                                                     "loading 300 images from test.tar: 300/300"], err
+    x2, y2 = load_images(CIFAR_TEST, pre, 300, seed=3)  # quiet by default; the same images
+    assert capsys.readouterr().err == ""
+    assert torch.equal(x, x2) and torch.equal(y, y2) and x.shape == (300, 3, 32, 32)
+    # zsq.quantize(calib=...) shows the loading unless progress=False
+    import zsq
+
+    zsq.quantize(resnet20, "zeroq", 8, 8, protocol="ptq", budget="smoke", calib=str(CIFAR_TEST), calib_n=20)
+    assert "loading 20 images from test.tar: 20/20" in capsys.readouterr().err
+    zsq.quantize(resnet20, "zeroq", 8, 8, protocol="ptq", budget="smoke", calib=str(CIFAR_TEST), calib_n=20,
+                 progress=False)
+    assert "loading" not in capsys.readouterr().err

@@ -176,7 +176,7 @@ def quantize(
 
             if calib_n <= 0:
                 raise DataError(f"--calib-n must be > 0, got {calib_n}")
-            images, _ = load_images(calib, model.zsq_info.preprocess, calib_n, seed=seed)
+            images, _ = load_images(calib, model.zsq_info.preprocess, calib_n, seed=seed, progress=progress)
             data_info = {"dir": str(calib), "sha256": None, "n_images": int(images.shape[0]), "kind": "real"}
             res.synth = None
         else:

@@ -1,6 +1,6 @@
-"""The one rich progress layout of zsq's long loops (synthesis batches, reconstruction units): a bar
-per task with done/total, the running loss, elapsed and remaining time, on stderr (stdout carries
-results such as ``top1 ...``).
+"""The one rich progress layout of zsq's long loops (synthesis batches, reconstruction units, evaluation,
+loading real images): a bar per task with done/total, the running loss where there is one, elapsed and
+remaining time, on stderr (stdout carries results such as ``top1 ...``).
 
 Where stderr is not a terminal (a log file, ``nohup``, CI, a ``zsq bench run`` child) rich draws nothing
 until the loop ends, so there :class:`PlainProgress` writes plain lines instead: one when a task
@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 
-def loss_progress(enabled: bool):
-    """A started-on-enter progress display with a ``loss`` field per task (rich on a terminal, else
-    :class:`PlainProgress`), or ``None``."""
+def _progress(enabled: bool, loss: bool, transient: bool = False):
     if not enabled:
         return None
     from rich.console import Console
@@ -27,9 +26,39 @@ def loss_progress(enabled: bool):
     console = Console(stderr=True)
     if not console.is_terminal:
         return PlainProgress()
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console)
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if loss:
+        cols.append(TextColumn("loss {task.fields[loss]}"))
+    return Progress(*cols, TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient)
+
+
+def loss_progress(enabled: bool):
+    """A started-on-enter progress display with a ``loss`` field per task (rich on a terminal, else
+    :class:`PlainProgress`), or ``None``."""
+    return _progress(enabled, loss=True)
+
+
+def count_progress(enabled: bool, transient: bool = False):
+    """The same display without the loss (evaluation, image loading): done/total, elapsed and remaining
+    time per task; rich on a terminal (``transient``: the bar disappears when done), else
+    :class:`PlainProgress`; ``None`` when not ``enabled``."""
+    return _progress(enabled, loss=False, transient=transient)
+
+
+@contextmanager
+def counting(enabled: bool, description: str, total: int, transient: bool = True):
+    """One counted task for a loop (see :func:`count_progress`): yields ``advance(k)``; started on
+    enter, stopped on exit (off a terminal the finished line is written once ``total`` is reached)."""
+    p = count_progress(enabled, transient=transient)
+    if p is None:
+        yield lambda k: None
+        return
+    p.start()
+    try:
+        task = p.add_task(description, total=total)
+        yield lambda k: p.advance(task, k)
+    finally:
+        p.stop()
 
 
 def _every_s() -> float:

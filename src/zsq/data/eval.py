@@ -37,11 +37,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import BadValueError, DataError, ZsqError
 from ..models.preprocess import Preprocess
+from ..progress import counting
 
 __all__ = ["ImageSet", "open_dataset", "load_images", "evaluate", "clear_cache"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SMALL_PIXELS = 96 * 96  # images up to this many pixels are decoded once into a uint8 cache
+LOAD_BATCH = 256  # real calibration images are decoded (and counted) this many at a time
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _CIFAR_TEST = {"test_batch": 10, "test": 100}  # eval batch file name -> number of classes
 _CIFAR_META = {10: ("batches.meta", b"label_names"), 100: ("meta", b"fine_label_names")}
@@ -566,21 +568,39 @@ class ImageSet(Dataset):
         return None if px is None else (px, self._src.labels[index].clone())
 
     def batches(self, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalized ``(images, labels)`` batches in item order."""
+        """Normalized ``(images, labels)`` batches in item order. Small images are decoded batch by
+        batch (each missing image once, into the source's cache), so a consumer's progress moves
+        while they decode; where they turn out to differ in size, the rest go image by image."""
+        start = 0
         if self._fast():
-            px = self._src.pixels(self.index)  # decode every missing image once
-            if px is not None:
-                for s in range(0, len(self), batch_size):
-                    yield _normalize(px[s : s + batch_size], self.preprocess), self.labels[s : s + batch_size]
+            for start in range(0, len(self), batch_size):
+                px = self._src.pixels(self.index[start : start + batch_size])
+                if px is None:  # mixed sizes: the remaining items take the per-image transform
+                    break
+                yield _normalize(px, self.preprocess), self.labels[start : start + batch_size]
+            else:
                 return
-        yield from DataLoader(self, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate)
+        rest = self if start == 0 else torch.utils.data.Subset(self, range(start, len(self)))
+        yield from DataLoader(rest, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate)
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All items as one ``(images, labels)`` pair."""
-        xs, ys = zip(*self.batches(max(len(self), 1))) if len(self) else ((), ())
-        if not xs:
+    def tensors(self, batch_size: int | None = None, advance=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All items as one ``(images, labels)`` pair, gathered ``batch_size`` items at a time (all at
+        once by default); ``advance(k)`` is called after every batch of ``k`` items."""
+        x = y = None
+        for x_b, y_b in self.batches(batch_size or max(len(self), 1)):
+            if x is None:
+                x = torch.empty((len(self), *x_b.shape[1:]), dtype=x_b.dtype)
+                y, at = torch.empty(len(self), dtype=torch.int64), 0
+            elif x_b.shape[1:] != x.shape[1:]:
+                raise DataError(f"images have different sizes after preprocessing ({tuple(x.shape[1:])}, "
+                                f"{tuple(x_b.shape[1:])}): give the model a --crop size")
+            x[at : at + len(x_b)], y[at : at + len(x_b)] = x_b, y_b
+            at += len(x_b)
+            if advance is not None:
+                advance(len(x_b))
+        if x is None:
             raise DataError(f"{self.path}: no images selected")
-        return torch.cat(xs), torch.cat(ys)
+        return x, y
 
 
 def _class_rank(labels: torch.Tensor) -> torch.Tensor:
@@ -632,13 +652,14 @@ def open_dataset(path: str | os.PathLike, preprocess: Preprocess | None = None, 
 
 
 def load_images(
-    path: str | os.PathLike, preprocess: Preprocess | None, n: int, seed: int = 0
+    path: str | os.PathLike, preprocess: Preprocess | None, n: int, seed: int = 0, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` real images for calibration, balanced over classes, deterministic for ``seed``.
 
     Classes are visited round-robin in a seeded random order, each yielding its images in a seeded
     random order, so class counts differ by at most one (``n`` below the class count takes one image
     from each of ``n`` random classes). Returns ``(float images (n, 3, H, W), int64 labels (n,))``.
+    ``progress``: count the decoded images on stderr (:func:`zsq.progress.counting`).
     """
     src = _source(path)
     n = _positive_int(n, "--calib-n")
@@ -658,7 +679,9 @@ def load_images(
                 if len(picked) == n:
                     break
         depth += 1
-    return ImageSet(src, torch.tensor(picked, dtype=torch.int64), preprocess or Preprocess()).tensors()
+    ds = ImageSet(src, torch.tensor(picked, dtype=torch.int64), preprocess or Preprocess())
+    with counting(progress, f"loading {n} images from {Path(path).name}", n) as advance:
+        return ds.tensors(batch_size=LOAD_BATCH, advance=advance)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -709,7 +732,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), _progress(progress and n_items > 4 * batch_size, n_items) as advance:
+        what = f"eval {Path(ds.path).name}" if isinstance(ds, ImageSet) else "eval"
+        with torch.inference_mode(), counting(progress, what, n_items) as advance:
             for x, y in batches:
                 x, y = x.to(device), torch.as_tensor(y).to(device)
                 out = model(x)
@@ -729,29 +753,3 @@ def evaluate(
     finally:
         model.train(was_training)
     return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "n": seen}
-
-
-class _progress:
-    """Context manager yielding ``advance(k)``; a rich progress bar on stderr when ``show``."""
-
-    def __init__(self, show: bool, total: int):
-        self.show, self.total, self._p = show, total, None
-
-    def __enter__(self):
-        if not self.show:
-            return lambda k: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._p = Progress(
-            TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=Console(stderr=True), transient=True,
-        )
-        self._p.__enter__()
-        task = self._p.add_task("eval", total=self.total)
-        return lambda k: self._p.advance(task, k)
-
-    def __exit__(self, *exc):
-        if self._p is not None:
-            self._p.__exit__(*exc)
-        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from PIL import Image
 
 import zsq
@@ -39,3 +40,65 @@ def test_report_writes_legible_figures(resnet20, tmp_path):
     assert float(rows["conv1"]) > float(rows["layer1.0.conv1"]) + 15
     assert re.search(r"^\| logits \| -?[\d.]+ \|$", text, re.M)
     assert not list(out.glob(".report-*")), "temporary report directory left behind"
+
+
+def test_report_measures_learnt_weights_against_the_fp_model(resnet20, tmp_path):
+    """SQuant stores weights that already lie on their grid: compared with themselves every layer was
+    ``inf`` and the plot empty. Against the FP model (BN folded as the protocol does) every layer has a
+    finite SQNR, SQuant's flipped roundings lose to round-to-nearest, and layers.csv holds the numbers."""
+    import csv
+    import math
+    import warnings
+
+    import numpy as np
+    import torch
+    from conftest import CIFAR_TEST
+
+    from zsq.quant.modules import QUANT_LAYERS
+
+    q = zsq.quantize(resnet20, "squant", 4, 4, progress=False)
+    out = tmp_path / "sq"
+    zsq.save(q, out, metrics={"top1": 79.1, "top5": 98.9, "n": 1000}, eval_path=str(CIFAR_TEST))
+    bench = tmp_path / "runs"
+    bench.mkdir()
+    for i, (w, a, t) in enumerate([(8, 8, 91.0), (4, 8, 88.0), (4, 4, 85.0)]):
+        rec = _bench_record("genie", w, a, t)
+        rec["run"]["protocol"] = q.zsq_result["protocol"]
+        (bench / f"r{i}.json").write_text(json.dumps(rec))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # matplotlib warned on the infinite bars
+        md = write_report(out, bench)
+    with open(out / "report" / "layers.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["layer"] for r in rows] == [n for n, m in q.named_modules() if isinstance(m, QUANT_LAYERS)]
+    near = {r["layer"]: float(r["w_sqnr_nearest_db"]) for r in rows}
+    saved = {r["layer"]: float(r["w_sqnr_saved_db"]) for r in rows}
+    assert all(math.isfinite(v) for v in [*near.values(), *saved.values()]), rows
+    assert {r["bits"] for r in rows} == {"4", "8"}
+    for r in rows:  # 4-bit weights: roughly 6 dB per bit; the 8-bit first / last layers far cleaner
+        assert (10 < saved[r["layer"]] < 30) if r["bits"] == "4" else saved[r["layer"]] > 40, r
+    # nearest rounding is the closest point of the same grid: SQuant's flips can only cost SQNR, and do
+    assert all(near[k] >= saved[k] - 1e-6 for k in near) and sum(near[k] > saved[k] + 0.1 for k in near) >= 10
+    # the reference is the FP conv with its BN folded in, by hand here
+    conv, bn = resnet20.conv1, resnet20.bn1
+    w_fp = conv.weight.detach() * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().view(-1, 1, 1, 1)
+    wq = q.conv1.qweight().detach()
+    by_hand = 10 * math.log10(float(w_fp.double().pow(2).sum() / (w_fp - wq).double().pow(2).sum()))
+    assert saved["conv1"] == pytest.approx(by_hand, abs=1e-3)
+    text = md.read_text()
+    assert re.search(rf"^\| layer1\.0\.conv1 \| 4 \| {near['layer1.0.conv1']:.2f} \| {saved['layer1.0.conv1']:.2f} \|$",
+                     text, re.M)
+    assert "layers.csv" in text and "layers.csv" in (out / "report" / "index.html").read_text()
+    # the top-1 came from a 1,000-image --eval-limit subset of the 10,000 CIFAR-10 test images: said so
+    assert "1,000 of the 10,000 images" in text and "--eval-limit" in text
+    assert "--eval-limit" in (out / "report" / "index.html").read_text()
+    # this run is marked on accuracy.png (a crimson star) and named in its caption
+    assert re.search(r"\]\(accuracy\.png\)", text) and "the star is this run (W4A4, top-1 79.1" in text
+    with Image.open(out / "report" / "accuracy.png") as im:
+        px = torch.from_numpy(np.array(im.convert("RGB"))).int()
+        r, g, b = px.unbind(-1)
+        assert int(((r > 190) & (g < 60) & (b > 30) & (b < 100)).sum()) > 50  # the star
+    # the same top-1 on the whole test set carries no subset note
+    zsq.save(q, out, metrics={"top1": 79.1, "top5": 98.9, "n": 10000}, eval_path=str(CIFAR_TEST))
+    text = write_report(out).read_text()
+    assert "--eval-limit" not in text and "79.1 / 98.9 on 10,000 images" in text

@@ -6,30 +6,37 @@ Written to ``OUT/report/`` (built in a temporary directory, then moved into plac
   was calibrated on a synthetic set that is still on disk;
 * ``loss.png``: the synthesizer's loss against iteration for every batch (``loss_trace`` in the
   shard sidecars);
-* ``sqnr.png``: per-layer weight SQNR (dB) of round-to-nearest on the layer's final grid against the
-  saved (learnt: AdaRound / SQuant) weights, i.e. before / after reconstruction, and the SQNR of
-  every activation output (and the logits) of the quantized model against the FP model on the
+* ``sqnr.png`` and ``layers.csv``: per quantized layer, the SQNR (dB) against the FP model's weights
+  of round-to-nearest on the layer's final grid and of the saved (learnt: AdaRound / SQuant) weights,
+  i.e. before / after rounding was learnt. The FP reference is the model the quantizer started from,
+  built the way it was: the recipe's pre-step (DFQ equalization) applied, then the protocol's
+  :func:`~zsq.quant.protocol.apply_protocol` (BN folded into the conv, same layer names). Also the SQNR
+  of every activation output (and the logits) of the quantized model against that FP model on the
   calibration images;
 * ``accuracy.png`` (with ``--bench DIR``): top-1 against bit setting for every recipe of the same
-  model and protocol found in the benchmark folder;
-* ``report.md`` and ``index.html`` linking them, with the output's provenance from ``zsq.json``.
+  model and protocol found in the benchmark folder, this output marked by a star;
+* ``report.md`` and ``index.html`` linking them, with the output's provenance from ``zsq.json``; a top-1
+  measured on an ``--eval-limit`` subset says so (images used, of how many).
 """
 
 from __future__ import annotations
 
+import copy
+import csv
 import html
 import json
 import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import DataError
+from .errors import DataError, ZsqError
 
 BIT_ORDER = ["W8A8", "W6A6", "W5A5", "W4A8", "W4A4", "W3A3", "W2A4", "W2A2"]
 
@@ -90,25 +97,55 @@ def _loss_png(sides: list[dict], path: Path) -> bool:
 _ACTS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish)
 
 
+def fp_reference(qmodel: nn.Module, meta: dict) -> tuple[nn.Module, nn.Module]:
+    """The FP model a saved output was quantized from, rebuilt like :func:`zsq.api.load` does (same model
+    id, preprocessing and class count) with the recipe's pre-step applied (``zsq.json`` ``recipe.pre``
+    and its hparams), as ``(fp, ref)``: ``fp`` unfolded (for activation outputs), ``ref`` laid out by the
+    output's protocol (BN folded, same layer names as ``qmodel``) holding the FP weights to compare
+    the quantized ones with."""
+    from . import api
+    from .quant.protocol import apply_protocol
+    from .recipes import PRE_STEPS
+    from .spec import PROTOCOLS
+
+    info = qmodel.zsq_info
+    fp = api.load_model(meta["model"]["id"], preprocess=info.preprocess, num_classes=info.num_classes)
+    recipe = meta.get("recipe") or {}
+    if recipe.get("pre"):
+        fp = PRE_STEPS[recipe["pre"]](copy.deepcopy(fp), dict(recipe.get("hparams") or {}))
+    lay = qmodel.zsq_layout
+    with warnings.catch_warnings():  # unsupported layers were reported when the output was made
+        warnings.simplefilter("ignore")
+        ref = apply_protocol(fp, PROTOCOLS[lay.protocol], lay.w_bits, lay.a_bits)
+    return fp, ref
+
+
 @torch.no_grad()
-def layer_sqnr(qmodel: nn.Module, fp: nn.Module | None, images: torch.Tensor | None
-               ) -> tuple[list[dict], list[dict]]:
-    """Per quantized layer: weight SQNR of round-to-nearest and of the saved weights on the same
-    grid. With ``fp`` and ``images``, also per activation module present in both models (BN folding
+def layer_sqnr(qmodel: nn.Module, fp: nn.Module | None, images: torch.Tensor | None,
+               ref: nn.Module | None = None) -> tuple[list[dict], list[dict]]:
+    """Per quantized layer: the SQNR against the FP weights (the same-named layer of ``ref``, see
+    :func:`fp_reference`; without ``ref`` the layer's own stored weights, which are already on the grid
+    after SQuant or AdaRound) of round-to-nearest on the layer's final grid and of the saved weights.
+    With ``fp`` and ``images``, also per activation module present in both models (BN folding
     changes what a conv outputs, an activation's output means the same in both): the SQNR of its
     output in ``qmodel`` (quantized, as the next layer reads it) against the FP model's."""
     from .quant.modules import QUANT_LAYERS
 
+    ref_mods = dict(ref.named_modules()) if ref is not None else {}
     rows = []
     for name, m in qmodel.named_modules():
         if not isinstance(m, QUANT_LAYERS):
             continue
         w = m.weight.detach()
+        r = getattr(ref_mods.get(name), "weight", None)
+        if ref is not None and (r is None or r.shape != w.shape):
+            raise DataError(f"the FP model has no layer {name} of shape {tuple(w.shape)}: it does not match the output")
+        w_fp = w if r is None else r.detach()
         q = m.wq
-        s, z = q._shape(w, q.scale.detach()), q._shape(w, q.zero_point)
-        nearest = (torch.clamp(torch.round(w / s) + z, q.qmin, q.qmax) - z) * s
-        rows.append({"layer": name, "bits": q.bits, "w_sqnr_nearest": _sqnr(w, nearest),
-                     "w_sqnr_saved": _sqnr(w, m.qweight().detach())})
+        s, z = q._shape(w_fp, q.scale.detach()), q._shape(w_fp, q.zero_point)
+        nearest = (torch.clamp(torch.round(w_fp / s) + z, q.qmin, q.qmax) - z) * s
+        rows.append({"layer": name, "bits": q.bits, "w_sqnr_nearest": _sqnr(w_fp, nearest),
+                     "w_sqnr_saved": _sqnr(w_fp, m.qweight().detach())})
     acts: list[dict] = []
     if fp is None or images is None:
         return rows, acts
@@ -144,17 +181,20 @@ def _sqnr_png(rows: list[dict], acts: list[dict], path: Path) -> None:
     ax = axes[0][0]
     idx = list(range(len(rows)))
     wdt = 0.38
-    ax.bar([i - wdt / 2 for i in idx], [r["w_sqnr_nearest"] for r in rows], wdt, label="round-to-nearest")
-    ax.bar([i + wdt / 2 for i in idx], [r["w_sqnr_saved"] for r in rows], wdt, label="saved (learnt) weights")
+    def finite(key):  # an exact layer (infinite SQNR) gets no bar instead of breaking the axis
+        return [r[key] if math.isfinite(r[key]) else float("nan") for r in rows]
+
+    ax.bar([i - wdt / 2 for i in idx], finite("w_sqnr_nearest"), wdt, label="round-to-nearest")
+    ax.bar([i + wdt / 2 for i in idx], finite("w_sqnr_saved"), wdt, label="saved (learnt) weights")
     ax.set_xticks(idx)
     ax.set_xticklabels([f"{r['layer']} ({r['bits']}b)" for r in rows], rotation=70, ha="right", fontsize=7)
-    ax.set_ylabel("weight SQNR (dB)")
-    ax.set_title("per-layer weight quantization SQNR")
+    ax.set_ylabel("weight SQNR vs FP (dB)")
+    ax.set_title("per-layer weight quantization SQNR against the FP weights")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     if acts:
         ax = axes[1][0]
-        ax.plot(range(len(acts)), [a["sqnr"] for a in acts], marker="o")
+        ax.plot(range(len(acts)), [a["sqnr"] if math.isfinite(a["sqnr"]) else float("nan") for a in acts], marker="o")
         ax.set_xticks(range(len(acts)))
         ax.set_xticklabels([a["module"] for a in acts], rotation=70, ha="right", fontsize=7)
         ax.set_ylabel("SQNR vs FP (dB)")
@@ -163,7 +203,13 @@ def _sqnr_png(rows: list[dict], acts: list[dict], path: Path) -> None:
     _save(plt, fig, path)
 
 
-def _accuracy_png(bench: Path, model_id: str, protocol: str, path: Path) -> bool:
+def _bit_order(bits: set[str]) -> list[str]:
+    return [b for b in BIT_ORDER if b in bits] + sorted(bits - set(BIT_ORDER))
+
+
+def _accuracy_png(bench: Path, model_id: str, protocol: str, path: Path, this: dict | None = None) -> bool:
+    """Top-1 against bits from the benchmark records; ``this`` (``{"bits": "W4A4", "top1": .., "label": ..}``,
+    this output) is marked by a star. False (nothing drawn) when there is nothing to plot."""
     series: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for p in sorted(bench.glob("*.json")):
         try:
@@ -176,14 +222,21 @@ def _accuracy_png(bench: Path, model_id: str, protocol: str, path: Path) -> bool
         label = (f"calib-real ({run['recipe']})" if run.get("calib") else run["recipe"]) + \
             (" " + " ".join(run["extra"]) if run.get("extra") else "") + f" [{run.get('budget')}]"
         series[label][f"W{run['w']}A{run['a']}"].append(z["metrics"]["top1"])
-    if not series:
+    if not series and this is None:
         return False
-    cols = [b for b in BIT_ORDER if any(b in s for s in series.values())]
+    cols = _bit_order({b for s in series.values() for b in s} | ({this["bits"]} if this else set()))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for label, pts in sorted(series.items()):
         xs = [i for i, b in enumerate(cols) if b in pts]
         ax.plot(xs, [sum(pts[cols[i]]) / len(pts[cols[i]]) for i in xs], marker="o", label=label)
+    if this is not None:
+        x = cols.index(this["bits"])
+        ax.plot([x], [this["top1"]], linestyle="none", marker="*", markersize=17, color="crimson",
+                markeredgecolor="black", zorder=5, label=this["label"])
+        ax.annotate(f"this run {this['top1']:.2f}", (x, this["top1"]), textcoords="offset points", xytext=(0, 12),
+                    ha="center", fontsize=8, color="crimson")
+        ax.margins(x=0.1, y=0.12)  # room for the star's label at the plot's edges
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(cols)
     ax.set_ylabel("top-1 (%)")
@@ -194,10 +247,38 @@ def _accuracy_png(bench: Path, model_id: str, protocol: str, path: Path) -> bool
     return True
 
 
+def _layers_csv(rows: list[dict], path: Path) -> None:
+    """One row per quantized layer: name, weight bits, weight SQNR (dB) of round-to-nearest and of the
+    saved weights against the FP weights."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", "bits", "w_sqnr_nearest_db", "w_sqnr_saved_db"])
+        for r in rows:
+            w.writerow([r["layer"], r["bits"], f"{r['w_sqnr_nearest']:.4f}", f"{r['w_sqnr_saved']:.4f}"])
+
+
+CIFAR_TEST_IMAGES = 10_000  # CIFAR-10 and CIFAR-100 test sets
+
+
+def _eval_set_size(meta: dict) -> int | None:
+    """Images in the whole evaluation set the output's top-1 came from: counted in ``eval_path`` when it
+    is still readable, else 10,000 for the CIFAR zoo models, else unknown (None)."""
+    from .data.eval import open_dataset
+
+    p = meta.get("eval_path")
+    if p and Path(p).exists():
+        try:
+            return len(open_dataset(p))
+        except ZsqError:
+            pass
+    return CIFAR_TEST_IMAGES if str(meta["model"]["id"]).startswith("cifar") else None
+
+
 def write_report(out: str | os.PathLike, bench: str | os.PathLike | None = None) -> Path:
     """Build ``OUT/report/`` (see module doc) and return its ``report.md`` path."""
     from . import api
     from .data.shards import SyntheticSet, sidecar_path
+    from .spec import PROTOCOLS
 
     out = Path(out)
     q = api.load(out)
@@ -217,33 +298,60 @@ def write_report(out: str | os.PathLike, bench: str | os.PathLike | None = None)
             sides = [json.loads(sidecar_path(s.dir / sh["file"]).read_text()) for sh in s.shards]
             if _loss_png(sides, tmp / "loss.png"):
                 figs.append(("loss.png", "Synthesis loss against iteration, per batch"))
-        fp = None
+        fp_note = "the FP model's weights" + (f" after the {meta['recipe']['pre']} pre-step"
+                                                 if (meta.get("recipe") or {}).get("pre") else "") \
+            + (", BN folded as the protocol does" if PROTOCOLS[q.zsq_layout.protocol].fold_bn else "")
         try:
-            fp = api.load_model(meta["model"]["id"])
-        except Exception:  # noqa: BLE001 - a user model without its factory: weight SQNR only
-            fp = None
-        rows, acts = layer_sqnr(q, fp, images)
+            fp, ref = fp_reference(q, meta)
+        except ZsqError:  # the FP model cannot be rebuilt: weights against themselves, no activations
+            fp = ref = None
+            fp_note = "the stored weights (the FP model could not be rebuilt; inf where they lie on the grid)"
+        rows, acts = layer_sqnr(q, fp, images, ref=ref)
         _sqnr_png(rows, acts, tmp / "sqnr.png")
-        figs.append(("sqnr.png", "Per-layer weight SQNR (round-to-nearest vs the saved weights on the same grid)"
+        _layers_csv(rows, tmp / "layers.csv")
+        figs.append(("sqnr.png", f"Per-layer weight SQNR against {fp_note}: round-to-nearest on the layer's grid "
+                                 "and the saved weights (layers.csv)"
                                  + ("; SQNR of every activation output against the FP model on the calibration "
                                     "images" if acts else "")))
+        m = meta.get("metrics") or {}
+        n_eval, n_full = meta.get("n_eval"), None
+        subset = ""
+        if m.get("top1") is not None and n_eval:
+            n_full = _eval_set_size(meta)
+            if n_full is not None and n_eval < n_full:
+                subset = (f"on {n_eval:,} of the {n_full:,} images of "
+                          f"{Path(meta['eval_path']).name if meta.get('eval_path') else 'the test set'} "
+                          "(an --eval-limit subset; the full-set top-1 differs)")
+        bits = f"W{meta['bits']['w']}A{meta['bits']['a']}"
         if bench is not None:
             if not Path(bench).is_dir():
                 raise DataError(f"--bench {bench} is not a directory")
-            if _accuracy_png(Path(bench), meta["model"]["id"], meta["protocol"], tmp / "accuracy.png"):
+            run = None
+            if m.get("top1") is not None:
+                run = {"bits": bits, "top1": float(m["top1"]),
+                       "label": f"this run: {meta['recipe']['name']} {bits} [{meta['budget']}]"
+                                + (f", {n_eval:,} images" if subset else "")}
+            if _accuracy_png(Path(bench), meta["model"]["id"], meta["protocol"], tmp / "accuracy.png", run):
                 figs.append(("accuracy.png", f"Top-1 against bit setting, {meta['model']['id']}, protocol "
-                                             f"{meta['protocol']}, from {bench}"))
-        m = meta.get("metrics") or {}
+                                             f"{meta['protocol']}, from {bench}"
+                                             + (f"; the star is this run ({bits}, top-1 {m['top1']}"
+                                                + (f" on {n_eval:,} of {n_full:,} images" if subset else "") + ")"
+                                                if run else "; this run has no top-1 to mark")))
+        top = f"{m.get('top1', '—')} / {m.get('top5', '—')} " + (subset or f"on {f'{n_eval:,}' if n_eval else '—'} images")
         facts = [("model", meta["model"]["id"]), ("recipe", meta["recipe"]["name"]),
                  ("synthesizer / quantizer", f"{meta['recipe'].get('synth')} / {meta['recipe'].get('quant')}"),
-                 ("protocol", meta["protocol"]), ("bits", f"W{meta['bits']['w']}A{meta['bits']['a']}"),
+                 ("protocol", meta["protocol"]), ("bits", bits),
                  ("budget, seed", f"{meta['budget']}, {meta['seed']}"),
-                 ("top-1 / top-5", f"{m.get('top1', '—')} / {m.get('top5', '—')} on {meta.get('n_eval') or '—'} images"),
+                 ("top-1 / top-5", top),
                  ("wall s", meta.get("wall_s")),
                  ("size", f"{meta['size']['fp_bytes']:,} -> {meta['size']['q_bytes']:,} bytes")]
-        md = [f"# zsq report: {out.name}", "", "| | |", "|---|---|"]
+        md = [f"# zsq report: {out.name}", ""]
+        if subset:
+            md += [f"> **Top-1 {m['top1']} was measured {subset}.**", ""]
+        md += ["| | |", "|---|---|"]
         md += [f"| {k} | {v} |" for k, v in facts]
-        md += ["", "| layer | bits | weight SQNR nearest (dB) | weight SQNR saved (dB) |", "|---|---|---|---|"]
+        md += ["", f"Weight SQNR against {fp_note} (also in layers.csv):", "",
+               "| layer | bits | weight SQNR nearest (dB) | weight SQNR saved (dB) |", "|---|---|---|---|"]
         md += [f"| {r['layer']} | {r['bits']} | {r['w_sqnr_nearest']:.2f} | {r['w_sqnr_saved']:.2f} |" for r in rows]
         if acts:
             md += ["", "| activation | SQNR vs FP (dB) |", "|---|---|"]
@@ -251,9 +359,12 @@ def write_report(out: str | os.PathLike, bench: str | os.PathLike | None = None)
         for f, cap in figs:
             md += ["", f"![{cap}]({f})", "", f"*{cap}*"]
         (tmp / "report.md").write_text("\n".join(md) + "\n")
-        body = ["<table>"] + [f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts]
-        body += ["</table>"] + [f"<figure><img src='{f}' alt='{html.escape(c)}'><figcaption>{html.escape(c)}"
-                                f"</figcaption></figure>" for f, c in figs]
+        body = [f"<p><strong>Top-1 {html.escape(str(m['top1']))} was measured {html.escape(subset)}.</strong></p>"] \
+            if subset else []
+        body += ["<table>"] + [f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts]
+        body += ["</table>", "<p><a href='layers.csv'>layers.csv</a>: per-layer weight SQNR</p>"]
+        body += [f"<figure><img src='{f}' alt='{html.escape(c)}'><figcaption>{html.escape(c)}</figcaption></figure>"
+                 for f, c in figs]
         (tmp / "index.html").write_text("<!doctype html><meta charset='utf-8'><title>zsq report</title>"
                                         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
                                         "img{max-width:100%}th{text-align:left;padding-right:1em}</style>"

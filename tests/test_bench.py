@@ -41,7 +41,8 @@ def test_suites_have_unique_run_ids():
 
 def _vit_rec(recipe: str, top1: float, extra: tuple = (), calib: str | None = None, a: int = 4) -> dict:
     run = Run("cifar10_vit_tiny", recipe, "vit-ptq", 4, a, calib=calib, extra=extra)
-    return {"run": {**run.__dict__, "extra": list(extra)}, "run_id": run.run_id, "zsq": {"metrics": {"top1": top1}}}
+    return {"run": {**run.__dict__, "extra": list(extra)}, "run_id": run.run_id,
+            "zsq": {"metrics": {"top1": top1}, "n_eval": 10000}}
 
 
 def test_vit_data_rows_compare_each_recipe_with_noise():
@@ -132,7 +133,7 @@ def test_sadag_target_rows_compare_means_of_three_seeds():
     def rec(recipe, seed, top1, bits=(3, 3), extra=()):
         run = Run("cifar10_resnet20", recipe, "genie-native", *bits, seed=seed, extra=extra)
         return {"run": {**run.__dict__, "extra": list(extra)}, "run_id": run.run_id,
-                "zsq": {"metrics": {"top1": top1}}}
+                "zsq": {"metrics": {"top1": top1}, "n_eval": 10000}}
 
     recs = [rec("genie", s, 77.0 + 0.1 * s) for s in range(3)]
     assert _sadag_target_rows(recs) == []  # no sadag run yet: no row
@@ -147,7 +148,8 @@ def test_sadag_target_rows_compare_means_of_three_seeds():
     # genie given sadag's synthesis time: shown beside the row (its own difference), never counted as genie
     recs += [rec("genie", s, 77.2, extra=GENIE_MATCHED_TIME) for s in range(3)]
     row = _sadag_target_rows(recs)[0]
-    assert "(+0.40); genie at sadag's synthesis time 77.20 ± 0.00 (n=3) (+0.30) | met |" in row
+    assert ("(+0.40); genie at sadag's synthesis time 77.20 ± 0.00 (n=3, min 77.20, max 77.20) (+0.30) | met |"
+            in row)
 
 
 def test_sadag_cells_difference_standard_error_and_tally():
@@ -156,7 +158,7 @@ def test_sadag_cells_difference_standard_error_and_tally():
     def rec(recipe, seed, top1, bits=(3, 3), proto="genie-native"):
         run = Run("cifar10_resnet32", recipe, proto, *bits, seed=seed)
         return {"run": {**run.__dict__, "extra": []}, "run_id": run.run_id,
-                "zsq": {"metrics": {"top1": top1}, "synthetic": {"n_images": 256}}}
+                "zsq": {"metrics": {"top1": top1}, "n_eval": 10000, "synthetic": {"n_images": 256}}}
 
     recs = [rec("genie", s, v) for s, v in enumerate((77.0, 77.2, 77.4))]
     recs += [rec("sadag", s, v) for s, v in enumerate((77.5, 77.5, 77.8))]
@@ -185,7 +187,7 @@ def test_qat_suite_native_protocols_and_baseline_margin_row():
 
     def rec(recipe, seed, top1, bits=(3, 3), proto="qat"):
         run = Run("cifar10_resnet20", recipe, proto, *bits, seed=seed)
-        return {"run": {**run.__dict__, "extra": []}, "run_id": run.run_id, "zsq": {"metrics": {"top1": top1}}}
+        return {"run": {**run.__dict__, "extra": []}, "run_id": run.run_id, "zsq": {"metrics": {"top1": top1}, "n_eval": 10000}}
 
     assert "open (no runs)" in _qat_baseline_rows([rec("qat-zeroq", 0, 65.9)])[0]
     recs = [rec("qat-zeroq", 0, 65.9), rec("intraq", 0, 67.4), rec("hast", 0, 66.0),
@@ -352,7 +354,7 @@ def test_best_recipe_target_prefers_a_fully_seeded_recipe_and_counts_its_seeds()
     def rec(recipe, seed, top1, bits=(4, 4)):
         run = Run("cifar10_resnet20", recipe, "qat", *bits, seed=seed)
         return {"run": {**run.__dict__, "extra": [], "budget": "default"}, "run_id": run.run_id,
-                "zsq": {"metrics": {"top1": top1}}}
+                "zsq": {"metrics": {"top1": top1}, "n_eval": 10000}}
 
     def row(recs):
         (r,) = [x for x in _targets_section(recs) if x.startswith("| best generator recipe, qat, W4A4")]
@@ -366,8 +368,9 @@ def test_best_recipe_target_prefers_a_fully_seeded_recipe_and_counts_its_seeds()
     assert "adasg: " in row(recs)
     # no fully seeded recipe reaches the goal: the best mean so far is shown, open while it lacks seeds
     low = [rec("dfq-akd", s, 77.0) for s in range(3)] + [rec("qimera", 0, 77.5)]
-    assert row(low).endswith("| qimera: 77.50; best with 3 seeds: dfq-akd 77.00 ± 0.00 (n=3) | open (1 of 3 seeds) |")
-    assert row(low[:3]).endswith("| dfq-akd: 77.00 ± 0.00 (n=3) | **not met** |")
+    assert row(low).endswith("| qimera: 77.50; best with 3 seeds: dfq-akd 77.00 ± 0.00 (n=3, min 77.00, max 77.00) "
+                             "| open (1 of 3 seeds) |")
+    assert row(low[:3]).endswith("| dfq-akd: 77.00 ± 0.00 (n=3, min 77.00, max 77.00) | **not met** |")
 
 
 def test_family_section_groups_qat_recipes_by_family_best_first():
@@ -376,7 +379,7 @@ def test_family_section_groups_qat_recipes_by_family_best_first():
     def rec(recipe, top1, bits, seed=0, wall=600.0):
         run = Run("cifar10_resnet20", recipe, "qat", *bits, seed=seed)
         return {"run": {**run.__dict__, "extra": [], "budget": "default"}, "run_id": run.run_id,
-                "zsq": {"metrics": {"top1": top1}, "wall_s": wall}}
+                "zsq": {"metrics": {"top1": top1}, "n_eval": 10000, "wall_s": wall}}
 
     recs = [rec("gznq", 79.0, (4, 4)), rec("gznq", 72.0, (3, 3)), rec("qat-zeroq", 79.5, (4, 4)),
             rec("qat-zeroq", 66.0, (3, 3))]
@@ -459,3 +462,62 @@ def test_genie_fidelity_summary_means_over_seeds():
     test["genie --set augment=flipshift --set augment_copies=3"] = {"W3A3": [78.0]}
     assert "| s300c | p1000b8fs3 | W3A3 | 0 | 82.50 | 85.50 | 0.4000 | 53.00 | 78.00 |" in genie_fidelity_summary(
         [aug], test)
+
+
+def _target_rec(recipe, seed, top1, *, bits=(4, 8), proto="ptq", model="cifar10_resnet20", n_eval=10000,
+                eval_limit=None, rss=900.0, extra=()):
+    run = Run(model, recipe, proto, *bits, seed=seed, eval_limit=eval_limit, extra=extra)
+    return {"run": {**run.__dict__, "extra": list(extra)}, "run_id": run.run_id,
+            "zsq": {"metrics": None if top1 is None else {"top1": top1}, "n_eval": None if top1 is None else n_eval,
+                    "peak_rss_mb": rss, "wall_s": 10.0}}
+
+
+def _target_row(recs, start):
+    from zsq.bench.report import _targets_section
+
+    (r,) = [x for x in _targets_section(recs) if x.startswith(f"| {start}")]
+    return r
+
+
+def test_mean_target_counts_only_seeds_with_a_full_evaluation():
+    """A 'mean of 3 seeds' target is over the seeds that were evaluated on all 10,000 test images: a failed
+    evaluation (no top-1) or a partial one (--eval-limit, n_eval 1,000) is not a seed; a recorded 0.00 is a
+    measurement, in the mean; the row shows mean ± std with n, min and max."""
+    w4a8 = "zeroq, ptq, W4A8, mean of 3 seeds"
+    recs = [_target_rec("zeroq", 0, 80.0), _target_rec("zeroq", 1, 80.2)]
+    assert _target_row(recs + [_target_rec("zeroq", 2, None)], w4a8).endswith(
+        "| 80.10 ± 0.14 (n=2, min 80.00, max 80.20) | open (2 of 3 seeds) |")
+    partial = _target_rec("zeroq", 2, 79.9, n_eval=1000, eval_limit=100)
+    assert _target_row(recs + [partial], w4a8).endswith("| open (2 of 3 seeds) |")
+    assert _target_row(recs + [_target_rec("zeroq", 2, 79.9, n_eval=9000)], w4a8).endswith("| open (2 of 3 seeds) |")
+    # 78 / 78 / 0.0 was "78.00 ± 0.00 (n=2) | met" under "mean of 3 seeds"
+    zero = [_target_rec("zeroq", 0, 80.0), _target_rec("zeroq", 1, 80.0), _target_rec("zeroq", 2, 0.0)]
+    assert _target_row(zero, w4a8).endswith("| 53.33 ± 46.19 (n=3, min 0.00, max 80.00) | **not met** |")
+    full = recs + [_target_rec("zeroq", 2, 79.9)]
+    assert _target_row(full, w4a8).endswith("| 80.03 ± 0.15 (n=3, min 79.90, max 80.20) | met |")
+
+
+def test_best_recipe_target_counts_distinct_seeds_not_runs():
+    """Three records of seed 0 (copies, or a full and a partial evaluation) are one seed, not three."""
+    gen = "best generator recipe, qat, W4A4"
+    recs = [_target_rec("adasg", 0, 78.5, bits=(4, 4), proto="qat") for _ in range(3)]
+    assert _target_row(recs, gen).endswith("| adasg: 78.50 | open (1 of 3 seeds) |")
+    recs += [_target_rec("adasg", s, 78.3, bits=(4, 4), proto="qat", n_eval=1000, eval_limit=100) for s in (1, 2)]
+    assert _target_row(recs, gen).endswith("| adasg: 78.50 | open (1 of 3 seeds) |")
+    recs += [_target_rec("adasg", s, 78.3, bits=(4, 4), proto="qat") for s in (1, 2)]
+    assert _target_row(recs, gen).endswith("| adasg: 78.37 ± 0.12 (n=3, min 78.30, max 78.50) | met |")
+
+
+def test_peak_rss_target_covers_every_cifar_recipe_at_the_default_budget():
+    """benchmarks.md: peak RSS < 4 GB for any CIFAR recipe at the default budget; other models, runs with
+    extra flags and real-data calibration runs do not count; the worst run is named."""
+    rss = "peak RSS < 4 GB"
+    recs = [_target_rec("zeroq", 0, 80.0, rss=1200.0), _target_rec("genie", 1, 77.0, proto="genie-native", rss=1300.0),
+            _target_rec("dfq", 0, 81.0, model="efficientnet_lite0", proto="fixed", n_eval=1000, rss=5300.0),
+            _target_rec("genie", 0, 77.0, proto="genie-native", rss=6000.0, extra=("--synth-set", "n_images=1024"))]
+    row = _target_row(recs, rss)
+    assert "1,300.0 MiB (cifar10_resnet20 genie genie-native W4A8 seed 1); 0 of 2 runs over | met |" in row
+    recs.append(_target_rec("sadag", 1, 77.4, bits=(3, 3), proto="genie-native", model="cifar10_resnet32", rss=4131.0))
+    assert _target_row(recs, rss).endswith(
+        "| 4,131.0 MiB (cifar10_resnet32 sadag genie-native W3A3 seed 1); 1 of 3 runs over | **not met** |")
+    assert "open (no runs)" in _target_row(recs[2:4], rss)

@@ -99,3 +99,18 @@ def test_real_calibration_images_are_counted_while_they_load(resnet20, capsys, m
     zsq.quantize(resnet20, "zeroq", 8, 8, protocol="ptq", budget="smoke", calib=str(CIFAR_TEST), calib_n=20,
                  progress=False)
     assert "loading" not in capsys.readouterr().err
+
+
+def test_export_check_shows_progress_of_both_evaluations(resnet20, tmp_path):
+    import zsq
+
+    out = tmp_path / "sq"
+    zsq.save(zsq.quantize(resnet20, "squant", 4, 8, progress=False), out)
+    env = {**os.environ, "CI": "true", "ZSQ_PROGRESS_EVERY": "0"}
+    r = subprocess.run([sys.executable, "-m", "zsq", "export", str(out), "--check", str(CIFAR_TEST), "--check-limit",
+                        "600", "--threads", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    done = re.findall(r"^(eval test\.tar(?: \(onnxruntime\))?): 600/600 \[", r.stderr, re.M)
+    assert done == ["eval test.tar", "eval test.tar (onnxruntime)"], r.stderr  # PyTorch, then ONNX Runtime
+    assert re.search(r"^eval test\.tar: 256/600 \[", r.stderr, re.M), r.stderr  # a running line too
+    assert re.search(r"^top1 pytorch [\d.]+  onnxruntime [\d.]+", r.stdout, re.M) and "eval " not in r.stdout

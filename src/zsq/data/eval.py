@@ -733,6 +733,8 @@ def evaluate(
     model.eval()
     try:
         what = f"eval {Path(ds.path).name}" if isinstance(ds, ImageSet) else "eval"
+        if getattr(model, "eval_label", None):  # e.g. "onnxruntime" for an exported model
+            what += f" ({model.eval_label})"
         with torch.inference_mode(), counting(progress, what, n_items) as advance:
             for x, y in batches:
                 x, y = x.to(device), torch.as_tensor(y).to(device)

@@ -266,6 +266,8 @@ class OrtModel(nn.Module):
     ``like`` (the preprocessing of the exported model). ``qdq_fusion``: ONNX Runtime's QDQ
     optimisations on/off; ``"auto"`` follows the model's ``zsq.qdq_fusion_safe`` metadata."""
 
+    eval_label = "onnxruntime"  # named on evaluate()'s progress line
+
     def __init__(self, path: str | os.PathLike, threads: int | None = None, like: nn.Module | None = None,
                  optimized_path: str | os.PathLike | None = None,
                  level: str = "all", qdq_fusion: bool | str = "auto"):

@@ -21,7 +21,7 @@ from . import __version__
 from .errors import BadValueError, DataError, OutputExistsError, UnknownNameError, ZsqError
 from .models import load_model
 from .paths import torch_save_atomic, write_json_atomic
-from .recipes import HPARAM_DEFAULTS, HPARAM_KEYS, PRE_STEPS, QUANTIZERS, RECIPES, QuantContext
+from .recipes import HPARAM_KEYS, PRE_STEPS, QUANTIZERS, RECIPES, QuantContext
 from .spec import PROTOCOLS, LayerPolicy, check_bits, check_budget
 
 SCHEMA_VERSION = 1
@@ -46,11 +46,6 @@ def resolve(recipe: str, *, pre=None, synth=None, quant=None, protocol=None, bud
     budget = check_budget(budget)
     quant_name = quant or r.quant
     QUANTIZERS[quant_name]
-    if hparams:
-        from .synth.base import coerce_setting
-
-        typed = HPARAM_DEFAULTS.get(quant_name, {})
-        hparams = {k: coerce_setting(typed[k], v, k) if k in typed else v for k, v in hparams.items()}
     res = Resolved(
         name=r.name,
         pre=None if pre in ("none", "") else (pre or r.pre),
@@ -66,6 +61,11 @@ def resolve(recipe: str, *, pre=None, synth=None, quant=None, protocol=None, bud
         for k in hparams:
             if k not in allowed:
                 raise UnknownNameError(f"hparam of quantizer {res.quant}", k, allowed)
+        # every value against its declared type / choices (zsq.settings), before any work; CLI strings converted
+        from .settings import check_hparams
+
+        checked = check_hparams(hparams, [res.quant, f"pre:{res.pre}", r.quant, f"pre:{r.pre}"])
+        res.hparams = {**res.hparams, **checked}
     if res.pre:
         PRE_STEPS[res.pre]
     if res.synth:
@@ -159,11 +159,12 @@ def quantize(
     quantizers are refused, :mod:`zsq.distributed`); every rank returns the same model, rank 0 alone
     writes checkpoints (and should alone :func:`save`)."""
     w_bits, a_bits = check_bits(w_bits, "--w"), check_bits(a_bits, "--a")
+    # names and settings first (one-line errors before a model is loaded or an image made)
+    res = resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget, hparams=hparams)
     if isinstance(model, str):
         model = load_model(model)
     elif not hasattr(model, "zsq_info"):
         model = load_model(model)
-    res = resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget, hparams=hparams)
     with _data_parallel(res, model):  # under torchrun: sharded synthesis, data-parallel QAT
         t0, c0 = time.perf_counter(), time.process_time()
         fp = model

@@ -44,6 +44,8 @@ from ..qat.engine import QATConfig
 from .loop import STUDENT_FIELDS, GenConfig, quantize_gen
 from .objectives import GAMES
 
+#: the game each generator quantizer plays (its --set keys are the loop's and the game's fields)
+GAME_OF: dict[str, str] = {}
 _FIXED_SET_KEYS = {f.name for f in dataclasses.fields(QATConfig)} - STUDENT_FIELDS
 _LOOP_KEYS = frozenset({f.name for f in dataclasses.fields(GenConfig)} - _FIXED_SET_KEYS | {"stop_at"})
 
@@ -69,6 +71,7 @@ def _quantizer(name: str, game: str, doc: str) -> Callable[[QuantContext], nn.Mo
 
     run.__name__, run.__doc__ = f"quant_{name.replace('-', '_')}", doc
     HPARAM_KEYS[name] = _LOOP_KEYS | GAMES[game].keys()
+    GAME_OF[name] = game
     return QUANTIZERS.add(name, run)
 
 

@@ -47,6 +47,8 @@ DFQ_PAPER = "Data-Free Quantization through Weight Equalization and Bias Correct
 SQUANT_PAPER = "SQuant: On-the-Fly Data-Free Quantization via Diagonal Hessian Approximation (Guo et al., ICLR 2022)"
 UDFC_PAPER = "Unified Data-Free Compression: Pruning and Quantization without Fine-Tuning (Bai et al., ICCV 2023)"
 
+#: ``act_range`` values: activation ranges from the BN statistics (k sigma, expected-MSE) or from calibration images
+ACT_RANGES = ("ksigma", "mse", "data")
 _COMMON = {"w_observer": "minmax", "act_range": "ksigma", "k": dict(DEFAULT_K), "stats_batch": None}
 
 
@@ -91,8 +93,8 @@ def _run(ctx: QuantContext, method: str) -> nn.Module:
     if rounding == "squant-e":
         rounding = "nearest"
     act_range = h.get("act_range", "ksigma")
-    if act_range not in ("ksigma", "mse", "data"):
-        raise BadValueError(f"act_range must be ksigma, mse or data, got '{act_range}'")
+    if act_range not in ACT_RANGES:
+        raise BadValueError(f"act_range must be one of {', '.join(ACT_RANGES)}, got '{act_range}'")
     # UDFC needs no positive homogeneity (its compensation is a fit through the activation), so
     # ReLU6 pairs count; the model itself is not changed by find_pairs
     pairs = find_pairs(ctx.model, relu6="replace") if method == "udfc" else []

@@ -42,6 +42,8 @@ from ..quant.modules import QUANT_LAYERS, Quantizer
 from .bn_ranges import BNStats, expected_value, quantizer_bounds
 
 HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+#: ``relu6`` values: a ReLU6 stops a pair (``skip``) or is replaced by a ReLU (``replace``)
+RELU6_MODES = ("skip", "replace")
 # parameter-free modules that commute with a positive per-channel scale (zero padding included)
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.ZeroPad2d)
 _PAD_NAMES = ("SamePad2d", "ZeroPad2d")

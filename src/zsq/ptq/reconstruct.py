@@ -65,6 +65,10 @@ from ..quant.protocol import frozen_fp_copy
 #: hparams of the reconstruction quantizers besides the ReconConfig fields, with their defaults: the
 #: mid-unit checkpoint period and the calibration-set augmentation (zsq.data.augment)
 ENGINE_HPARAMS = {"ckpt_every_s": 120.0, "augment": "none", "augment_copies": 1, "augment_pad": 4}
+#: the values of ReconConfig's string fields
+GRANULARITIES = ("block", "layer")
+W_SCALE_PARAMS = ("absolute", "relative")
+PRECISIONS = ("fp32", "bf16")
 
 CKPT_NAME = "recon.pt"
 CKPT_FORMAT = "zsq-recon-2"  # 2: SHA-256 trailer (paths.torch_save_checked)
@@ -115,11 +119,11 @@ class ReconConfig:
     cache_batch: int = 256
 
     def __post_init__(self):
-        if self.granularity not in ("block", "layer"):
+        if self.granularity not in GRANULARITIES:
             raise BadValueError(f"granularity must be block or layer, got '{self.granularity}'")
-        if self.w_scale_param not in ("absolute", "relative"):
+        if self.w_scale_param not in W_SCALE_PARAMS:
             raise BadValueError(f"w_scale_param must be absolute or relative, got '{self.w_scale_param}'")
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise BadValueError(f"precision must be fp32 or bf16, got '{self.precision}'")
         if int(self.iters) < 0 or int(self.batch_size) < 1:
             raise BadValueError(f"iters must be >= 0 and batch_size >= 1, got {self.iters}, {self.batch_size}")

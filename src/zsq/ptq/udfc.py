@@ -60,6 +60,9 @@ from .dfq import (Pair, _groups, add_output_shift_, channel_matvec, correct_laye
 from .squant import squant_layer_
 
 _NODES = 48
+#: ``udfc_cov`` (how the error covaries with the input) and ``udfc_fit`` (the gain fit) values (module doc)
+COV_MODES = ("noise", "independent")
+FITS = ("mse", "gain")
 
 
 def _gh(n: int = _NODES) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +194,7 @@ def _compensate(qmodel: nn.Module, stats: BNStats, p: Pair, w_ref: torch.Tensor,
         var_e = channel_matvec(dw.pow(2), var_x, g)
         cov = channel_matvec(dw * w_ref, var_x, g)
     else:
-        raise ValueError(f"udfc cov must be noise or independent, got {cov_mode}")
+        raise ValueError(f"udfc cov must be one of {', '.join(COV_MODES)}, got {cov_mode}")
     if act_noise:
         qin = layer_input_quantizer(qmodel, stats, p.a)
         if qin is not None:

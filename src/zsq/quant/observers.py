@@ -12,6 +12,8 @@ import torch
 from .fake import fake_quant, qparams_from_range
 
 OBSERVERS = ("minmax", "ema", "percentile", "mse")
+#: the kinds :func:`weight_range` computes (``ema`` only means something over a stream of batches)
+WEIGHT_OBSERVERS = ("minmax", "percentile", "mse")
 _SAMPLE = 1 << 20  # values kept per activation quantizer for percentile / MSE search
 
 

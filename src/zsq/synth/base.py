@@ -122,8 +122,8 @@ class SynthConfig:
 
 def coerce_setting(default: Any, value: Any, name: str) -> Any:
     """Turn a CLI string into the type of the setting's default (bool / int / float); a string that does
-    not parse is a :class:`BadValueError`. Other values pass unchanged. Used for ``--synth-set`` and,
-    through :func:`zsq.api.resolve`, for ``--set`` on quantizers that declare typed defaults."""
+    not parse is a :class:`BadValueError`. Other values pass unchanged. Used for ``--synth-set``
+    (quantizer settings, ``--set``, are checked by :mod:`zsq.settings`)."""
     if not isinstance(value, str) or isinstance(default, str) or default is None:
         return value
     try:

@@ -94,6 +94,43 @@ def test_gradient_matching_term_descends(resnet20):
     assert 0 < values[-1] < values[0], values
 
 
+def test_chunked_term_equals_the_whole_batch(resnet20, monkeypatch):
+    """The term builds its per-sample gradients ``chunk`` samples (with their neighbours) at a time, so its
+    second-order graph is a chunk's, not the batch's (peak memory); its value and its gradient into what
+    made the images are those of the whole batch at once, bit for bit (the unchunked formula, inline)."""
+    import torch.nn.functional as F
+
+    m = _frozen(resnet20)
+    b, k = 8, 2
+    cfg = SadagConfig.for_budget("default", n_neighbours=k)
+    gm = GradientMatching(m, cfg, (3, 32, 32), torch.Generator())
+    z = torch.randn(b, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    w = torch.randn(8, 3 * 32 * 32, generator=torch.Generator().manual_seed(2))
+
+    def images():  # a non-leaf, like the generator's output
+        return (z @ w).view(b, 3, 32, 32)
+
+    gm.calibrate(images().detach())
+    gm.evaluations = 1  # ranges fixed: both evaluations below use the same quantized model
+    gm.generator.manual_seed(5)
+    x = images()
+    xs = torch.cat([x.unsqueeze(0), gm.neighbours(x)]).flatten(0, 1)
+    g = gm.per_sample_grads(xs)
+    ref = 0.03 * (1.0 - F.cosine_similarity(g[:b].unsqueeze(0), g[b:].view(k, b, -1), dim=-1)).mean()
+    (ref_grad,) = torch.autograd.grad(ref + images().pow(2).sum(), z)
+
+    sizes = []
+    whole = GradientMatching.per_sample_grads
+    monkeypatch.setattr(GradientMatching, "per_sample_grads", lambda self, x: sizes.append(len(x)) or whole(self, x))
+    gm.chunk = 4
+    gm.generator.manual_seed(5)
+    term = gm(images(), 0.03)
+    (grad,) = torch.autograd.grad(term + images().pow(2).sum(), z)
+    assert sizes == [4 * (k + 1)] * 2  # two chunks of 4 samples and their neighbours, never the batch at once
+    assert torch.equal(term, ref) and gm.last_value == pytest.approx(float(ref) / 0.03)
+    assert torch.equal(grad, ref_grad) and grad.abs().max() > 0
+
+
 def test_sadag_total_loss_decreases_and_model_untouched(resnet20):
     s = get_synthesizer("sadag", "smoke", {"iters": 6, "batch_size": 8, "gm_every": 1, "gm_start": 0.0})
     bns: list[float] = []

@@ -315,30 +315,12 @@ def zoo():
 
 
 @app.command()
-def methods(recipe: Optional[str] = typer.Argument(None, help="show one recipe's defaults in full")):
-    """List every recipe: family, PTQ/QAT, paper, native protocol, defaults (`zsq methods R` for one)."""
-    import json
+def methods(recipe: Optional[str] = typer.Argument(None, help="show one recipe in full: every budget's settings")):
+    """List every recipe: type, parts, native protocol, family, paper and the settings a run uses at the
+    default budget (`zsq methods R`: every budget and every --set key of R)."""
+    from .views import methods_table, recipe_details
 
-    from .api import list_methods
-    from .recipes import HPARAM_KEYS, RECIPES
-
-    if recipe is not None:
-        r = RECIPES[recipe]
-        row = r.to_row()
-        for k in ("family", "kind", "paper", "protocol", "synth", "quant", "pre"):
-            out_console.print(f"[bold]{k:9}[/] {row[k] if row[k] is not None else '-'}")
-        out_console.print(f"[bold]{'hparams':9}[/] {json.dumps(row['hparams'])}")
-        out_console.print(f"[bold]{'budgets':9}[/] {json.dumps(row['budgets']) if row['budgets'] else '(synthesizer presets)'}")
-        out_console.print(f"[bold]{'--set':9}[/] {', '.join(sorted(set(row['hparams']) | set(HPARAM_KEYS.get(r.quant, ()))))}")
-        from rich.markup import escape
-
-        out_console.print(escape(r.doc))
-        return
-    t = Table("recipe", "family", "type", "protocol", "synth", "quant", "pre", "defaults", "paper")
-    for r in list_methods():
-        t.add_row(r["name"], r["family"], r["kind"], r["protocol"], r["synth"] or "-", r["quant"], r["pre"] or "-",
-                  ", ".join(f"{k}={v}" for k, v in r["hparams"].items() if not isinstance(v, dict)), r["paper"])
-    out_console.print(t)
+    out_console.print(recipe_details(recipe) if recipe is not None else methods_table())
 
 
 bench_app = typer.Typer(help="Benchmarks: resumable runs -> bench/runs/*.json -> docs/results.md", no_args_is_help=True)
@@ -392,11 +374,12 @@ def bench_report(runs_dir: Path = typer.Option(Path("bench/runs")), out: Path = 
 @bench_app.command("list")
 def bench_list():
     """List the benchmark suites."""
-    from .bench.suites import SUITES
+    from rich.markup import escape
 
-    for k, v in SUITES.items():
-        doc = (v.__doc__ or "").strip().splitlines()
-        out_console.print(f"{k}: {doc[0] if doc else ''}")
+    from .bench.suites import SUITES, describe
+
+    for k in SUITES:
+        out_console.print(f"{k}: {escape(describe(k))}", highlight=False)
 
 
 def _click_error_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -277,3 +277,28 @@ from .suites_datafree import datafree  # noqa: E402
 SUITES = {"foundation": foundation, "models": models, "datafree": datafree, "genie": genie,
           "genie-paper": genie_paper, "sadag": sadag, "qat": qat, "qat-seeds": qat_seeds, "gen": gen,
           "gen-seeds": gen_seeds, "budget": budget, "vit": vit, "vit-data": vit_data}
+
+#: one line per suite for ``zsq bench list`` (the docstrings hold the details: sizes, order, sources)
+DESCRIPTIONS = {
+    "foundation": "minmax-noise, zeroq and real-image calibration on ResNet-20, all protocols and bits",
+    "models": "minmax-noise and zeroq on ResNet-32 and EfficientNet-Lite0 (ptq protocol)",
+    "datafree": "dfq, squant and udfc with no data, --pre dfq chained in front of others, three models",
+    "genie": "genie (Genie-D data, Genie-M reconstruction) on ResNet-20 and EfficientNet-Lite0",
+    "genie-paper": "genie at the paper's budget on ResNet-20, W3A3 and W4A4 (many hours; resumable)",
+    "sadag": "sadag against genie on ResNet-20 and ResNet-32, 3 seeds, with a time-matched genie",
+    "qat": "the QAT recipes on ResNet-20 at W4A4 and W3A3, then dsg, kw and mixmix",
+    "qat-seeds": "seeds 1 and 2 of the best three QAT recipes and of the qat-zeroq baseline",
+    "gen": "the generator recipes on ResNet-20 at W4A4 and W3A3",
+    "gen-seeds": "seeds 1 and 2 of the best three generator recipes",
+    "budget": "accuracy against budget at W3A3: qat-zeroq, gdfq, adasg and genie (about 6.5 h; resumable)",
+    "vit": "the ViT recipes on cifar10_vit_tiny at W8A8 and W4A8, beside noise and real-image calibration",
+    "vit-data": "which calibration data matters on the ViT at W4A4: calibration and BRECQ per data source",
+}
+
+
+def describe(name: str) -> str:
+    """The one-line description of suite ``name`` (else the first sentence of its docstring)."""
+    if name in DESCRIPTIONS:
+        return DESCRIPTIONS[name]
+    doc = " ".join((SUITES[name].__doc__ or "").split())
+    return doc.split(". ")[0].rstrip(".")

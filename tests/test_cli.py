@@ -167,7 +167,7 @@ def test_eval_prints_top1():
     m = re.search(r"^top1 (\d{1,3}\.\d{2})$", r.stdout, re.M)
     assert m, r.stdout
     assert 78.0 <= float(m.group(1)) <= 83.0  # FP ResNet-20: 80.40 on the 1,000-image subset
-    assert "n=1000" in r.stderr
+    assert re.search(r"^top5 \d{1,3}\.\d{2}  \(n=1000, a subset: --eval-limit 1000\)$", r.stdout, re.M), r.stdout
 
 
 @pytest.fixture(scope="module")

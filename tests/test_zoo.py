@@ -308,14 +308,14 @@ def test_user_file_factory(tmp_path):
     wpath = tmp_path / "mynet.pt"
     torch.save(ref.state_dict(), wpath)
 
-    m = load_model(f"{src}:make", weights=str(wpath))
+    m = load_model(f"{src}:make", weights=str(wpath), input_size=32)
     state_equal(ref, m)
     assert m.zsq_info.id == f"{src}:make"
     assert m.zsq_info.weights_sha256 == sha256(wpath)
     assert m.zsq_info.num_classes == 7  # from the last Linear
     assert not m.training
 
-    m0 = load_model(f"{src}:make")  # no weights: the factory's own initialisation
+    m0 = load_model(f"{src}:make", input_size="3,32,32")  # no weights: the factory's own initialisation
     assert m0.zsq_info.weights_sha256 is None
 
 

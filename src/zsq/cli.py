@@ -22,6 +22,37 @@ console = Console(stderr=True)
 out_console = Console(width=None if sys.stdout.isatty() else 200)
 
 MODEL_HELP = "zoo name (see `zsq zoo`), tv:NAME, timm:NAME or path/to/file.py:factory"
+PROTOCOL_NAMES = "ptq | qat | fixed | genie-native | vit-ptq"
+DATA_HELP = "ImageFolder directory, a .tar of one, or CIFAR-10 python batches"
+LIMIT_HELP = "evaluate on the first N/classes images of each class (e.g. 1000 on CIFAR-10: 100 per class)"
+THREADS_HELP = "torch CPU threads (default: torch's own choice)"
+WEIGHTS_HELP = "weights file (state_dict) for MODEL"
+INPUT_SIZE_HELP = ("input size C,H,W of MODEL, e.g. 3,224,224: needed for a file.py:factory model that does not "
+                   "declare it (zoo, tv: and timm: models know theirs)")
+MEAN_HELP = "evaluation normalisation mean, e.g. 0.5,0.5,0.5 (user models; default: ImageNet's)"
+STD_HELP = "evaluation normalisation std, e.g. 0.5,0.5,0.5"
+RESIZE_HELP = "evaluation resize: short side in pixels, before the crop"
+CROP_HELP = "evaluation centre crop in pixels (also the input size when --input-size is not given)"
+INTERP_HELP = "resize interpolation: bilinear | bicubic | nearest"
+QUIET_HELP = "no progress bars or progress lines"
+
+
+def _alias(value, old, flag: str, old_flag: str):
+    """The value of ``flag`` or of its hidden old spelling ``old_flag`` (both given: they must agree)."""
+    if old is None:
+        return value
+    if value is not None and value != old:
+        from .errors import BadValueError
+
+        raise BadValueError(f"{old_flag} is the old name of {flag}: give one of them")
+    return old
+
+
+def _print_metrics(r: dict, limit: Optional[int]) -> None:
+    """Results on stdout: the ``top1 XX.XX`` line scripts read, then top-5 and how many images gave them."""
+    out_console.print(f"top1 {r['top1']:.2f}")
+    subset = f", a subset: --eval-limit {limit}" if limit else ""
+    out_console.print(f"top5 {r['top5']:.2f}  (n={r['n']}{subset})")
 
 
 def _model(model: str, weights, mean, std, resize, crop, interpolation, input_size=None):
@@ -31,7 +62,11 @@ def _model(model: str, weights, mean, std, resize, crop, interpolation, input_si
     pre = None
     if any(v is not None for v in (mean, std, resize, crop, interpolation)):
         base = None
-        if not (model.startswith(("tv:", "timm:")) or ".py:" in model):
+        if model.startswith("tv:"):
+            from .models.zoo import tv_preprocess
+
+            base = tv_preprocess(model[3:])
+        elif not (model.startswith("timm:") or ".py:" in model):
             from .models.zoo import ZOO
 
             base = ZOO[model].preprocess
@@ -44,7 +79,7 @@ def _model(model: str, weights, mean, std, resize, crop, interpolation, input_si
             interpolation=interpolation or base.interpolation,
             input_size=crop or base.input_size,
         )
-    return load_model(model, weights=weights, preprocess=pre)
+    return load_model(model, weights=weights, preprocess=pre, input_size=input_size)
 
 
 def _threads(threads: Optional[int]):
@@ -105,38 +140,42 @@ def quantize(
     pre: Optional[str] = typer.Option(None, help="synthesis-free pre-step (e.g. dfq); 'none' disables"),
     synth: Optional[str] = typer.Option(None, help="override the recipe's synthesizer"),
     quant: Optional[str] = typer.Option(None, help="override the recipe's quantizer"),
-    protocol: Optional[str] = typer.Option(None, help="ptq | qat | fixed | genie-native (default: recipe's native)"),
+    protocol: Optional[str] = typer.Option(None, help=f"{PROTOCOL_NAMES} (default: the recipe's native one)"),
     w: int = typer.Option(4, "--w", help="weight bits (2..8 or 16)"),
     a: int = typer.Option(4, "--a", help="activation bits (2..8 or 16)"),
     budget: str = typer.Option("default", help="smoke | default | paper"),
     seed: int = typer.Option(0, help="seed of every random draw"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     synthetic: Optional[str] = typer.Option(None, help="reuse a synthetic set directory"),
     calib: Optional[str] = typer.Option(None, help="calibrate on REAL images from this folder/tar (baseline)"),
     calib_n: int = typer.Option(256, "--calib-n", help="number of real calibration images"),
-    eval_path: Optional[str] = typer.Option(None, "--eval", help="evaluate on this folder/tar after quantizing"),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="first N/classes images per class"),
+    eval_path: Optional[str] = typer.Option(None, "--eval-data", help="evaluate on this labelled set after quantizing: "
+                                            + DATA_HELP),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help=LIMIT_HELP),
+    eval_old: Optional[str] = typer.Option(None, "--eval", hidden=True),
     keep_fp: List[str] = typer.Option([], "--keep-fp", help="layer name/glob kept in FP (repeatable)"),
     layer_bits: List[str] = typer.Option([], "--layer-bits", help="NAME=WxAy per-layer bits (repeatable)"),
     resume: bool = typer.Option(False, help="continue an interrupted run from OUT/.ckpt"),
     overwrite: bool = typer.Option(False, help="replace a finished result in OUT"),
     strict: bool = typer.Option(False, help="error on layers zsq cannot quantize instead of keeping them FP"),
-    weights: Optional[str] = typer.Option(None, help="weights file for MODEL"),
-    mean: Optional[str] = typer.Option(None, help="eval normalisation mean, e.g. 0.5,0.5,0.5"),
-    std: Optional[str] = typer.Option(None, help="eval normalisation std"),
-    resize: Optional[int] = typer.Option(None, help="eval resize (short side)"),
-    crop: Optional[int] = typer.Option(None, help="eval centre crop"),
-    interpolation: Optional[str] = typer.Option(None, help="bilinear | bicubic | nearest"),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
+    mean: Optional[str] = typer.Option(None, help=MEAN_HELP),
+    std: Optional[str] = typer.Option(None, help=STD_HELP),
+    resize: Optional[int] = typer.Option(None, help=RESIZE_HELP),
+    crop: Optional[int] = typer.Option(None, help=CROP_HELP),
+    interpolation: Optional[str] = typer.Option(None, help=INTERP_HELP),
     set_: List[str] = typer.Option([], "--set", help="KEY=VALUE quantizer hparam override (repeatable), "
                                    "e.g. w_observer=mse (defaults: `zsq methods`)"),
     synth_set: List[str] = typer.Option([], "--synth-set", help="KEY=VALUE synthesizer setting on top of the "
                                         "budget (repeatable), e.g. iters=600 or n_images=512"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Quantize MODEL with a recipe; write OUT/qmodel.pt and OUT/zsq.json (last)."""
     from . import api
     from .spec import LayerPolicy, check_bits
 
+    eval_path = _alias(eval_path, eval_old, "--eval-data", "--eval")
     check_bits(w, "--w"), check_bits(a, "--a")
     _threads(threads)
     hparams = _parse_sets(set_)
@@ -156,7 +195,7 @@ def quantize(
 
         raise DataError(f"--calib data {calib} does not exist")
     policy = LayerPolicy(tuple(keep_fp), LayerPolicy.parse_layer_bits(layer_bits))
-    m = _model(model, weights, mean, std, resize, crop, interpolation)
+    m = _model(model, weights, mean, std, resize, crop, interpolation, input_size)
     # every user error is found before the long part (synthesis, quantization) and before an old
     # result in OUT is retired (check_output_dir with --overwrite removes its zsq.json)
     _check_policy(m, policy)
@@ -182,7 +221,7 @@ def quantize(
     r = qmodel.zsq_result
     console.print(f"[green]saved[/] {out}  ({r['recipe']['name']}, {r['protocol']}, W{w}A{a}, {r['wall_s']:.1f} s)")
     if metrics:
-        out_console.print(f"top1 {metrics['top1']:.2f}")
+        _print_metrics(metrics, eval_limit)
 
 
 @app.command()
@@ -192,13 +231,14 @@ def synthesize(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="write the set here (default: ZSQ_CACHE)"),
     synth: Optional[str] = typer.Option(None, help="override the recipe's synthesizer"),
     budget: str = typer.Option("default", help="smoke | default | paper"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of every random draw"),
     n_images: Optional[int] = typer.Option(None, "--n-images", help="override the budget's image count"),
-    threads: Optional[int] = typer.Option(None),
-    weights: Optional[str] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
     synth_set: List[str] = typer.Option([], "--synth-set", help="KEY=VALUE synthesizer setting on top of the "
                                         "budget (repeatable), e.g. iters=600"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Make a synthetic calibration set (cached; reusable with `quantize --synthetic DIR`)."""
     from . import api
@@ -212,7 +252,7 @@ def synthesize(
         raise BadValueError(f"recipe {recipe} has no synthesizer")
     overrides, n = api.synth_settings(res, _parse_sets(synth_set, "--synth-set") or None)
     n, overrides = n_images or n, overrides or None
-    m = _model(model, weights, None, None, None, None, None)
+    m = _model(model, weights, None, None, None, None, None, input_size)
     from .distributed import is_distributed, synthesize_sharded, world
 
     if is_distributed():  # under torchrun: this rank makes every WORLD_SIZE-th batch
@@ -229,23 +269,38 @@ def synthesize(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help=MODEL_HELP + ", a zsq output directory, or OUT/model.onnx (ONNX Runtime)"),
-    data: str = typer.Option(..., "--data", help="ImageFolder directory, .tar of one, or CIFAR-10 batches"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="first N/classes images per class"),
-    threads: Optional[int] = typer.Option(None),
-    weights: Optional[str] = typer.Option(None),
-    mean: Optional[str] = typer.Option(None),
-    std: Optional[str] = typer.Option(None),
-    resize: Optional[int] = typer.Option(None),
-    crop: Optional[int] = typer.Option(None),
-    interpolation: Optional[str] = typer.Option(None),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    data: Optional[str] = typer.Option(None, "--eval-data", help="labelled evaluation set (required): " + DATA_HELP),
+    limit: Optional[int] = typer.Option(None, "--eval-limit", help=LIMIT_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
+    mean: Optional[str] = typer.Option(None, help=MEAN_HELP),
+    std: Optional[str] = typer.Option(None, help=STD_HELP),
+    resize: Optional[int] = typer.Option(None, help=RESIZE_HELP),
+    crop: Optional[int] = typer.Option(None, help=CROP_HELP),
+    interpolation: Optional[str] = typer.Option(None, help=INTERP_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    data_old: Optional[str] = typer.Option(None, "--data", hidden=True),
+    limit_old: Optional[int] = typer.Option(None, "--limit", hidden=True),
 ):
-    """Print top-1 (and top-5) of a model or a quantized output on a labelled image set."""
+    """Print top-1 and top-5 of a model, a quantized output or an exported .onnx on a labelled image set."""
     from . import api
 
+    data = _alias(data, data_old, "--eval-data", "--data")
+    limit = _alias(limit, limit_old, "--eval-limit", "--limit")
+    if data is None:
+        from .errors import BadValueError
+
+        raise BadValueError("zsq eval needs the labelled images to evaluate on: --eval-data PATH")
     _threads(threads)
     _check_eval_path(data)
-    if Path(model).is_dir():
+    looks_like_path = ("/" in model or os.sep in model) and ".py:" not in model and not model.startswith(("tv:", "timm:"))
+    if Path(model).is_dir() or (looks_like_path and not model.endswith(".onnx")):
+        if not Path(model).is_dir():
+            from .errors import DataError
+
+            raise DataError(f"no such result directory: {model} (MODEL is a zoo name, tv:NAME, timm:NAME, "
+                            "file.py:factory, a zsq output directory or OUT/model.onnx)")
         m = api.load(model)
     elif model.endswith(".onnx"):  # an exported model, run by ONNX Runtime with its output's preprocessing
         from .errors import DataError
@@ -255,24 +310,29 @@ def eval_(
             raise DataError(f"{model} does not exist")
         m = OrtModel(model, threads=threads, like=api.load(Path(model).parent))
     else:
-        m = _model(model, weights, mean, std, resize, crop, interpolation)
+        m = _model(model, weights, mean, std, resize, crop, interpolation, input_size)
     r = api.evaluate(m, data, limit=limit, progress=not quiet)
-    out_console.print(f"top1 {r['top1']:.2f}")
-    console.print(f"top5 {r['top5']:.2f}  (n={r['n']})")
+    _print_metrics(r, limit)
 
 
 @app.command()
 def export(
     out: Path = typer.Argument(..., help="a finished zsq output directory (qmodel.pt + zsq.json)"),
     fmt: str = typer.Option("onnx", "--format", help="onnx (QDQ, opset 21)"),
-    check: Optional[str] = typer.Option(None, "--check", help="evaluate PyTorch and ONNX Runtime on this data"),
-    check_limit: Optional[int] = typer.Option(None, "--check-limit", help="first N/classes images per class"),
-    threads: Optional[int] = typer.Option(None),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    check: Optional[str] = typer.Option(None, "--eval-data", help="evaluate the PyTorch model and the exported one "
+                                        "(ONNX Runtime) on this labelled set: " + DATA_HELP),
+    check_limit: Optional[int] = typer.Option(None, "--eval-limit", help=LIMIT_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    check_old: Optional[str] = typer.Option(None, "--check", hidden=True),
+    check_limit_old: Optional[int] = typer.Option(None, "--check-limit", hidden=True),
 ):
     """Write OUT/model.onnx: integer weights + DequantizeLinear, Q/DQ at every activation quantizer."""
     from . import api
     from .errors import BadValueError
+
+    check = _alias(check, check_old, "--eval-data", "--check")
+    check_limit = _alias(check_limit, check_limit_old, "--eval-limit", "--check-limit")
 
     if fmt != "onnx":
         raise BadValueError(f"--format must be onnx, got '{fmt}'")
@@ -331,7 +391,7 @@ app.add_typer(bench_app, name="bench")
 def bench_run(
     suite: str = typer.Argument(..., help="suite name (see `zsq bench list`)"),
     runs_dir: Path = typer.Option(Path("bench/runs"), help="one JSON per finished run"),
-    threads: int = typer.Option(2),
+    threads: int = typer.Option(2, help="torch CPU threads of each run"),
     only: Optional[str] = typer.Option(None, "--only", help="run only run-ids containing this text"),
     force: bool = typer.Option(False, help="recompute finished runs"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and exit"),
@@ -364,7 +424,8 @@ def bench_run(
 
 
 @bench_app.command("report")
-def bench_report(runs_dir: Path = typer.Option(Path("bench/runs")), out: Path = typer.Option(Path("docs/results.md"))):
+def bench_report(runs_dir: Path = typer.Option(Path("bench/runs"), help="folder of the runs' JSON files"),
+                 out: Path = typer.Option(Path("docs/results.md"), help="the Markdown file to write")):
     """Regenerate docs/results.md from bench/runs/*.json."""
     from .bench.report import write
 

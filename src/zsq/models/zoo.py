@@ -155,15 +155,57 @@ def _load_torchvision(name: str, weights: str | None) -> tuple[nn.Module, str | 
         apply_state_dict(model, _read_state_dict(Path(weights)), f"weights file {weights}")
         return model, sha256_file(weights)
     # weights already in the local torch hub cache (no download under offline rules)
-    wenum = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        wenum = torchvision.models.get_model_weights(name).DEFAULT
+    except Exception:  # noqa: BLE001 - a builder without published weights
+        raise WeightsError(f"tv:{name} has no published torchvision weights: pass --weights FILE") from None
     hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(wenum.url).name
     if not hub.is_file():
         from ..paths import offline
 
         if offline():
             raise WeightsError(f"tv:{name} weights not in the torch cache ({hub}) and offline: pass --weights FILE")
-    model = torchvision.models.get_model(name, weights=wenum)
+    try:
+        model = torchvision.models.get_model(name, weights=wenum)
+    except (OSError, ValueError, RuntimeError) as e:  # URLError is an OSError; a broken / partial download
+        reason = getattr(e, "reason", None) or type(e).__name__
+        raise WeightsError(f"tv:{name} weights could not be downloaded from {wenum.url} ({reason}): "
+                           f"pass --weights FILE, or put the file at {hub}") from None
     return model, sha256_file(hub) if hub.is_file() else None
+
+
+def tv_preprocess(name: str) -> Preprocess:
+    """The evaluation preprocessing torchvision publishes with ``name``'s default weights (resize, crop,
+    mean, std, interpolation; e.g. 299 px for inception_v3), else the common ImageNet one."""
+    import torchvision
+
+    try:
+        t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+        interp = getattr(t.interpolation, "value", "bilinear")
+        return Preprocess(mean=tuple(float(v) for v in t.mean), std=tuple(float(v) for v in t.std), resize=resize,
+                          crop=crop, interpolation=interp if interp in ("bilinear", "bicubic", "nearest")
+                          else "bilinear", input_size=crop)
+    except Exception:  # noqa: BLE001 - no published weights / transforms for this builder
+        return IMAGENET_TV
+
+
+def model_input_size(model: nn.Module) -> int | None:
+    """The square input size a model declares: an ``input_size`` attribute (``S``, ``(H, W)`` or
+    ``(C, H, W)``) or timm's ``pretrained_cfg`` / ``default_cfg['input_size']``; ``None`` if it says nothing."""
+    from .preprocess import parse_input_size
+
+    val = getattr(model, "input_size", None)
+    if val is None or isinstance(val, nn.Module) or callable(val):
+        val = None
+        for attr in ("pretrained_cfg", "default_cfg"):
+            cfg = getattr(model, attr, None)
+            if isinstance(cfg, dict) and cfg.get("input_size") is not None:
+                val = cfg["input_size"]
+                break
+    if val is None:
+        return None
+    return parse_input_size(val if isinstance(val, (int, str)) else tuple(val), f"{type(model).__name__}.input_size")
 
 
 def _load_timm(name: str, weights: str | None) -> tuple[nn.Module, str | None]:
@@ -232,36 +274,56 @@ def load_model(
     weights: str | None = None,
     preprocess: Preprocess | None = None,
     num_classes: int | None = None,
+    input_size: int | str | tuple | None = None,
 ) -> nn.Module:
     """Load a model in eval mode with ``model.zsq_info`` attached.
 
     ``spec`` is a zoo name, ``tv:NAME``, ``timm:NAME``, ``path/file.py:factory`` or an ``nn.Module``.
+    ``input_size`` (``S`` or ``"C,H,W"``, ``--input-size``) is the square image size the network takes;
+    without it the size comes from ``preprocess.input_size``, its crop, or the model (zoo entry,
+    torchvision's published transforms, timm's ``pretrained_cfg``, an ``input_size`` attribute). A
+    ``file.py:factory`` model whose size none of these give is an error that names ``--input-size``
+    (an ``nn.Module`` passed in keeps the CIFAR-10 default of 32 px for compatibility).
     """
+    from .preprocess import parse_input_size
+
+    size = parse_input_size(input_size)
     if isinstance(spec, nn.Module):
-        model, mid, sha, pre, nc = spec, f"module:{type(spec).__name__}", None, preprocess or CIFAR10, num_classes
+        model, mid, sha, nc = spec, f"module:{type(spec).__name__}", None, num_classes
+        pre = preprocess or replace(CIFAR10, input_size=None)
     elif spec.startswith("tv:"):
         model, sha = _load_torchvision(spec[3:], weights)
-        mid, pre, nc = spec, preprocess or IMAGENET_TV, num_classes or 1000
+        mid, pre, nc = spec, preprocess or tv_preprocess(spec[3:]), num_classes or 1000
     elif spec.startswith("timm:"):
         model, sha = _load_timm(spec[5:], weights)
         mid, nc = spec, num_classes or 1000
         if preprocess is None:
             cfg = getattr(model, "pretrained_cfg", {}) or {}
-            size = int(cfg.get("input_size", (3, 224, 224))[-1])
+            tsize = int(cfg.get("input_size", (3, 224, 224))[-1])
             preprocess = Preprocess(
                 mean=tuple(cfg.get("mean", IMAGENET_TV.mean)), std=tuple(cfg.get("std", IMAGENET_TV.std)),
-                resize=int(round(size / cfg.get("crop_pct", 0.875))), crop=size,
+                resize=int(round(tsize / cfg.get("crop_pct", 0.875))), crop=tsize,
                 interpolation=cfg.get("interpolation", "bilinear") if cfg.get("interpolation") in
-                ("bilinear", "bicubic", "nearest") else "bilinear", input_size=size,
+                ("bilinear", "bicubic", "nearest") else "bilinear", input_size=tsize,
             )
         pre = preprocess
     elif ".py:" in spec:
         model, sha = _load_file(spec, weights)
-        mid, pre, nc = spec, preprocess or CIFAR10, num_classes
+        mid, pre, nc = spec, preprocess or Preprocess(), num_classes
     else:
         model, entry, sha = _load_zoo(spec, weights)
         mid, nc = spec, entry.num_classes
         pre = preprocess or entry.preprocess
+    if size is None:
+        size = pre.input_size or pre.crop or model_input_size(model)
+    if size is None and isinstance(spec, nn.Module):
+        size = CIFAR10.input_size  # the API's long-standing default for a module passed in
+    if size is None:
+        raise BadValueError(f"the input size of {mid} is not known (its factory's model has no input_size "
+                            "attribute): pass --input-size C,H,W, e.g. --input-size 3,224,224 (or --crop N; "
+                            "API: input_size=)")
+    if pre.input_size != size:
+        pre = replace(pre, input_size=int(size))
     if nc is None:
         last = [m for m in model.modules() if isinstance(m, nn.Linear)]
         nc = last[-1].out_features if last else 0

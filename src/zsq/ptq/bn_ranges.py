@@ -167,7 +167,7 @@ def collect_stats(model: nn.Module, n: int | None = None, seed: int = 0, what: s
         if isinstance(b, _BN):
             b.running_mean, b.running_var, b.track_running_stats = None, None, False
     stats = BNStats()
-    tr = trace(m, torch.zeros(1, 3, size, size))
+    tr = trace(m, torch.zeros(2, 3, size, size))  # batch 2: BN without running stats needs > 1 value per channel
     for c in tr.calls:
         if isinstance(c.module, WEIGHT_LAYERS) and c.inputs:
             p = tr.producer.get(c.inputs[0])

@@ -31,7 +31,7 @@ BUDGETS = {"full": {}, "q250": {"epochs": 4, "steps_per_epoch": 63}}
 EXPERIMENTS = {f"{r}__{lr}__{b}__W{w}A{a}__s0": (r, lr, b, (w, a), 0)
                for r in ("qat-zeroq", "hast") for b in BUDGETS for (w, a) in ((4, 4), (3, 3)) for lr in LRS}
 #: precision (issue 8: bf16 where it holds): the proxy budget with bf16 autocast, against its fp32 rows
-#: at the chosen lr (bf16 measured 0.94 vs 1.29 s per step, qat/recipes.py)
+#: at the chosen lr (bf16 measured 0.94 vs 1.29 s per step, zsq/catalogue/qat.py)
 BUDGETS["q250bf16"] = {**BUDGETS["q250"], "precision": "bf16"}
 EXPERIMENTS.update({f"qat-zeroq__lr3e-5__q250bf16__W{w}A{a}__s0": ("qat-zeroq", "lr3e-5", "q250bf16", (w, a), 0)
                     for (w, a) in ((4, 4), (3, 3))})

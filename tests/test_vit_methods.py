@@ -20,7 +20,7 @@ from zsq.synth import SYNTHESIZERS, SyntheticSet, batch_generator, synthesize
 from zsq.synth.vit import (
     SMI, moved_patches, neighbour_mask, nonzero_patches, patch_contrastive_loss, patch_similarity_entropy,
 )
-from zsq.vit_recipes import KeptPatches
+from zsq.ptq.sparse import KeptPatches
 
 METHODS = ("psaq-vit", "psaq-vit-v2", "smi", "clamp-vit")
 

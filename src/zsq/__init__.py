@@ -5,8 +5,7 @@
 >>> qmodel = zsq.quantize(model, recipe="zeroq", w_bits=4, a_bits=8, protocol="ptq")  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402
 from .errors import ZsqError  # noqa: E402
 from .models import load_model  # noqa: E402
 from .api import evaluate, list_methods, load, quantize, save  # noqa: E402

@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .errors import BadValueError, DataError, OutputExistsError, UnknownNameError, ZsqError
 from .models import load_model
 from .paths import torch_save_atomic, write_json_atomic
 from .recipes import HPARAM_KEYS, PRE_STEPS, QUANTIZERS, RECIPES, QuantContext
+from . import catalogue as _catalogue  # noqa: F401  (registers every recipe, quantizer and synthesizer)
 from .spec import PROTOCOLS, LayerPolicy, check_bits, check_budget
 
 SCHEMA_VERSION = 1

@@ -182,7 +182,7 @@ _TABLE: dict[str, dict[str, Setting]] | None = None
 
 def settings_table() -> dict[str, dict[str, Setting]]:
     """quantizer name (or ``pre:NAME``) -> {key: Setting}. Built on first use, after every quantizer module
-    has registered (``zsq.recipes`` imports them)."""
+    has registered (``zsq.catalogue`` imports them)."""
     global _TABLE
     if _TABLE is None:
         _TABLE = _build()
@@ -190,12 +190,12 @@ def settings_table() -> dict[str, dict[str, Setting]]:
 
 
 def _build() -> dict[str, dict[str, Setting]]:
-    from . import recipes  # noqa: F401  (registers every quantizer)
+    from . import catalogue  # noqa: F401  (registers every quantizer)
     from .data.augment import AUGMENT_MODES
     from .gen.generators import ARC_GENOTYPES
     from .gen.loop import LR_SCHEDULES, GenConfig
     from .gen.objectives import GAMES
-    from .gen.recipes import _LOOP_KEYS, GAME_OF
+    from .gen.quantizers import GAME_OF, LOOP_KEYS
     from .ptq import reconstruct
     from .ptq.datafree import ACT_RANGES
     from .ptq.dfq import RELU6_MODES
@@ -243,7 +243,7 @@ def _build() -> dict[str, dict[str, Setting]]:
     counts = {"epochs": 1, "steps_per_epoch": 1, "batch_size": 1}
     table["qat-kd"] = {**_from_config(engine.QATConfig, qat_choices, counts),
                        "stop_at": Setting("ints", optional=True, length=2)}
-    loop = _from_config(GenConfig, qat_choices, counts, keys=_LOOP_KEYS)
+    loop = _from_config(GenConfig, qat_choices, counts, keys=LOOP_KEYS)
     for name, game in GAME_OF.items():
         game_min = {f.name: 0 for f in dataclasses.fields(GAMES[game])} | {"latent_dim": 1, "g_steps": 1, "s_steps": 1}
         table[name] = {**loop, **_from_config(GAMES[game], qat_choices, game_min),

@@ -89,7 +89,7 @@ class Protocol:
     ``first_w8`` / ``last_w8``: first conv / last linear weights at 8 bits (else W).
     ``first_a8``: the first quantized activation (stem output / second layer's input) at 8 bits.
     ``last_a8``: the classifier's input (last quantized activation) at 8 bits (else A).
-    Matmuls between two activations (ViT attention, :class:`zsq.models.vit.MatMul`) have both
+    Matmuls between two activations (ViT attention, :class:`zsq.ops.MatMul`) have both
     operands quantized at A under every protocol.
     """
 

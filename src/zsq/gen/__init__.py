@@ -3,7 +3,8 @@ in the adversarial games, the quantized student) produces the training batches o
 student is distilled on them. One loop (:mod:`.loop`), one generator family (:mod:`.generators`),
 and per method a game (:mod:`.objectives`); AIT's gradient inundation in :mod:`.ait`; GenQ's
 diffusion-pipeline synthesizer in :mod:`.genq` (diffusers is imported only when it runs). The
-recipes are registered by :mod:`.recipes` (imported at the end of :mod:`zsq.recipes`)."""
+quantizers (one per game) are registered by :mod:`.quantizers`, the recipes declared in
+:mod:`zsq.catalogue.generator`."""
 
 from .ait import InundationSGD, inundation_alpha, weight_codes
 from .generators import (AutoReConGenerator, CategoricalBN2d, ContentStyleGenerator, GDFQGenerator,

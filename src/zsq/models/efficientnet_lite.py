@@ -164,7 +164,7 @@ def lite0_weights_path() -> Path:
 
 def load_lite0_weights() -> tuple[dict, str]:
     """(state_dict, SHA-256 of the .pth), read with ``weights_only=True``."""
-    from .zoo import _read_state_dict  # late import: zoo imports this module
+    from .registry import read_state_dict as _read_state_dict
 
     path = lite0_weights_path()
     sha = sha256_file(path)
@@ -179,7 +179,7 @@ LITE0_PREPROCESS = Preprocess(
 
 
 def _register() -> None:
-    from .zoo import ZOO, ModelEntry
+    from .registry import ZOO, ModelEntry
 
     ZOO.add(
         "efficientnet_lite0",

@@ -5,7 +5,7 @@ Why not timm's ``VisionTransformer``: its attention computes ``q @ k^T`` and ``a
 not reach the two attention matmuls. Here every operation a quantizer or a synthesizer needs is a
 module of its own:
 
-* ``attn.matmul1`` (:class:`MatMul`): ``q @ k^T``; ``attn.softmax``: the attention probabilities;
+* ``attn.matmul1`` (:class:`~zsq.ops.MatMul`): ``q @ k^T``; ``attn.softmax``: the attention probabilities;
   ``attn.matmul2``: ``attn @ v`` (PSAQ-ViT's patch-similarity prior reads this output; SMI's patch
   scores read the softmax's CLS row). :mod:`zsq.quant.protocol` swaps each :class:`MatMul` for a
   :class:`~zsq.quant.modules.QuantMatMul` that fake-quantizes both operands.
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import ChecksumError, WeightsError
+from ..ops import MatMul  # noqa: F401  (lives in zsq.ops; re-exported: zsq.models.vit.MatMul)
 from ..paths import zsq_home
 
 
@@ -57,13 +58,6 @@ class ViTConfig:
 
 
 VIT_TINY = ViTConfig()
-
-
-class MatMul(nn.Module):
-    """``a @ b`` as a module, so hooks and quantizers see both operands (PTQ4ViT / FQ-ViT style)."""
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(a, b)
 
 
 class DropPath(nn.Module):
@@ -278,7 +272,7 @@ TRAIN_HINT = ("train them with `python bench/train_vit.py` (about 3 h on 2 CPU c
 def load_vit_tiny_weights() -> tuple[dict, str]:
     """(state_dict, SHA-256) of ``cifar10_vit_tiny``: ``ZSQ_HOME`` copy first, then the bundled file."""
     from .fetch import bundled, find_weights
-    from .zoo import _read_state_dict  # late import: zoo imports this module
+    from .registry import read_state_dict as _read_state_dict
 
     home = zsq_home()
     present = (home is not None and (home / VIT_TINY_RELPATH).is_file()) or bundled(VIT_TINY_FILE) is not None
@@ -291,7 +285,7 @@ def load_vit_tiny_weights() -> tuple[dict, str]:
 
 
 def _register() -> None:
-    from .zoo import CIFAR10_JPEG, ZOO, ModelEntry
+    from .registry import CIFAR10_JPEG, ZOO, ModelEntry
 
     source = "trained here from cifar10-jpeg/train.tar by bench/train_vit.py (DeiT-style, 1.81 M params)"
     ZOO.add("cifar10_vit_tiny", ModelEntry(

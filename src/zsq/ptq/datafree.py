@@ -1,11 +1,11 @@
-"""Synthesis-free recipes: DFQ, SQuant and UDFC, and the ``dfq`` pre-step (issue 7).
+"""Synthesis-free quantizers: DFQ, SQuant and UDFC, and the ``dfq`` pre-step (issue 7).
 
-Registered on import (``recipes.py`` imports this module at its end):
+Registered in :data:`zsq.recipes.QUANTIZERS` / :data:`~zsq.recipes.PRE_STEPS` on import (the recipe
+catalogue imports this module; the recipes of the same names are declared in :mod:`zsq.catalogue.datafree`):
 
 * pre-step ``dfq``: cross-layer equalization + high-bias absorption on the FP model, BatchNorm kept
   (:func:`zsq.ptq.dfq.dfq_prestep`); chain it before any recipe with ``--pre dfq``;
-* quantizers ``dfq``, ``squant``, ``udfc`` and the recipes of the same names (``synth=None``, native
-  protocol ``fixed``).
+* quantizers ``dfq``, ``squant``, ``udfc`` (their recipes: ``synth=None``, native protocol ``fixed``).
 
 Every quantizer here runs the same skeleton (:func:`run_datafree`):
 
@@ -21,7 +21,7 @@ Every quantizer here runs the same skeleton (:func:`run_datafree`):
    from clipping at the activation ranges), or, for ``udfc``, the layer-by-layer compensation
    through the next layer (which includes the bias correction).
 
-hparams common to the three (defaults per recipe below): ``w_observer`` (minmax | mse),
+hparams common to the three (defaults per recipe in :mod:`zsq.catalogue.datafree`): ``w_observer`` (minmax | mse),
 ``act_range``, ``k`` (number or {bits: k}), ``rounding``, ``bias_correction``, ``bc_act``,
 ``stats_batch`` (noise images of the BN-consistent forward), ``threads`` (intra-op threads while
 quantizing, default 1: see :func:`threads`), and for the pre-step ``cle``,
@@ -37,19 +37,16 @@ import torch
 from torch import nn
 
 from ..errors import BadValueError
-from ..recipes import HPARAM_KEYS, PRE_STEPS, QUANTIZERS, RECIPES, QuantContext, Recipe
+from ..recipes import HPARAM_KEYS, PRE_STEPS, QUANTIZERS, QuantContext
 from .bn_ranges import DEFAULT_K, collect_stats, require_batchnorm, set_act_ranges
 from .dfq import bias_correct, dfq_prestep, find_pairs
 from .squant import MODES, squant_model_
 from .udfc import udfc_quantize_
 
-DFQ_PAPER = "Data-Free Quantization through Weight Equalization and Bias Correction (Nagel et al., ICCV 2019)"
-SQUANT_PAPER = "SQuant: On-the-Fly Data-Free Quantization via Diagonal Hessian Approximation (Guo et al., ICLR 2022)"
-UDFC_PAPER = "Unified Data-Free Compression: Pruning and Quantization without Fine-Tuning (Bai et al., ICCV 2023)"
-
 #: ``act_range`` values: activation ranges from the BN statistics (k sigma, expected-MSE) or from calibration images
 ACT_RANGES = ("ksigma", "mse", "data")
-_COMMON = {"w_observer": "minmax", "act_range": "ksigma", "k": dict(DEFAULT_K), "stats_batch": None}
+#: the hparams every synthesis-free recipe sets (and its defaults there)
+COMMON_HPARAMS = {"w_observer": "minmax", "act_range": "ksigma", "k": dict(DEFAULT_K), "stats_batch": None}
 
 
 @contextlib.contextmanager
@@ -129,7 +126,7 @@ def _run(ctx: QuantContext, method: str) -> nn.Module:
     return q
 
 
-_KEYS = frozenset(_COMMON) | {"a_observer", "rounding", "bias_correction", "bc_act", "udfc_act_noise",
+_KEYS = frozenset(COMMON_HPARAMS) | {"a_observer", "rounding", "bias_correction", "bc_act", "udfc_act_noise",
                                "udfc_out_noise", "udfc_clip", "udfc_cov", "udfc_fit", "threads"}
 HPARAM_KEYS.update({"dfq": _KEYS, "squant": _KEYS, "udfc": _KEYS,
                     "pre:dfq": frozenset({"cle", "cle_iters", "absorb", "absorb_sigma", "absorb_padded", "relu6",
@@ -156,40 +153,3 @@ def quant_udfc(ctx: QuantContext) -> nn.Module:
     """UDFC (Bai et al. 2023), quantization part: each layer's quantization error compensated in
     closed form through the next layer's input channels, from BN statistics (zsq.ptq.udfc)."""
     return run_datafree(ctx, "udfc")
-
-
-def _recipe(r: Recipe) -> Recipe:
-    return RECIPES.add(r.name, r)
-
-
-_recipe(Recipe(
-    name="dfq", family="synthesis-free", kind="PTQ", paper=DFQ_PAPER, protocol="fixed", synth=None, quant="dfq",
-    pre="dfq",
-    hparams={**_COMMON, "rounding": "nearest", "bias_correction": True, "bc_act": False,
-             "cle": True, "absorb": True, "absorb_sigma": 3.0, "absorb_padded": False, "relu6": "skip"},
-    doc=("BN folding, cross-layer equalization iterated over every conv/linear pair joined by a ReLU "
-         "(depthwise-separable pairs included; ReLU6 stops a pair unless relu6='replace', the paper's "
-         "ReLU6 -> ReLU swap, which costs EfficientNet-Lite0 15 points before quantization), high-bias "
-         "absorption (3 sigma), activation ranges beta +- k gamma from the BN statistics, round-to-nearest "
-         "per-channel weights, analytic bias correction with the clipped-normal expected input. No data, "
-         "no synthesis. The paper uses per-tensor weights; the `fixed` protocol quantizes weights per channel."),
-))
-_recipe(Recipe(
-    name="squant", family="synthesis-free", kind="PTQ", paper=SQUANT_PAPER, protocol="fixed", synth=None,
-    quant="squant",
-    hparams={**_COMMON, "rounding": "squant", "bias_correction": False, "bc_act": False},
-    doc=("SQuant's data-free rounding from the diagonal-Hessian approximation: round-to-nearest, then "
-         "kernel-wise and channel-wise error-sum flips (CASE), per-channel min-max weights [code: "
-         "clevercool/SQuant]. Activation ranges from the BN statistics (the official code uses s * std of "
-         "one forward of uniform noise; its README calls that a DFQ-style BN range with a wider clip)."),
-))
-_recipe(Recipe(
-    name="udfc", family="synthesis-free", kind="PTQ", paper=UDFC_PAPER, protocol="fixed", synth=None,
-    quant="udfc",
-    hparams={**_COMMON, "rounding": "nearest", "bias_correction": True, "bc_act": True, "udfc_fit": "mse",
-             "udfc_cov": "noise", "udfc_clip": True, "udfc_act_noise": False, "udfc_out_noise": False},
-    doc=("Each layer's weight quantization error compensated through the next "
-         "layer: closed-form per-channel rescaling of the next layer's input channels plus a bias, "
-         "minimising its expected reconstruction error under the BN Gaussian model (our derivation, see "
-         "zsq.ptq.udfc; the authors' code is unavailable). Activation ranges from the BN statistics."),
-))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..models.vit import MatMul
+from ..ops import MatMul
 from .fake import fake_quant, grad_scale, qparams_from_range, quantize_int
 from .observers import Observer, weight_range
 

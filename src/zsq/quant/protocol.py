@@ -1,6 +1,6 @@
 """Apply a :class:`~zsq.spec.Protocol` to a model: fold BN, swap Conv2d/Linear for quantized
 layers, and place activation quantizers where the protocol says (see benchmarks.md's table).
-Matmuls between two activations written as :class:`zsq.models.vit.MatMul` modules (a ViT's
+Matmuls between two activations written as :class:`zsq.ops.MatMul` modules (a ViT's
 ``q @ k^T`` and ``attn @ v``) become :class:`QuantMatMul` with both operands quantized at A bits
 under every protocol (``--keep-fp`` / ``--layer-bits`` accept their names too).
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import BadValueError, UnsupportedLayerError
-from ..models.vit import MatMul
+from ..ops import MatMul
 from ..spec import LayerPolicy, Protocol, check_bits
 from .fold import fold_bn
 from .graph import ACTIVATIONS, WEIGHT_LAYERS, get_parent, is_block, trace, unsupported_layers

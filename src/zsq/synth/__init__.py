@@ -18,6 +18,8 @@ from .noise import GaussianConfig, GaussianNoise
 from .pixel import PixelConfig, PixelSynthesizer
 from .vit import CLAMPViT, PSAQViT, PSAQViTV2, SMI  # registers psaq-vit, psaq-vit-v2, smi, clamp-vit
 from .zeroq import ZeroQ, ZeroQConfig
+from . import genie as _genie  # noqa: F401,E402  (registers "genie")
+from . import sadag as _sadag  # noqa: F401,E402  (registers "sadag", Genie-D plus a term on the quantized model)
 
 __all__ = [
     "BNS_VARIANTS", "BNStatsLoss", "DSG", "DeepInversion", "GZNQ", "GaussianConfig", "GaussianNoise", "HAST", "IntraQ",

@@ -516,14 +516,14 @@ def synthesize(
     if len(all_sides) < n_batches:
         mine = [s for s in shards if s["index"] in set(wanted)]
         return SyntheticSet(dir=d, meta=meta, shards=mine, complete=False)
-    import zsq
+    from .._version import __version__
 
     meta.update({
         "sha256": combined_sha256([s["sha256"] for s in shards]),
         "wall_s": round(sum(float(s["wall_s"]) for s in shards), 3),
         "this_call_s": round(time.perf_counter() - t_start, 3),
         "threads": torch.get_num_threads(),
-        "versions": {"zsq": getattr(zsq, "__version__", None), "torch": torch.__version__},
+        "versions": {"zsq": __version__, "torch": torch.__version__},
     })
     write_meta(d, meta)
     return SyntheticSet(dir=d, meta=meta, shards=shards, complete=True)

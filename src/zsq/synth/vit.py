@@ -35,7 +35,7 @@ pixels stay fp32).
   px (round 1) and 30 px (round 2) at 224 px (``jitter=-1``: 15 x size / 224, rounded, times the
   round number: 2 / 4 px at 32 px), then a flip with probability 1/2; clamp after every step;
 * one batch of 32 (``--calib-batchsize 32``), calibrated with one forward pass (running min/max),
-  which is the ``psaq-vit`` recipe (:mod:`zsq.vit_recipes`).
+  which is the ``psaq-vit`` recipe (:mod:`zsq.catalogue.vit`).
 
 ``psaq-vit-v2`` -- PSAQ-ViT V2 (Li et al., TNNLS 2023). **No public code** (the repository holds V1
 only, tag ``V1`` = ``main``); the paper's "adaptive teacher-student strategy" at summary level,

@@ -21,7 +21,7 @@ from ..errors import BadValueError, UnknownNameError, WeightsError, ZsqError
 from ..paths import sha256_file
 from .cifar_resnet import cifar_resnet, convert_akamaster_state_dict
 from .fetch import find_weights
-from .preprocess import IMAGENET_TV, Preprocess
+from .preprocess import CIFAR10, IMAGENET_TV, Preprocess
 from .registry import CIFAR10_JPEG, ZOO, ModelEntry, ModelInfo, read_state_dict as _read_state_dict
 
 _AKA = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/resnet{d}-{p}.th"

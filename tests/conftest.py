@@ -76,3 +76,78 @@ def real_batch(resnet20):
 
     x, y = load_images(str(CIFAR_TEST), resnet20.zsq_info.preprocess, 64, seed=0)
     return x, y
+
+
+# -- the smoke run of every recipe, shared (tests/test_contract.py and the method tests) ------------------------
+
+#: the smoke runs' bits and their synthetic sets: the smoke budget's set shrunk to at most SMOKE_N_IMAGES images
+#: and made in fp32, through the documented --synth-set settings (bf16 autocast has no native kernel on CPUs
+#: without AVX512-BF16, where the smoke budget's bf16 synthesis is ~10x slower)
+SMOKE_BITS = (4, 4)
+SMOKE_N_IMAGES = 16
+
+
+def smoke_model_id(name: str) -> str:
+    """The zoo model a recipe's smoke run uses: the ViT protocols place quantizers on a vision transformer's
+    attention matmuls (``cifar10_vit_tiny``); every other protocol targets CNNs (``cifar10_resnet20``)."""
+    from zsq.recipes import RECIPES
+
+    return "cifar10_vit_tiny" if RECIPES[name].protocol.startswith("vit") else "cifar10_resnet20"
+
+
+def smoke_synth_overrides(name: str) -> dict | None:
+    """``--synth-set`` of a recipe's smoke run (None when it runs no synthesizer)."""
+    from zsq import api
+    from zsq.synth import get_synthesizer
+
+    res = api.resolve(name, budget="smoke")
+    if not res.synth:
+        return None
+    overrides, n = api.synth_settings(res)
+    cfg = get_synthesizer(res.synth, "smoke", {**overrides, **({"n_images": n} if n is not None else {})}).config
+    out = {"n_images": min(int(cfg.n_images), SMOKE_N_IMAGES)}
+    if getattr(cfg, "precision", "fp32") != "fp32":
+        out["precision"] = "fp32"
+    return out
+
+
+_SMOKE_MODELS: dict = {}
+
+
+def smoke_fp_model(name: str):
+    """The (shared, session-wide) FP zoo model of a recipe's smoke run."""
+    import zsq
+
+    mid = smoke_model_id(name)
+    if mid not in _SMOKE_MODELS:
+        _SMOKE_MODELS[mid] = zsq.load_model(mid)
+    return _SMOKE_MODELS[mid]
+
+
+def smoke_quantize(name: str):
+    """A fresh smoke run of recipe ``name`` (W4A4, seed 0, the settings above)."""
+    import torch
+
+    import zsq
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return zsq.quantize(smoke_fp_model(name), name, *SMOKE_BITS, budget="smoke", seed=0, progress=False,
+                            synth_overrides=smoke_synth_overrides(name))
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def smoke_qmodel():
+    """``smoke_qmodel(name)``: recipe ``name``'s smoke run, run once per session (the contract test checks it;
+    method tests add their own checks on the same run instead of running the recipe again). Do not modify it."""
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = smoke_quantize(name)
+        return cache[name]
+
+    return get

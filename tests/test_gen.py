@@ -20,7 +20,6 @@ from zsq.gen import (AutoReConGenerator, GDFQGenerator, GenConfig, gen_finetune,
 from zsq.gen import loop as gen_loop
 from zsq.gen.objectives import Play, entropy, scrm_loss, scrm_map, soft_ce
 from zsq.qat.engine import QATInterrupted, kd_loss
-from zsq.quant.modules import QUANT_LAYERS
 from zsq.quant.protocol import apply_protocol
 from zsq.spec import PROTOCOLS
 
@@ -28,7 +27,18 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR_TEST = REPO.parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-GAME_RECIPES = ["gdfq", "qimera", "autorecon", "adasg", "adadfq", "zaq", "dfq-akd", "causal-dfq", "ris"]
+def _generator_recipes() -> list[dict]:
+    """The registered generator-based QAT recipes (``zsq methods`` rows): a generator game, no fixed set."""
+    from zsq.api import list_methods
+
+    return [m for m in list_methods() if m["family"] == "generator" and m["kind"] == "QAT"]
+
+
+#: one recipe per generator game (quantizer): the first registered recipe that plays it
+_FIRST_OF_GAME: dict[str, str] = {}
+for _m in _generator_recipes():
+    _FIRST_OF_GAME.setdefault(_m["quant"], _m["name"])
+GAME_RECIPES = list(_FIRST_OF_GAME.values())
 
 
 def _student(model, w=4, a=4):
@@ -431,7 +441,9 @@ def test_bad_loop_hparams(hp, needle):
 def test_recipes_registered():
     from zsq.recipes import HPARAM_KEYS, RECIPES
 
-    for name in ("gdfq", "qimera", "ait", "autorecon", "adasg", "adadfq", "zaq", "dfq-akd", "causal-dfq", "ris"):
+    names = [m["name"] for m in _generator_recipes()]
+    assert {"gdfq", "ait", "adasg"} <= set(names)  # the registry is read, not empty
+    for name in names:
         r = RECIPES[name]
         assert (r.family, r.kind, r.protocol, r.synth) == ("generator", "QAT", "qat", None)
         assert set(r.budgets) == {"smoke", "default", "paper"}
@@ -446,23 +458,17 @@ def test_recipes_registered():
     assert RECIPES["gdfq"].budgets["paper"]["quant"]["epochs"] == 400
 
 
-def test_gdfq_smoke_end_to_end(resnet20, tmp_path):
+def test_gdfq_smoke_end_to_end(resnet20, smoke_qmodel):
+    """The loop's record and accuracy of the shared smoke run (tests/test_contract.py checks its levels and
+    its save / load round trip)."""
     import zsq
 
-    q = zsq.quantize(resnet20, recipe="gdfq", w_bits=4, a_bits=4, budget="smoke", progress=False)
+    q = smoke_qmodel("gdfq")
     res = q.zsq_result
     assert res["recipe"]["quant"] == "gdfq" and res["protocol"] == "qat" and res["synthetic"]["n_images"] == 0
     assert q.zsq_qat["steps_run"] == 4 and q.zsq_qat["warmup_steps"] == 2 and len(q.zsq_qat["epochs"]) == 2
-    for name, m in q.named_modules():
-        if isinstance(m, QUANT_LAYERS):
-            codes = m.wq.int_repr(m.weight.detach()).reshape(m.weight.shape[0], -1)
-            assert max(len(torch.unique(c)) for c in codes) <= 16, name
     top1 = zsq.evaluate(q, str(CIFAR_TEST), limit=300, progress=False)["top1"]
     assert top1 > 20.0, top1  # 2 training iterations of W4A4: far from FP, far above chance
-    zsq.save(q, tmp_path / "out")
-    x = torch.randn(4, 3, 32, 32)
-    with torch.inference_mode():
-        assert torch.equal(q(x), zsq.load(tmp_path / "out")(x))
     # AIT on top of another generator recipe
     q2 = zsq.quantize(resnet20, recipe="adasg", budget="smoke", hparams={"ait": True}, progress=False)
     assert q2.zsq_result["recipe"]["hparams"]["ait"] is True and q2.zsq_qat["game"]["game"] == "adasg"
@@ -479,10 +485,9 @@ def test_diverged_student_gives_a_clear_error(resnet20):
 
 
 @pytest.mark.parametrize("recipe", ["causal-dfq", "ris"])
-def test_causal_ris_smoke_end_to_end(resnet20, recipe):
-    import zsq
-
-    q = zsq.quantize(resnet20, recipe=recipe, w_bits=4, a_bits=4, budget="smoke", progress=False)
+def test_causal_ris_smoke_end_to_end(resnet20, recipe, smoke_qmodel):
+    """The game's terms in the shared smoke run's record (tests/test_contract.py checks its levels)."""
+    q = smoke_qmodel(recipe)
     res = q.zsq_result
     assert res["recipe"]["quant"] == recipe and res["protocol"] == "qat" and res["synthetic"]["n_images"] == 0
     assert q.zsq_qat["steps_run"] == 4 and q.zsq_qat["game"]["game"] == recipe
@@ -490,10 +495,6 @@ def test_causal_ris_smoke_end_to_end(resnet20, recipe):
     terms = {"causal-dfq": {"g_inv", "g_style", "causal"}, "ris": {"g_pred", "g_feat", "g_div"}}[recipe]
     assert terms <= set(last)
     assert all(math.isfinite(v) for v in last.values())
-    for name, m in q.named_modules():
-        if isinstance(m, QUANT_LAYERS):
-            codes = m.wq.int_repr(m.weight.detach()).reshape(m.weight.shape[0], -1)
-            assert max(len(torch.unique(c)) for c in codes) <= 16, name
     assert not torch.equal(_tensors(q)["layer1.0.conv1.weight"], resnet20.layer1[0].conv1.weight)
 
 

@@ -5,11 +5,8 @@ Small on purpose (2 shared cores): a few steps of small batches on ResNet-20.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -253,32 +250,15 @@ def test_qat_zeroq_registered():
         QATConfig.from_hparams(r.budgets[b].get("quant"))  # every budget is a valid config
 
 
-def test_qat_zeroq_smoke_end_to_end(resnet20, tmp_path):
+def test_qat_zeroq_smoke_end_to_end(smoke_qmodel):
+    """The loop's record and accuracy of the shared smoke run (tests/test_contract.py checks its levels, its
+    zsq.json and its save / load round trip; tests/test_cli.py the command line's)."""
     import zsq
 
-    q = zsq.quantize(resnet20, recipe="qat-zeroq", w_bits=4, a_bits=4, budget="smoke", progress=False)
+    q = smoke_qmodel("qat-zeroq")
     res = q.zsq_result
-    assert res["recipe"]["quant"] == "qat-kd" and res["protocol"] == "qat" and res["synthetic"]["n_images"] == 32
+    assert res["recipe"]["quant"] == "qat-kd" and res["protocol"] == "qat" and res["synthetic"]["n_images"] > 0
+    assert res["recipe"]["hparams"]["steps_per_epoch"] == 4
     assert q.zsq_qat["steps_run"] == 4 and len(q.zsq_qat["epochs"]) == 1
     top1 = zsq.evaluate(q, str(CIFAR_TEST), limit=500, progress=False)["top1"]
     assert top1 > 20.0, top1  # 4 steps of W4A4: far from FP, far above chance
-    zsq.save(q, tmp_path / "out")
-    q2 = zsq.load(tmp_path / "out")
-    x = _images(8)
-    with torch.inference_mode():
-        assert torch.equal(q(x), q2(x))
-
-
-def test_qat_zeroq_smoke_cli(tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "CI": "true", "COLUMNS": "80"}
-    r = subprocess.run([sys.executable, "-m", "zsq", "quantize", "cifar10_resnet20", "--recipe", "qat-zeroq",
-                        "--budget", "smoke", "--w", "4", "--a", "4", "-q", "-o", str(out)],
-                       capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-    assert r.returncode == 0, r.stderr
-    doc = json.loads((out / "zsq.json").read_text())
-    assert doc["recipe"]["name"] == "qat-zeroq" and doc["recipe"]["quant"] == "qat-kd" and doc["protocol"] == "qat"
-    assert doc["recipe"]["hparams"]["steps_per_epoch"] == 4
-    r = subprocess.run([sys.executable, "-m", "zsq", "methods"], capture_output=True, text=True, env=env,
-                       timeout=120, cwd=REPO)
-    assert r.returncode == 0 and "qat-zeroq" in r.stdout

@@ -155,11 +155,12 @@ def test_sadag_needs_batchnorm():
     assert "BatchNorm" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_sadag_recipe_smoke_end_to_end(resnet20):
+def test_sadag_recipe_smoke_end_to_end(smoke_qmodel):
+    """The shared smoke run (tests/test_contract.py checks its levels and round trip): parts and accuracy."""
     import zsq
 
     assert "sadag" in zsq.recipes.RECIPES.names()
-    q = zsq.quantize(resnet20, recipe="sadag", w_bits=4, a_bits=4, budget="smoke", progress=False)
+    q = smoke_qmodel("sadag")
     res = q.zsq_result
     assert res["recipe"]["synth"] == "sadag" and res["recipe"]["quant"] == "genie-m"
     assert res["protocol"] == "genie-native"

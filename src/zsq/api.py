@@ -20,7 +20,7 @@ from torch import nn
 from ._version import __version__
 from .errors import BadValueError, DataError, OutputExistsError, UnknownNameError, ZsqError
 from .models import load_model
-from .paths import torch_save_atomic, write_json_atomic
+from .paths import torch_save_atomic, write_json_atomic, writing
 from .recipes import HPARAM_KEYS, PRE_STEPS, QUANTIZERS, RECIPES, QuantContext
 from . import catalogue as _catalogue  # noqa: F401  (registers every recipe, quantizer and synthesizer)
 from .spec import PROTOCOLS, LayerPolicy, check_bits, check_budget
@@ -87,7 +87,8 @@ def check_output_dir(out: str | os.PathLike | None, overwrite: bool) -> None:
     if (out / "zsq.json").exists():
         if not overwrite:
             raise OutputExistsError(f"{out} already holds a result (zsq.json); pass --overwrite or choose another -o")
-        (out / "zsq.json").unlink()
+        with writing(out / "zsq.json", every=True):  # read-only OUT: a one-line OutputError
+            (out / "zsq.json").unlink()
 
 
 def synth_settings(res: Resolved, synth_overrides: dict | None = None) -> tuple[dict, int | None]:
@@ -329,7 +330,8 @@ def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = No
 
     out = Path(out)
     check_output_dir(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out, every=True):  # a write the file system refuses is a one-line OutputError
+        out.mkdir(parents=True, exist_ok=True)
     info = qmodel.zsq_info
     result = getattr(qmodel, "zsq_result", {})
     int_w = {}

@@ -207,6 +207,11 @@ def quantize(
 
     rank = world()[0]  # under torchrun: rank 0 alone writes OUT and evaluates; the others only train
     if rank == 0:
+        from .paths import check_writable
+
+        # OUT takes the checkpoints and qmodel.pt (at least the FP parameters): a read-only, unwritable or
+        # too full OUT is a one-line error now, not after the work (and before an old result is retired)
+        check_writable(out, need_bytes=sum(p.numel() * p.element_size() for p in m.parameters()))
         api.check_output_dir(out, overwrite)
     qmodel = api.quantize(m, recipe, w, a, protocol=protocol, pre=pre, synth=synth, quant=quant, budget=budget,
                           seed=seed, synthetic=synthetic, calib=calib, calib_n=calib_n, policy=policy,
@@ -340,6 +345,9 @@ def export(
     if check:
         _check_eval_path(check)
     q = api.load(out)
+    from .paths import check_writable
+
+    check_writable(out)  # read-only / full OUT: one line before the export and the evaluations
     from .export.onnx import OrtModel, export_onnx
 
     path = export_onnx(q, Path(out) / "model.onnx")
@@ -356,9 +364,13 @@ def report(
     bench: Optional[Path] = typer.Option(None, "--bench", help="benchmark runs folder for the accuracy-vs-bits plot"),
 ):
     """Write OUT/report/ (report.md, index.html, PNGs): synthetic images, losses, per-layer SQNR, accuracy."""
+    from .paths import check_writable, writing
     from .report import write_report
 
-    p = write_report(out, bench)
+    if Path(out).is_dir():  # read-only / full OUT: one line before the work (a missing OUT is write_report's error)
+        check_writable(out)
+    with writing(Path(out) / "report"):
+        p = write_report(out, bench)
     out_console.print(f"wrote {p} and {p.with_name('index.html')}")
 
 

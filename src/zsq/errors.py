@@ -43,5 +43,9 @@ class OutputExistsError(ZsqError):
     """The output directory already holds a finished result."""
 
 
+class OutputError(ZsqError):
+    """An output (``-o OUT``, ``ZSQ_CACHE``) that cannot be written: read-only, no permission, disk full."""
+
+
 class UnsupportedLayerError(ZsqError):
     """A layer type zsq cannot quantize, with --strict."""

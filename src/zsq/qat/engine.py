@@ -153,8 +153,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,6 +168,7 @@ import torch.nn.functional as F
 from .. import distributed as zdist
 from ..data.augment import resample_box_flip
 from ..errors import BadValueError
+from ..interrupt import deferred_sigint as _deferred_sigint
 from ..paths import load_resume_checkpoint, torch_save_checked
 from ..progress import LossBar, fmt_loss
 from ..quant.modules import QUANT_LAYERS, Quantizer
@@ -570,31 +569,6 @@ def _fingerprint(student: nn.Module, images: Tensor, cfg: QATConfig, seed: int, 
     if labels is not None:
         h.update(b"labels:" + labels.detach().to(torch.int64).contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _deferred_sigint():
-    """While inside: the first Ctrl-C only sets ``flag["hit"]`` (the loop checkpoints at the end of the
-    step and raises ``KeyboardInterrupt``); a second one interrupts at once. Main thread only."""
-    flag = {"hit": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    prev = signal.getsignal(signal.SIGINT)
-    if prev is signal.SIG_IGN or prev is None:
-        yield flag
-        return
-
-    def handler(signum, frame):
-        if flag["hit"]:
-            raise KeyboardInterrupt
-        flag["hit"] = True
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, prev)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,17 @@ reuses what is already there::
 Batch ``k``'s seed is derived from ``(seed, k)`` only (:func:`batch_seed`), so batch ``k`` is the
 same tensor whether it is made alone (``batches=[k]``, e.g. by one ``torch.distributed`` rank) or
 among others, given the same machine, thread count and library versions.
+
+Several processes sharing ``ZSQ_CACHE`` (two runs, or ``torchrun`` ranks with disjoint batches) make
+each batch once: batch ``k`` is made under a file lock of its own (``.shard_0000k.lock``, ``flock``
+through the ``filelock`` library, released by the OS when its holder dies); a process that finds it
+held says so in one line, waits, and reuses the shard the holder wrote (or makes the batch itself
+when the holder died without finishing it).
+
+Synthesizers whose batches are long loops and that set ``resumable = True`` (genie, zeroq) also keep
+a mid-batch checkpoint (``.partial_0000k.pt``: the loop's whole state, every
+``ZSQ_SYNTH_CKPT_EVERY_S`` seconds, default 300, and on Ctrl-C, which lets the current iteration
+finish first), so an interrupted run continues inside the batch it was making, to the same tensors.
 """
 
 from __future__ import annotations
@@ -21,9 +32,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import hashlib
 import json
 import math
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +53,8 @@ from ..data.shards import (
     write_shard,
 )
 from ..errors import BadValueError, DataError, OutputExistsError
-from ..paths import sha256_file, write_json_atomic
+from ..interrupt import deferred_sigint
+from ..paths import check_writable, sha256_file, torch_load_checked, torch_save_checked, write_json_atomic, writing
 from ..progress import LossBar, fmt_loss
 from ..registry import Registry
 from ..spec import BUDGETS, check_budget
@@ -153,6 +168,9 @@ class Synthesizer:
     Config: ClassVar[type[SynthConfig]] = SynthConfig
     #: batches are independent (each from its own seeded generator), so ranks can split them
     shardable: ClassVar[bool] = True
+    #: ``make_batch`` takes ``checkpoint=`` (a :class:`BatchCheckpoint`): it saves and restores its loop's
+    #: state, so an interrupted batch continues where it stopped (to the same tensors)
+    resumable: ClassVar[bool] = False
 
     def __init__(self, config: SynthConfig | None = None):
         self.config = config if config is not None else self.Config.for_budget("default")
@@ -176,6 +194,7 @@ class Synthesizer:
         Every random draw must use ``generator`` (seeded for this batch only). May return a dict
         of tensors with an ``"images"`` entry (e.g. plus ``"labels"``). ``model`` arrives in eval
         mode with ``requires_grad=False`` parameters (and channels_last when configured).
+        A ``resumable`` synthesizer also takes ``checkpoint: BatchCheckpoint | None``.
         """
         raise NotImplementedError
 
@@ -341,6 +360,125 @@ def _batch_indices(batches: Iterable[int] | None, n_batches: int) -> list[int]:
     return out
 
 
+BATCH_CKPT_FORMAT = "zsq-synth-batch-1"
+#: seconds between two mid-batch checkpoints (``ZSQ_SYNTH_CKPT_EVERY_S``; Ctrl-C always writes one)
+CKPT_EVERY_S = 300.0
+
+
+def _ckpt_every_s() -> float:
+    v = os.environ.get("ZSQ_SYNTH_CKPT_EVERY_S", str(CKPT_EVERY_S))
+    try:
+        return max(0.0, float(v))
+    except ValueError:
+        raise BadValueError(f"ZSQ_SYNTH_CKPT_EVERY_S must be a number of seconds, got '{v}'") from None
+
+
+def partial_name(index: int) -> str:
+    return f".partial_{index:05d}.pt"
+
+
+class BatchCheckpoint:
+    """The mid-batch checkpoint of one batch of a ``resumable`` synthesizer (``.partial_0000k.pt`` beside
+    the shards, checksummed, loaded with ``weights_only=True``).
+
+    The synthesizer builds its loop's state as usual (same draws), then calls :meth:`restore`: with a
+    checkpoint of this batch it gets the saved state back (to load into its tensors, optimisers,
+    schedulers and generator) and continues at iteration :attr:`done`. After each iteration it calls
+    :meth:`step_done`, which saves every ``every_s`` seconds and, after a Ctrl-C (``interrupt``), saves
+    and raises ``KeyboardInterrupt``. It never saves after the last iteration: the shard follows.
+    The runner's loss record (``rec``, ``trace``) and the batch's wall time travel with the state.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, *, every_s: float, interrupt: dict[str, bool],
+                 rec: dict[str, float], trace: list[list[float]]):
+        self.path, self.fingerprint, self.every_s, self.interrupt = Path(path), fingerprint, every_s, interrupt
+        self.rec, self.trace = rec, trace
+        self.done = 0
+        self.wall_before = 0.0
+        self._t0 = self._last = time.perf_counter()
+
+    def restore(self) -> dict[str, Any] | None:
+        """The saved state of this batch (and :attr:`done` set), or ``None`` to start at iteration 0."""
+        if not self.path.is_file():
+            return None
+        try:
+            ck = torch_load_checked(self.path, "mid-batch checkpoint")
+            ok = isinstance(ck, dict) and ck.get("format") == BATCH_CKPT_FORMAT \
+                and ck.get("fingerprint") == self.fingerprint
+        except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is only lost time
+            warnings.warn(f"{self.path} cannot be read ({e}); this batch starts again", stacklevel=2)
+            ok = False
+        if not ok:
+            self.path.unlink(missing_ok=True)
+            return None
+        self.done = int(ck["done"])
+        runner = ck.get("runner") or {}
+        self.rec.update(runner.get("rec") or {})
+        self.trace[:] = runner.get("trace") or []
+        self.wall_before = float(runner.get("wall_s") or 0.0)
+        return ck["state"]
+
+    def step_done(self, done: int, total: int, state: Callable[[], dict[str, Any]]) -> None:
+        """After iteration ``done - 1``: checkpoint on Ctrl-C (then ``KeyboardInterrupt``) or when due."""
+        if done >= total:
+            return
+        if self.interrupt.get("hit"):
+            self.save(done, state())
+            raise KeyboardInterrupt
+        if time.perf_counter() - self._last >= self.every_s:
+            self.save(done, state())
+
+    def save(self, done: int, state: dict[str, Any]) -> None:
+        torch_save_checked({"format": BATCH_CKPT_FORMAT, "fingerprint": self.fingerprint, "done": int(done),
+                            "state": state, "runner": {"rec": dict(self.rec), "trace": list(self.trace),
+                                                       "wall_s": self.wall_s}}, self.path)
+        self._last = time.perf_counter()
+
+    @property
+    def wall_s(self) -> float:
+        """Seconds spent on this batch, over every process that worked on it."""
+        return self.wall_before + time.perf_counter() - self._t0
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def lock_name(index: int) -> str:
+    return f".shard_{index:05d}.lock"
+
+
+@contextlib.contextmanager
+def _batch_lock(d: Path, index: int, note: Callable[[str], None]):
+    """Hold batch ``index``'s file lock in ``d`` (``flock``: released by the OS if this process dies);
+    when another process holds it, say so in one line and wait."""
+    from filelock import FileLock, Timeout
+
+    path = d / lock_name(index)
+    try:  # never filelock's marker-file fallback: a killed holder would keep it for ever
+        lock = FileLock(str(path), fallback_to_soft=False)
+    except TypeError:  # filelock < 4 has no fallback
+        lock = FileLock(str(path))
+    try:
+        with writing(path):
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                note(f"batch {index} of {d} is being made by another process (lock {path.name}); "
+                     "waiting to reuse its shards")
+                lock.acquire()
+    except (NotImplementedError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+            raise
+        warnings.warn(f"{d}: this file system has no file locks, so processes sharing it may make the same "
+                      "batch twice", stacklevel=3)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 class _Progress(LossBar):
     """A rich progress display: one bar over batches, one over the current batch's iterations."""
 
@@ -363,12 +501,78 @@ class _Progress(LossBar):
         if self.p is not None and self.batch_task is not None:
             self.p.update(self.batch_task, completed=it + 1, total=total, loss=fmt_loss(loss))
 
+    def note(self, msg: str) -> None:
+        """One line on stderr, whether or not the bars are shown (above a live rich display)."""
+        console = getattr(self.p, "console", None)
+        if console is not None:
+            console.print(msg, highlight=False, markup=False, soft_wrap=True)
+        else:
+            sys.stderr.write(msg + "\n")
+            sys.stderr.flush()
+
     def end_batch(self, loss: float | None) -> None:
         if self.p is not None:
             if self.batch_task is not None:
                 self.p.remove_task(self.batch_task)
                 self.batch_task = None
             self.p.update(self.overall, advance=1, loss=fmt_loss(loss))
+
+
+def _make_shard(synthesizer: Synthesizer, model: nn.Module, k: int, seed: int, key: str, d: Path,
+                shape: tuple[int, int, int], device: torch.device, bar: _Progress, resumable: bool,
+                every_s: float) -> tuple[dict[str, Any], bool]:
+    """Make batch ``k`` (continuing its mid-batch checkpoint when the synthesizer is ``resumable``), write
+    its shard and sidecar; returns ``(sidecar, interrupted)``: ``interrupted`` when a Ctrl-C came during
+    the last iteration (the shard is complete; the caller stops after it)."""
+    cfg = synthesizer.config
+    n_k = min(cfg.batch_size, cfg.n_images - k * cfg.batch_size)
+    rec: dict[str, float] = {}
+    trace: list[list[float]] = []
+
+    def step(it: int, total: int, loss: float) -> None:
+        rec.setdefault("first", float(loss))
+        rec["last"] = float(loss)
+        if it % max(1, total // 100) == 0 or it == total - 1:  # <= ~100 points for `zsq report`
+            trace.append([int(it), round(float(loss), 6)])
+        bar.step(it, total, loss)
+
+    bar.start_batch(k)
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = {}
+    sigint = deferred_sigint(f"Ctrl-C: saving batch {k} at the end of this iteration (Ctrl-C again to stop at once)") \
+        if resumable else contextlib.nullcontext({"hit": False})
+    with sigint as flag:
+        ck = None
+        if resumable:
+            ck = BatchCheckpoint(d / partial_name(k), f"{key}/{k}/{n_k}", every_s=every_s, interrupt=flag,
+                                 rec=rec, trace=trace)
+            kwargs["checkpoint"] = ck
+        out = synthesizer.make_batch(model, k, batch_generator(seed, k, device), batch_size=n_k,
+                                     image_shape=shape, step=step, **kwargs)
+        interrupted = bool(flag["hit"])
+    wall = ck.wall_s if ck is not None else time.perf_counter() - t0
+    tensors = dict(out) if isinstance(out, dict) else {"images": out}
+    imgs = tensors.get("images")
+    if not isinstance(imgs, Tensor) or tuple(imgs.shape) != (n_k, *shape):
+        got = tuple(imgs.shape) if isinstance(imgs, Tensor) else type(imgs).__name__
+        raise RuntimeError(f"{synthesizer.name}.make_batch returned images {got}, expected {(n_k, *shape)}")
+    tensors["images"] = imgs.detach().float()
+    if not torch.isfinite(tensors["images"]).all():  # never a shard of NaN images that looks finished
+        if ck is not None:
+            ck.clear()
+        raise BadValueError(f"{synthesizer.name} made non-finite images in batch {k} (last loss "
+                            f"{rec.get('last')}): its synthesis diverged; lower its lr or loss weights")
+    pt = d / shard_name(k)
+    sha = write_shard(pt, tensors)
+    side = {
+        "index": k, "file": pt.name, "sha256": sha, "n": n_k, "wall_s": round(wall, 4),
+        "loss_first": rec.get("first"), "loss_last": rec.get("last"),
+        "batch_seed": batch_seed(seed, k), "key": key, "loss_trace": trace,
+    }
+    write_json_atomic(sidecar_path(pt), side)
+    if ck is not None:
+        ck.clear()
+    return side, interrupted
 
 
 def synthesize(
@@ -442,51 +646,42 @@ def synthesize(
             done[k] = side
     if todo:
         synthesizer.prepare(model)  # external resources and their user errors, before anything is written
-    d.mkdir(parents=True, exist_ok=True)
+        # the shards must fit: a read-only, unwritable or too full directory is one line now, not after the work
+        n_todo = sum(min(cfg.batch_size, cfg.n_images - k * cfg.batch_size) for k in todo)
+        check_writable(d, need_bytes=n_todo * math.prod(shape) * 4)
+    else:
+        with writing(d, every=True):
+            d.mkdir(parents=True, exist_ok=True)
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     title = f"{synthesizer.name} ({budget}, seed {seed})"
+    resumable = bool(getattr(synthesizer, "resumable", False))
+    every_s = _ckpt_every_s() if resumable else 0.0
     with prepared(model, cfg.channels_last), _Progress(progress, title, len(wanted)) as bar:
         bar.skip(len(wanted) - len(todo))
+        noted: list[str] = []
+
+        def note(msg: str) -> None:  # the first wait only: the bar then advances as the other process finishes
+            if not noted:
+                noted.append(msg)
+                bar.note(msg)
+
         for k in todo:
-            n_k = min(cfg.batch_size, cfg.n_images - k * cfg.batch_size)
-            rec: dict[str, float] = {}
-
-            trace: list[list[float]] = []
-
-            def step(it: int, total: int, loss: float, _rec=rec, _trace=trace) -> None:
-                _rec.setdefault("first", float(loss))
-                _rec["last"] = float(loss)
-                if it % max(1, total // 100) == 0 or it == total - 1:  # <= ~100 points for `zsq report`
-                    _trace.append([int(it), round(float(loss), 6)])
-                bar.step(it, total, loss)
-
-            bar.start_batch(k)
-            t0 = time.perf_counter()
-            out = synthesizer.make_batch(model, k, batch_generator(seed, k, device), batch_size=n_k,
-                                         image_shape=shape, step=step)
-            wall = time.perf_counter() - t0
-            tensors = dict(out) if isinstance(out, dict) else {"images": out}
-            imgs = tensors.get("images")
-            if not isinstance(imgs, Tensor) or tuple(imgs.shape) != (n_k, *shape):
-                got = tuple(imgs.shape) if isinstance(imgs, Tensor) else type(imgs).__name__
-                raise RuntimeError(f"{synthesizer.name}.make_batch returned images {got}, expected {(n_k, *shape)}")
-            tensors["images"] = imgs.detach().float()
-            if not torch.isfinite(tensors["images"]).all():  # never a shard of NaN images that looks finished
-                raise BadValueError(f"{synthesizer.name} made non-finite images in batch {k} (last loss "
-                                    f"{rec.get('last')}): its synthesis diverged; lower its lr or loss weights")
-            pt = d / shard_name(k)
-            sha = write_shard(pt, tensors)
-            side = {
-                "index": k, "file": pt.name, "sha256": sha, "n": n_k, "wall_s": round(wall, 4),
-                "loss_first": rec.get("first"), "loss_last": rec.get("last"),
-                "batch_seed": batch_seed(seed, k), "key": key, "loss_trace": trace,
-            }
-            write_json_atomic(sidecar_path(pt), side)
-            done[k] = side
+            with _batch_lock(d, k, note):
+                side = _finished_shard(d, k, key, own_dir)  # another process made it while this one waited
+                if side is not None:
+                    (d / partial_name(k)).unlink(missing_ok=True)
+                    done[k] = side
+                    bar.skip(1)
+                    continue
+                side, interrupted = _make_shard(synthesizer, model, k, seed, key, d, shape, device, bar,
+                                                resumable, every_s)
+                done[k] = side
             bar.end_batch(side["loss_last"])
             if on_shard is not None:
-                on_shard(k, pt)
+                on_shard(k, d / shard_name(k))
+            if interrupted:  # Ctrl-C during the batch's last iteration: its shard is written, stop here
+                raise KeyboardInterrupt
 
     # other processes may have written the remaining shards
     all_sides: dict[int, dict[str, Any]] = dict(done)
@@ -526,11 +721,14 @@ def synthesize(
         "versions": {"zsq": __version__, "torch": torch.__version__},
     })
     write_meta(d, meta)
+    for p in d.glob(".partial_*.pt"):  # left by an interrupt between a shard and its checkpoint's removal
+        p.unlink(missing_ok=True)
     return SyntheticSet(dir=d, meta=meta, shards=shards, complete=True)
 
 
 __all__ = [
-    "BUDGETS", "PRECISIONS", "SYNTHESIZERS", "StepCallback", "SynthConfig", "Synthesizer", "SyntheticSet",
+    "BUDGETS", "BatchCheckpoint", "PRECISIONS", "SYNTHESIZERS", "StepCallback", "SynthConfig", "Synthesizer",
+    "SyntheticSet",
     "batch_generator", "batch_seed", "get_synthesizer", "model_fingerprint", "prepared", "synthesize",
     "synthetic_key",
 ]

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import BadValueError
-from .base import SYNTHESIZERS, StepCallback, SynthConfig, Synthesizer, ablation
+from .base import SYNTHESIZERS, BatchCheckpoint, StepCallback, SynthConfig, Synthesizer, ablation
 from .losses import BNStatsLoss, bn_layers
 from .pixel import draw_labels, num_classes
 
@@ -137,6 +137,7 @@ class Genie(Synthesizer):
 
     name = "genie"
     Config = GenieConfig
+    resumable = True  # a batch is 300-4,000 iterations: its loop state is checkpointed (synth.base)
 
     def extra_loss(self, model: nn.Module, generator: torch.Generator, *, batch_size: int,
                    image_shape: tuple[int, int, int]) -> Callable[[int, Tensor], Tensor] | None:
@@ -148,7 +149,8 @@ class Genie(Synthesizer):
         return None
 
     def make_batch(self, model: nn.Module, batch_index: int, generator: torch.Generator, *, batch_size: int,
-                   image_shape: tuple[int, int, int], step: StepCallback | None = None) -> Tensor:
+                   image_shape: tuple[int, int, int], step: StepCallback | None = None,
+                   checkpoint: BatchCheckpoint | None = None) -> Tensor:
         cfg = self.config
         if not bn_layers(model):
             raise BadValueError(f"{type(model).__name__} has no BatchNorm2d layer with running statistics: "
@@ -173,10 +175,28 @@ class Genie(Synthesizer):
         # drawn only when used, so Genie-D's own stream (and its images) stay as they were
         labels = draw_labels(num_classes(model), batch_size, generator) if cfg.ce_weight > 0 else None
         handles = swing_hooks(model, generator, cfg.swing) if cfg.swing > 0 else []
+
+        def state() -> dict[str, Any]:  # everything the next iteration reads (every draw comes from ``generator``)
+            return {"gen": gen.state_dict(), "z": z.detach().clone(), "opt_z": opt_z.state_dict(),
+                    "sched_z": sched_z.state_dict(), "opt_g": opt_g.state_dict(), "sched_g": sched_g.state_dict(),
+                    "rng": generator.get_state()}
+
+        start = 0
+        saved = checkpoint.restore() if checkpoint is not None else None
+        if saved is not None:  # built the same way above, then set to where the interrupted run stopped
+            gen.load_state_dict(saved["gen"])
+            with torch.no_grad():
+                z.copy_(saved["z"])
+            opt_z.load_state_dict(saved["opt_z"])
+            sched_z.load_state_dict(saved["sched_z"])
+            opt_g.load_state_dict(saved["opt_g"])
+            sched_g.load_state_dict(saved["sched_g"])
+            generator.set_state(saved["rng"])
+            start = checkpoint.done
         x = None
         try:
             with BNStatsLoss.preset("genie", model, eps=cfg.eps) as bns:
-                for it in range(cfg.iters):
+                for it in range(start, cfg.iters):
                     opt_z.zero_grad(set_to_none=True)
                     opt_g.zero_grad(set_to_none=True)
                     with self.autocast(device):
@@ -195,6 +215,8 @@ class Genie(Synthesizer):
                         sched_g.step()
                     if step is not None:
                         step(it, cfg.iters, value)
+                    if checkpoint is not None:
+                        checkpoint.step_done(it + 1, cfg.iters, state)
         finally:
             for hd in handles:
                 hd.remove()

@@ -312,6 +312,7 @@ class Sadag(Genie):
 
     name = "sadag"
     Config = SadagConfig
+    resumable = False  # its gradient-matching term keeps state across iterations (ranges, noise stream)
     #: ``(iteration, 1 - cos)`` of every evaluation of the term in the last batch made (unweighted)
     gm_trace: list[tuple[int, float]]
 

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import BadValueError
-from .base import SYNTHESIZERS, StepCallback, SynthConfig, Synthesizer
+from .base import SYNTHESIZERS, BatchCheckpoint, StepCallback, SynthConfig, Synthesizer
 from .losses import BNStatsLoss
 
 INITS = ("uniform", "gaussian")
@@ -90,16 +90,32 @@ class ZeroQ(Synthesizer):
 
     name = "zeroq"
     Config = ZeroQConfig
+    resumable = True  # its loop state (pixels, Adam, plateau schedule) is checkpointed (synth.base)
 
     def make_batch(self, model: nn.Module, batch_index: int, generator: torch.Generator, *, batch_size: int,
-                   image_shape: tuple[int, int, int], step: StepCallback | None = None) -> Tensor:
+                   image_shape: tuple[int, int, int], step: StepCallback | None = None,
+                   checkpoint: BatchCheckpoint | None = None) -> Tensor:
         cfg = self.config
         x = initial_pixels((batch_size, *image_shape), generator, cfg.init)
         x = x.contiguous(memory_format=self.memory_format()).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=cfg.lr)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=cfg.patience, min_lr=cfg.min_lr)
+
+        def state() -> dict[str, Any]:
+            return {"x": x.detach().clone(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "rng": generator.get_state()}
+
+        start = 0
+        saved = checkpoint.restore() if checkpoint is not None else None
+        if saved is not None:  # continue the interrupted run's loop
+            with torch.no_grad():
+                x.copy_(saved["x"])
+            opt.load_state_dict(saved["opt"])
+            sched.load_state_dict(saved["sched"])
+            generator.set_state(saved["rng"])
+            start = checkpoint.done
         with BNStatsLoss.preset("zeroq", model, eps=cfg.eps, data_eps=cfg.eps, input_prior=cfg.input_prior) as bns:
-            for it in range(cfg.iters):
+            for it in range(start, cfg.iters):
                 opt.zero_grad(set_to_none=True)
                 with self.autocast(x.device):
                     model(x)
@@ -110,4 +126,6 @@ class ZeroQ(Synthesizer):
                 sched.step(value)
                 if step is not None:
                     step(it, cfg.iters, value)
+                if checkpoint is not None:
+                    checkpoint.step_done(it + 1, cfg.iters, state)
         return x.detach().contiguous()

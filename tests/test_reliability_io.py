@@ -361,6 +361,7 @@ def test_shared_cache_each_batch_made_once_ranks_do_not_wait(tmp_path):
     assert WAITING not in _err(tmp_path, "b")
     full_a, full_c = outs[0].split(), outs[2].split()
     assert full_a[0] == full_c[0] == "complete" and full_a[1:] == full_c[1:]
+    assert not list(Path(full_a[3]).glob(".*.lock")), "the batch locks outlive the finished set"
 
 
 def test_shared_cache_killed_lock_holder_is_taken_over(tmp_path):

@@ -17,9 +17,9 @@ among others, given the same machine, thread count and library versions.
 
 Several processes sharing ``ZSQ_CACHE`` (two runs, or ``torchrun`` ranks with disjoint batches) make
 each batch once: batch ``k`` is made under a file lock of its own (``.shard_0000k.lock``, ``flock``
-through the ``filelock`` library, released by the OS when its holder dies); a process that finds it
-held says so in one line, waits, and reuses the shard the holder wrote (or makes the batch itself
-when the holder died without finishing it).
+through the ``filelock`` library, released by the OS when its holder dies; removed once the set is
+complete); a process that finds it held says so in one line, waits, and reuses the shard the holder
+wrote (or makes the batch itself when the holder died without finishing it).
 
 Synthesizers whose batches are long loops and that set ``resumable = True`` (genie, zeroq) also keep
 a mid-batch checkpoint (``.partial_0000k.pt``: the loop's whole state, every
@@ -721,8 +721,11 @@ def synthesize(
         "versions": {"zsq": __version__, "torch": torch.__version__},
     })
     write_meta(d, meta)
-    for p in d.glob(".partial_*.pt"):  # left by an interrupt between a shard and its checkpoint's removal
-        p.unlink(missing_ok=True)
+    # the set is complete: its batch locks are no longer needed (a process still waiting on one finds the
+    # shard made when it gets it), nor a mid-batch checkpoint left by an interrupt after its shard was written
+    for p in [*d.glob(".shard_*.lock"), *d.glob(".partial_*.pt")]:
+        with contextlib.suppress(OSError):
+            p.unlink()
     return SyntheticSet(dir=d, meta=meta, shards=shards, complete=True)
 
 

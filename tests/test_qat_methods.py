@@ -330,13 +330,6 @@ def test_method_recipes_registered_with_one_default_budget():
     assert RECIPES["dsg"].protocol == RECIPES["zeroq"].protocol and RECIPES["mixmix"].protocol == "ptq"
 
 
-def _has_synth(name):
-    from zsq.synth import SYNTHESIZERS
-
-    return name in SYNTHESIZERS
-
-
-@pytest.mark.skipif(not _has_synth("hast"), reason="the hast synthesizer is not registered yet")
 def test_hast_smoke_end_to_end(smoke_qmodel):
     """The record and accuracy of the shared smoke run (tests/test_contract.py checks its levels and round trip)."""
     import zsq

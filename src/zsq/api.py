@@ -273,6 +273,24 @@ def evaluate(model: nn.Module, data, limit: int | None = None, progress: bool = 
 
 # -- save / load --------------------------------------------------------------------------------
 
+def git_version(where: str | os.PathLike) -> str | None:
+    """The commit of the git checkout holding ``where`` (short hash), with ``-dirty`` appended when a
+    tracked file differs from it (``git describe --dirty``'s convention: the run did not use exactly that
+    commit; untracked files do not count); ``None`` outside a checkout or without git."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=where)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode or not head.stdout.strip():
+            return None
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = status.returncode != 0 or bool(status.stdout.strip())  # unknown state: not claimed clean
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 def _versions() -> dict[str, str | None]:
     import torchvision
 
@@ -282,11 +300,7 @@ def _versions() -> dict[str, str | None]:
         except Exception:  # noqa: BLE001 - optional packages
             return None
 
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        git = None
+    git = git_version(Path(__file__).resolve().parent)
     return {"zsq": __version__, "git": git, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "onnx": ver("onnx"), "onnxruntime": ver("onnxruntime"), "python": platform.python_version()}
 

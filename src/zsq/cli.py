@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -223,6 +224,8 @@ def quantize(
     if eval_path:
         metrics = api.evaluate(qmodel, eval_path, limit=eval_limit, progress=not quiet)
     api.save(qmodel, out, metrics=metrics, eval_path=eval_path, overwrite=True)
+    # OUT is complete (zsq.json is written last): its resume state would only be stale, and large
+    shutil.rmtree(out / ".ckpt", ignore_errors=True)
     r = qmodel.zsq_result
     console.print(f"[green]saved[/] {out}  ({r['recipe']['name']}, {r['protocol']}, W{w}A{a}, {r['wall_s']:.1f} s)")
     if metrics:

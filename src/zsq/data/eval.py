@@ -25,6 +25,7 @@ import io
 import operator
 import os
 import pickle
+import re
 import tarfile
 import threading
 import zlib
@@ -139,7 +140,10 @@ class _Source:
             im.load()
             return im if im.mode == "RGB" else im.convert("RGB")
         except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
-            raise DataError(f"cannot decode image {self.names[i]} in {self.path}: {type(e).__name__}: {e}") from None
+            # PIL names the in-memory file it was given (``<_io.BytesIO object at 0x...>``): not the user's
+            detail = re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", str(e)).strip()
+            raise DataError(f"cannot decode image {self.names[i]} in {self.path}: {type(e).__name__}"
+                            f"{': ' + detail if detail else ''} (corrupt or not an image)") from None
 
     def _array(self, i: int) -> np.ndarray:
         return np.asarray(self.image(i))  # (H, W, 3) uint8, read-only

@@ -113,6 +113,17 @@ def read_shard(path: str | os.PathLike, sha256: str | None = None) -> dict[str, 
     return obj
 
 
+class DamagedSetError(DataError):
+    """A finished set that does not check out. ``problem``: what is wrong, without the fix the message
+    adds ("delete DIR and synthesize again"), for :func:`zsq.synth.synthesize`, which repairs the set
+    instead; ``shard``: the shard whose checksum fails, when that is the problem (the repair reports it
+    where it makes the shard again)."""
+
+    def __init__(self, problem: str, directory: Path, shard: Path | None = None):
+        super().__init__(f"{problem}; delete {directory} and synthesize again")
+        self.problem, self.shard = problem, shard
+
+
 @dataclass
 class SyntheticSet:
     """A set of synthetic images on disk (complete, or the shards one process made of it).
@@ -143,7 +154,7 @@ class SyntheticSet:
             n_images = int(meta["n_images"])
             files = [(str(s["file"]), str(s["sha256"]), int(s["n"])) for s in shards]
         except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{mp} is malformed ({type(e).__name__}: {e}); delete {d} and synthesize again") from None
+            raise DamagedSetError(f"{mp} is malformed ({type(e).__name__}: {e})", d) from None
         if sum(n for _, _, n in files) != n_images:
             raise DataError(f"{mp} lists shards with {sum(n for _, _, n in files)} images, not n_images={n_images}")
         for f, sha, _ in files:
@@ -151,12 +162,11 @@ class SyntheticSet:
             if Path(f).name != f:
                 raise DataError(f"{mp} names a shard outside its directory: {f}")
             if not p.is_file():
-                raise DataError(f"synthetic shard {p} is missing; delete {d} and synthesize again")
+                raise DamagedSetError(f"synthetic shard {p} is missing", d)
             if verify and sha256_file(p) != sha:
-                raise DataError(f"synthetic shard {p} fails its checksum (corrupt or modified); "
-                                f"delete {d} and synthesize again")
+                raise DamagedSetError(f"synthetic shard {p} fails its checksum (corrupt or modified)", d, shard=p)
         if meta.get("sha256") and meta["sha256"] != combined_sha256([sha for _, sha, _ in files]):
-            raise DataError(f"{mp}: set sha256 does not match its shard hashes; delete {d} and synthesize again")
+            raise DamagedSetError(f"{mp}: set sha256 does not match its shard hashes", d)
         return cls(dir=d, meta=meta, shards=shards, complete=True)
 
     # -- contents -----------------------------------------------------------------------------------

@@ -345,7 +345,7 @@ def _finished_shard(d: Path, index: int, key: str, own_dir: bool) -> dict[str, A
                                     "choose another output directory or delete it")
         return None
     if sha256_file(pt) != side.get("sha256"):
-        warnings.warn(f"synthetic shard {pt} fails its checksum; making it again", stacklevel=3)
+        warnings.warn(f"synthetic shard {pt} fails its checksum (corrupt or modified); making it again", stacklevel=3)
         return None
     return side
 
@@ -633,7 +633,10 @@ def synthesize(
         try:
             return SyntheticSet.load(d)
         except DataError as e:
-            warnings.warn(f"{e}; repairing the set", stacklevel=2)
+            # one warning per problem, and none that says to delete the set while it is being repaired: a
+            # shard that fails its checksum is reported where it is made again (_finished_shard)
+            if getattr(e, "shard", None) is None:
+                warnings.warn(f"{getattr(e, 'problem', e)}; repairing the set", stacklevel=2)
             (d / META).unlink(missing_ok=True)
 
     done: dict[int, dict[str, Any]] = {}

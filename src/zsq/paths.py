@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,6 +35,92 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+#: errno values of a write that the file system refused (read-only, no permission, full, quota, I/O)
+WRITE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG,
+                          errno.EIO})
+_HINTS = {
+    errno.EROFS: "the file system is read-only; choose another output directory",
+    errno.ENOSPC: "no space left on the device; free some space or choose another output directory",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose another output directory",
+    errno.EACCES: "permission denied; choose a directory you can write to",
+    errno.EPERM: "permission denied; choose a directory you can write to",
+}
+# torch.save to a path reports a failed write (full disk) as a RuntimeError from its zip writer
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+def output_error(exc: BaseException, path: str | os.PathLike):
+    """The one-line :class:`~zsq.errors.OutputError` for a failed write of ``path``."""
+    from .errors import OutputError
+
+    if isinstance(exc, OSError):
+        hint = _HINTS.get(exc.errno) or f"{exc.strerror or exc}; choose another output directory"
+    elif _free_bytes(Path(path)) < 2**20:  # torch's zip writer says only "unexpected pos"
+        hint = _HINTS[errno.ENOSPC]
+    else:
+        hint = "the write failed (is the disk full?); free some space or choose another output directory"
+    return OutputError(f"cannot write {path}: {hint}")
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the file system of ``path`` (or of its nearest existing parent); large if unknown."""
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return 1 << 62
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, every: bool = False):
+    """Turn a write the file system refuses (an ``OSError`` in :data:`WRITE_ERRNOS`, or with ``every``
+    any ``OSError``; torch's zip-writer failure on a full disk) into a one-line
+    :class:`~zsq.errors.OutputError` naming ``path``; other errors pass unchanged."""
+    from .errors import ZsqError
+
+    try:
+        yield
+    except ZsqError:
+        raise
+    except OSError as e:
+        if every or e.errno in WRITE_ERRNOS:
+            raise output_error(e, path) from e
+        raise
+    except RuntimeError as e:
+        if any(s in str(e) for s in _TORCH_WRITE_FAILURES):
+            raise output_error(e, path) from e
+        raise
+
+
+def check_writable(directory: str | os.PathLike, need_bytes: int = 0) -> Path:
+    """Make ``directory`` (and its parents) if needed, then write, sync and remove a small probe file in
+    it, so that an output that cannot be written (read-only, no permission, full disk) is a one-line
+    :class:`~zsq.errors.OutputError` before any long work. ``need_bytes``: a lower bound of what the
+    caller will write there; a file system with less free space is refused too."""
+    from .errors import OutputError
+
+    d = Path(directory)
+    with writing(d, every=True):
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".zsq-probe-", suffix=".tmp", dir=d)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        free = shutil.disk_usage(d).free
+    if need_bytes and free < need_bytes:
+        raise OutputError(f"cannot write {d}: it needs at least {_mib(need_bytes)} and its file system has "
+                          f"{_mib(free)} free; free some space or choose another output directory")
+    return d
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def new_file_mode() -> int:
     """The mode ``open()`` would give a new file under the process umask (``0o666 & ~umask``):
     :func:`tempfile.mkstemp` creates its file 0600, and a renamed temporary keeps that mode."""
@@ -43,18 +131,23 @@ def new_file_mode() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds. A write the
+    file system refuses becomes a one-line :class:`~zsq.errors.OutputError` (:func:`writing`) and the
+    temporary file is removed: nothing half-written is left under either name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, new_file_mode())  # what a plain open() would give: not 0600
-    os.close(fd)
+    with writing(path, every=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, new_file_mode())  # what a plain open() would give: not 0600
+        os.close(fd)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        with writing(path):
+            yield Path(tmp)
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:

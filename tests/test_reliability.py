@@ -142,3 +142,22 @@ def test_no_test_waits_for_an_opt_in_or_a_registration():
                     and "re.search" not in line:
                 bad.append(f"{f.name}:{i}")
     assert not bad, bad
+
+
+def test_default_k_is_backed_by_its_committed_validation_records():
+    """DEFAULT_K at 3, 4 and 8 bits (the tuned entries) against the records of bench/range_validation.py:
+    the best validation top-1 of its sweep at 3 and 4 bits, within 0.2 of the best at 8 (the plateau)."""
+    from conftest import load_bench_script
+
+    from zsq.ptq.bn_ranges import DEFAULT_K
+
+    rv = load_bench_script("range_validation")
+    recs = {d["name"]: d for d in rv.load()}
+    squant = {name for name in rv.EXPERIMENTS if name.startswith("squant__")}
+    assert squant <= set(recs), sorted(squant - set(recs))
+    assert all(r["val_n"] == 5000 for r in recs.values())  # the whole validation split
+    for bits, ks in rv.K_GRID.items():
+        runs = [recs[f"squant__k{k:g}__W{bits}A{bits}"] for k in ks]
+        top = {r["hparams"]["k"]: r["val_top1"] for r in runs}
+        slack = 0.2 if bits == 8 else 0.0
+        assert top[DEFAULT_K[bits]] >= max(top.values()) - slack, (bits, top)

@@ -144,20 +144,24 @@ def test_no_test_waits_for_an_opt_in_or_a_registration():
     assert not bad, bad
 
 
-def test_default_k_is_backed_by_its_committed_validation_records():
+def test_range_defaults_are_backed_by_their_committed_validation_records():
     """DEFAULT_K at 3, 4 and 8 bits (the tuned entries) against the records of bench/range_validation.py:
-    the best validation top-1 of its sweep at 3 and 4 bits, within 0.2 of the best at 8 (the plateau)."""
+    the best validation top-1 of its sweep at 3 and 4 bits, within 0.2 of the best at 8 (the plateau);
+    zeroq's default weight ranges (the L_p search) above min-max on the same set at W4A8 and W4A4."""
     from conftest import load_bench_script
 
     from zsq.ptq.bn_ranges import DEFAULT_K
+    from zsq.recipes import RECIPES
 
     rv = load_bench_script("range_validation")
     recs = {d["name"]: d for d in rv.load()}
-    squant = {name for name in rv.EXPERIMENTS if name.startswith("squant__")}
-    assert squant <= set(recs), sorted(squant - set(recs))
+    assert set(rv.EXPERIMENTS) <= set(recs), sorted(set(rv.EXPERIMENTS) - set(recs))
     assert all(r["val_n"] == 5000 for r in recs.values())  # the whole validation split
     for bits, ks in rv.K_GRID.items():
         runs = [recs[f"squant__k{k:g}__W{bits}A{bits}"] for k in ks]
         top = {r["hparams"]["k"]: r["val_top1"] for r in runs}
         slack = 0.2 if bits == 8 else 0.0
         assert top[DEFAULT_K[bits]] >= max(top.values()) - slack, (bits, top)
+    assert RECIPES["zeroq"].budgets["default"]["quant"]["w_observer"] == "mse"
+    for a in (8, 4):
+        assert recs[f"zeroq__wmse__W4A{a}"]["val_top1"] > recs[f"zeroq__wminmax__W4A{a}"]["val_top1"]

@@ -74,9 +74,11 @@ def test_onnxruntime_matches_pytorch(exported, real_batch):
     plain = OrtModel(path, threads=1, level="none")(x)  # the QDQ graph as written, no fusion
     assert (plain.argmax(1) == ref.argmax(1)).float().mean() >= 0.98
     # the same function up to rounding ties (x / s in ORT, x * (1 / s) in torch), which move a value by
-    # one step: rare, and a 3-bit step is large, so the bound is on how many logits move, not how far
+    # one step: rare, and a 3-bit step is large, so the bound is on how many logits move, not how far.
+    # How many depends on the CPU's kernels: 0.0281 of the W3A3 logits on an AVX2 machine without native
+    # bf16 (2026-12-07; the same on the code of d3d9b97), under 0.02 on the AVX-512 machines before
     moved = ((plain - ref).abs() > 0.25).float().mean()
-    assert moved <= 0.02, float(moved)
+    assert moved <= 0.04, float(moved)
     auto = OrtModel(path, threads=1)(x)  # full optimisation; QDQ fusion only where the metadata says safe
     assert (auto.argmax(1) == ref.argmax(1)).float().mean() >= 0.98
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}

@@ -309,15 +309,16 @@ def test_genie_out_affine_frees_the_input_channels(resnet20):
     from zsq.synth.base import batch_generator
     from zsq.synth.losses import BNStatsLoss
 
-    first, std = {}, {}
+    first, off = {}, {}
     for aff in (False, True):
         s = get_synthesizer("genie", "smoke", {"iters": 30, "batch_size": 16, "out_affine": aff})
         x = s.make_batch(resnet20, 0, batch_generator(0, 0), batch_size=16, image_shape=(3, 32, 32))
         with BNStatsLoss.preset("genie", resnet20) as bns, torch.no_grad():
             resnet20(x)
             first[aff] = float(bns.layer_losses()[0])
-        std[aff] = x.std((0, 2, 3))
-    assert (std[False] - 1).abs().max() < 1e-3 < (std[True] - 1).abs().max()
+        # how far the channels are from mean 0 / std 1 (bf16 generator forwards round the std by ~2e-3)
+        off[aff] = max(x.mean((0, 2, 3)).abs().max().item(), (x.std((0, 2, 3)) - 1).abs().max().item())
+    assert off[False] < 5e-3 and off[True] > 2e-2
     assert first[True] < 0.9 * first[False]
 
 

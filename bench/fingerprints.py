@@ -8,7 +8,8 @@ comparing the two JSON files::
 
 The configurations cover every quantizer kind (synthesis-free, range calibration, block reconstruction,
 QAT, generator) at tiny budgets; ``--only TEXT`` runs the ones whose id contains TEXT. One thread, so the
-hashes do not depend on the host's core count.
+hashes do not depend on the host's core count; synthesis in bf16 (``ZSQ_PRECISION=bf16``, emulated and slow
+on a CPU without native bf16), so they do not depend on its bf16 support.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("ZSQ_HOME", str(ASSETS))
     os.environ.setdefault("ZSQ_CACHE", tempfile.mkdtemp(prefix="zsq_fp_cache_"))
+    # synthesis's precision "auto" is bf16 only on CPUs with native bf16: pin it, so the hashes compare
+    # across machines (the stored ones were made in bf16)
+    os.environ.setdefault("ZSQ_PRECISION", "bf16")
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -53,13 +53,16 @@ from ..data.shards import (
     write_shard,
 )
 from ..errors import BadValueError, DataError, OutputExistsError
+from ..hardware import resolve_precision
 from ..interrupt import deferred_sigint
 from ..paths import check_writable, sha256_file, torch_load_checked, torch_save_checked, write_json_atomic, writing
 from ..progress import LossBar, fmt_loss
 from ..registry import Registry
 from ..spec import BUDGETS, check_budget
 
-PRECISIONS = ("fp32", "bf16")
+#: ``auto``: bf16 where the CPU computes it natively, else fp32 (:func:`zsq.hardware.resolve_precision`),
+#: resolved when the config is made so the key and the record name what ran
+PRECISIONS = ("auto", "fp32", "bf16")
 
 #: ``step(iteration, total_iterations, loss)``: called by iterative synthesizers after each step.
 StepCallback = Callable[[int, int, float], None]
@@ -84,15 +87,17 @@ class SynthConfig:
     ``PRESETS[budget]`` are the overrides that budget applies on top of the dataclass defaults.
     ``precision`` (``fp32``/``bf16``: bf16 autocast for the forward only; images, optimiser state and
     the loss reductions stay fp32) and ``channels_last`` are speed switches; they are part of the
-    cache key since they change bits. Default bf16 + channels_last: measured on ResNet-20 pixel
-    optimisation (BNS loss, input gradients only, CPU time per iteration, 1 thread, AVX-512 bf16)
-    it is 1.9x faster than fp32 at batch 256 and 1.5x at batch 32, with the same loss trajectory
-    (ZeroQ 500 iterations: final BNS 5.7 vs 5.4 in fp32).
+    cache key since they change bits. Default ``auto`` (bf16 on a CPU with native bf16, fp32
+    elsewhere, resolved here so the config holds what runs) + channels_last: measured on ResNet-20
+    pixel optimisation (BNS loss, input gradients only, CPU time per iteration, 1 thread, AVX-512
+    bf16) bf16 is 1.9x faster than fp32 at batch 256 and 1.5x at batch 32, with the same loss
+    trajectory (ZeroQ 500 iterations: final BNS 5.7 vs 5.4 in fp32); emulated (AVX2) it is several
+    times slower (:mod:`zsq.hardware`).
     """
 
     n_images: int = 256
     batch_size: int = 256
-    precision: str = "bf16"
+    precision: str = "auto"
     channels_last: bool = True
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -104,6 +109,7 @@ class SynthConfig:
             raise BadValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.precision not in PRECISIONS:
             raise BadValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        self.precision = resolve_precision(self.precision)
 
     @classmethod
     def for_budget(cls, budget: str = "default", **overrides: Any):

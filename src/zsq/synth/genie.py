@@ -71,7 +71,7 @@ class GenieConfig(SynthConfig):
     # ImageNet's mean / std sees real channels at mean 0.03-0.18, std 1.06-1.15)
     out_affine: bool = ablation(False)
     eps: float = 1e-6  # sqrt(running_var + eps)
-    precision: str = "bf16"
+    precision: str = "auto"
     channels_last: bool = True
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {

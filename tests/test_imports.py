@@ -17,7 +17,7 @@ PKG = "zsq"
 LAYERS: dict[str, int] = {
     # 0: leaves that know nothing of models or quantization
     "zsq._version": 0, "zsq.errors": 0, "zsq.paths": 0, "zsq.progress": 0, "zsq.registry": 0,
-    "zsq.interrupt": 0, "zsq.ops": 0,
+    "zsq.interrupt": 0, "zsq.ops": 0, "zsq.hardware": 0,
     # 1: the vocabulary (specs, the recipe / quantizer registries and their types) and the parts
     "zsq.spec": 1, "zsq.recipes": 1,
     "zsq.models": 1, "zsq.data": 1, "zsq.quant": 1,

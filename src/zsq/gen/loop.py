@@ -61,8 +61,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import to_bool, to_float, to_int
 from ..errors import BadValueError
-from ..qat.engine import QATConfig, QATTrainer, _as, _as_bool, _state, cosine_lr, refresh_weight_ranges, step_seed
+from ..qat.engine import QATConfig, QATTrainer, _state, cosine_lr, refresh_weight_ranges, step_seed
 from ..quant.modules import QUANT_LAYERS
 from .ait import InundationSGD
 from .objectives import Game, Play, Sample
@@ -110,10 +111,10 @@ class GenConfig(QATConfig):
 
     def __post_init__(self):
         for name in ("lr_g", "lr_decay", "gi_threshold"):
-            setattr(self, name, _as(float, getattr(self, name), name))
+            setattr(self, name, to_float(getattr(self, name), name, finite=True))
         for name in ("warmup_epochs", "gi_iters"):
-            setattr(self, name, _as(int, getattr(self, name), name))
-        self.ait = _as_bool(self.ait, "ait")
+            setattr(self, name, to_int(getattr(self, name), name))
+        self.ait = to_bool(self.ait, "ait")
         try:
             self.g_betas = tuple(float(b) for b in self.g_betas)
             self.milestones = tuple(sorted(float(m) for m in self.milestones))

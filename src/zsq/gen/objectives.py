@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
+from ..config import to_bool, to_float, to_int
 from ..errors import BadValueError, UnknownNameError
 from ..qat.engine import kd_loss
 from ..synth.losses import BNStatsLoss
@@ -110,17 +111,15 @@ class Game:
     s_steps: int = 1
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            kind = int if isinstance(f.default, int) and not isinstance(f.default, bool) else type(f.default)
-            try:
-                cast = kind(v) if kind is not bool else _as_bool(v, f.name)
-            except (TypeError, ValueError):
-                raise BadValueError(f"{f.name} expects {kind.__name__}, got {v!r}") from None
-            if kind in (int, float) and (isinstance(v, bool) or not math.isfinite(cast) or cast < 0
-                                         or (kind is int and cast != v)):
-                raise BadValueError(f"{f.name} expects a non-negative {kind.__name__}, got {v!r}")
-            setattr(self, f.name, cast)
+        for f in dataclasses.fields(self):  # every number >= 0 (zsq.config's converters)
+            v, d = getattr(self, f.name), f.default
+            if isinstance(d, bool):
+                v = to_bool(v, f.name)
+            elif isinstance(d, int):
+                v = to_int(v, f.name, minimum=0)
+            elif isinstance(d, float):
+                v = to_float(v, f.name, minimum=0, finite=True)
+            setattr(self, f.name, v)
         if self.g_steps < 1 or self.s_steps < 1 or self.latent_dim < 1:
             raise BadValueError("g_steps, s_steps and latent_dim must be >= 1")
 
@@ -163,14 +162,6 @@ class Game:
         if ce_w > 0 and p.sample.target is not None:
             terms["ce"], weights["ce"] = soft_ce(p.s, p.sample.target), ce_w
         return _total(terms, weights)
-
-
-def _as_bool(v: Any, name: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0"):
-        return v.lower() in ("true", "1")
-    raise BadValueError(f"{name} expects true or false, got {v!r}")
 
 
 @dataclass

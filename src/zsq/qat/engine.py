@@ -166,6 +166,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from .. import distributed as zdist
+from ..config import to_bool, to_float, to_int
 from ..data.augment import resample_box_flip
 from ..errors import BadValueError
 from ..interrupt import deferred_sigint as _deferred_sigint
@@ -251,12 +252,12 @@ class QATConfig:
 
     def __post_init__(self):
         for name in ("epochs", "steps_per_epoch", "batch_size", "ema_epochs"):
-            setattr(self, name, _as(int, getattr(self, name), name))
+            setattr(self, name, to_int(getattr(self, name), name))
         for name in ("lr", "momentum", "weight_decay", "temperature", "kd_weight", "ce_weight", "bns_weight",
                      "ema_momentum") + _METHOD_FLOATS:
-            setattr(self, name, _as(float, getattr(self, name), name))
+            setattr(self, name, to_float(getattr(self, name), name, finite=True))
         for name in ("nesterov", "augment", "channels_last", "clip_images"):
-            setattr(self, name, _as_bool(getattr(self, name), name))
+            setattr(self, name, to_bool(getattr(self, name), name))
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
             raise BadValueError(f"epochs, steps_per_epoch and batch_size must be >= 1, got {self.epochs}, "
                                 f"{self.steps_per_epoch}, {self.batch_size}")
@@ -330,27 +331,11 @@ class QATConfig:
 
 
 def _as(kind: type, value: Any, name: str):
-    if isinstance(value, bool):
-        raise BadValueError(f"{name} expects a number, got {value}")
-    try:
-        v = kind(value)
-    except (TypeError, ValueError):
-        raise BadValueError(f"{name} expects {'an integer' if kind is int else 'a number'}, got {value!r}") from None
-    if kind is int and isinstance(value, float) and v != value:
-        raise BadValueError(f"{name} expects an integer, got {value}")
-    if kind is float and not math.isfinite(v):
-        raise BadValueError(f"{name} must be finite, got {value}")
-    return v
+    """Old name of the shared converter (:mod:`zsq.config`), kept for code that still imports it."""
+    return to_int(value, name) if kind is int else to_float(value, name, finite=True)
 
 
-def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value.lower() in ("1", "true", "yes", "on")
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise BadValueError(f"{name} expects true or false, got {value!r}")
+_as_bool = to_bool  # old name, kept for code that still imports it
 
 
 class QATInterrupted(Exception):

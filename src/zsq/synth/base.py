@@ -52,6 +52,7 @@ from ..data.shards import (
     META, SCHEMA_VERSION, SyntheticSet, combined_sha256, shard_name, sidecar_path, synthetic_root, write_meta,
     write_shard,
 )
+from ..config import to_bool, to_float, to_int
 from ..errors import BadValueError, DataError, OutputExistsError
 from ..hardware import resolve_precision
 from ..interrupt import deferred_sigint
@@ -142,25 +143,17 @@ class SynthConfig:
 
 
 def coerce_setting(default: Any, value: Any, name: str) -> Any:
-    """Turn a CLI string into the type of the setting's default (bool / int / float); a string that does
-    not parse is a :class:`BadValueError`. Other values pass unchanged. Used for ``--synth-set``
-    (quantizer settings, ``--set``, are checked by :mod:`zsq.settings`)."""
+    """Turn a CLI string into the type of the setting's default (bool / int / float) with
+    :mod:`zsq.config`'s converters; a string that does not parse is a :class:`BadValueError`. Other
+    values pass unchanged. Used for ``--synth-set``."""
     if not isinstance(value, str) or isinstance(default, str) or default is None:
         return value
-    try:
-        if isinstance(default, bool):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-    except ValueError:
-        kind = {"int": "an integer", "float": "a number", "bool": "true or false"}[type(default).__name__]
-        raise BadValueError(f"setting {name} expects {kind}, got '{value}'") from None
+    if isinstance(default, bool):
+        return to_bool(value, name)
+    if isinstance(default, int):
+        return to_int(value, name)
+    if isinstance(default, float):
+        return to_float(value, name)
     return value
 
 

@@ -260,8 +260,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None = None):
-        """The config with the values of ``d`` (every key must be a field), the defaults elsewhere."""
-        return cls(**cls.check_dict(dict(d or {})))
+        """The config with the values of ``d`` (every key must be a field; a number of a ``float`` field
+        becomes a float), the defaults elsewhere."""
+        decl = cls.settings()
+        return cls(**{k: float(v) if decl[k].kind == "float" and v is not None else v
+                      for k, v in cls.check_dict(dict(d or {})).items()})
 
     @classmethod
     def from_hparams(cls, hp: dict[str, Any] | None):

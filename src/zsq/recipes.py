@@ -76,9 +76,6 @@ RECIPES: Registry[Recipe] = Registry("recipe")
 #: hparam keys each quantizer (and, as ``pre:NAME``, each pre-step) reads: what ``--set KEY=VALUE``
 #: may override besides the recipe's own hparams
 HPARAM_KEYS: dict[str, frozenset[str]] = {}
-#: typed defaults of a quantizer's hparams: a ``--set`` string is converted to the default's type (or refused
-#: with a one-line error) before anything runs
-HPARAM_DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
 def recipe(name: str, *, family: str, kind: str, paper: str, protocol: str, synth: str | None, quant: str,

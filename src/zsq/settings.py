@@ -6,13 +6,16 @@ turns a CLI string into the declared type (``"false"`` -> ``False``, ``"64"`` ->
 value of the wrong type or outside its choices with a one-line :class:`~zsq.errors.BadValueError` that
 lists the choices and suggests the closest one. Values of the right type pass unchanged.
 
-Where a quantizer has a config dataclass (:class:`~zsq.ptq.reconstruct.ReconConfig`,
-:class:`~zsq.qat.engine.QATConfig`, :class:`~zsq.gen.loop.GenConfig` and the games of
-:mod:`zsq.gen.objectives`) the field annotations give the types and :data:`CHOICES` the allowed strings;
-the others (range calibration, the data-free quantizers, the ``dfq`` pre-step, the reconstruction
-engine's options) are declared here. The keys are exactly :data:`zsq.recipes.HPARAM_KEYS` (a test
-checks it for every registered quantizer and pre-step). Cross-field rules (e.g. enough steps after the
-warm-up) stay in the configs' ``__post_init__``.
+Each quantizer's table comes from its config dataclass (:func:`zsq.config.settings_of`: the field
+annotations give the types; the allowed strings and lower bounds come from the fields' metadata, as in
+:class:`~zsq.ptq.quantizers.CalibConfig`, :class:`~zsq.ptq.datafree.DataFreeConfig` and
+:class:`~zsq.ptq.dfq.DFQPreConfig`, or from the tables in :func:`_build` for
+:class:`~zsq.ptq.reconstruct.ReconConfig`, :class:`~zsq.qat.engine.QATConfig`,
+:class:`~zsq.gen.loop.GenConfig` and the games of :mod:`zsq.gen.objectives`); only the reconstruction
+engine's options and the ``stop_at`` test hooks are declared here. The conversion itself is
+:mod:`zsq.config`'s. The keys are exactly :data:`zsq.recipes.HPARAM_KEYS` (a test checks it for every
+registered quantizer and pre-step). Cross-field rules (e.g. enough steps after the warm-up) stay in the
+configs' ``__post_init__``.
 """
 
 from __future__ import annotations
@@ -44,22 +47,17 @@ def _build() -> dict[str, dict[str, Setting]]:
     from .gen.objectives import GAMES
     from .gen.quantizers import GAME_OF, LOOP_KEYS
     from .ptq import reconstruct
-    from .ptq.datafree import ACT_RANGES
-    from .ptq.dfq import RELU6_MODES
-    from .ptq.squant import MODES
-    from .ptq.udfc import COV_MODES, FITS
+    from .ptq.datafree import CONFIGS as DATAFREE_CONFIGS
+    from .ptq.dfq import DFQPreConfig
+    from .ptq.quantizers import CalibConfig
     from .qat import engine
     from .quant.observers import OBSERVERS, WEIGHT_OBSERVERS
     from .synth.losses import BNS_VARIANTS
 
-    w_obs, a_obs = Setting("str", WEIGHT_OBSERVERS), Setting("str", OBSERVERS)
-    flag = Setting("bool")
-    threads = Setting("int", optional=True, minimum=0)  # 0 / null: leave torch's thread count as it is
     table: dict[str, dict[str, Setting]] = {}
 
     # range calibration (calib; calib-sparse is calib with SMI's kept-token forward)
-    table["calib"] = table["calib-sparse"] = {"w_observer": w_obs, "a_observer": a_obs,
-                                              "calib_batch": Setting("int", minimum=1), "sequential": flag}
+    table["calib"] = table["calib-sparse"] = dict(CalibConfig.settings())
 
     # block reconstruction: ReconConfig fields + the engine's options (+ BRECQ's activation pass)
     recon = {**settings_of(reconstruct.ReconConfig,
@@ -68,20 +66,15 @@ def _build() -> dict[str, dict[str, Setting]]:
                             {"iters": 0, "batch_size": 1, "a_init_images": 1, "cache_batch": 1}),
              "ckpt_every_s": Setting("float"), "augment": Setting("str", AUGMENT_MODES),
              "augment_copies": Setting("int", minimum=1), "augment_pad": Setting("int", minimum=0),
-             "w_observer": w_obs, "stop_at": Setting("ints", optional=True, length=3)}  # stop_at: a test hook
+             "w_observer": Setting("str", WEIGHT_OBSERVERS),
+             "stop_at": Setting("ints", optional=True, length=3)}  # stop_at: a test hook
     for m in reconstruct.RECON_METHODS:
         table[m] = dict(recon)
     table["brecq"].update(lr_a=Setting("float"), iters_a=Setting("int", minimum=0))
 
     # the data-free quantizers (dfq / squant / udfc) and the dfq pre-step
-    table["dfq"] = table["squant"] = table["udfc"] = {
-        "w_observer": w_obs, "a_observer": a_obs, "act_range": Setting("str", ACT_RANGES), "k": Setting("k"),
-        "stats_batch": Setting("int", optional=True, minimum=1), "rounding": Setting("str", MODES),
-        "bias_correction": flag, "bc_act": flag, "udfc_act_noise": flag, "udfc_out_noise": flag, "udfc_clip": flag,
-        "udfc_cov": Setting("str", COV_MODES), "udfc_fit": Setting("str", FITS), "threads": threads}
-    table["pre:dfq"] = {"cle": flag, "cle_iters": Setting("int", minimum=0), "absorb": flag,
-                        "absorb_sigma": Setting("float"), "absorb_padded": flag, "relu6": Setting("str", RELU6_MODES),
-                        "threads": threads}
+    table.update({name: dict(cls.settings()) for name, cls in DATAFREE_CONFIGS.items()})
+    table["pre:dfq"] = dict(DFQPreConfig.settings())
 
     # the fixed-set QAT loop and the generator games
     qat_choices = {"kd_reduction": engine.KD_REDUCTIONS, "precision": engine.PRECISIONS,

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..config import Config, setting
 from ..quant.graph import WEIGHT_LAYERS, get_parent, trace
 from ..quant.modules import QUANT_LAYERS, Quantizer
 from .bn_ranges import BNStats, expected_value, quantizer_bounds
@@ -47,6 +48,19 @@ RELU6_MODES = ("skip", "replace")
 # parameter-free modules that commute with a positive per-channel scale (zero padding included)
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.ZeroPad2d)
 _PAD_NAMES = ("SamePad2d", "ZeroPad2d")
+
+
+@dataclass
+class DFQPreConfig(Config):
+    """The ``dfq`` pre-step's settings (``--set``; the dfq recipe's values are in :mod:`zsq.catalogue.datafree`)."""
+
+    cle: bool = True  # cross-layer equalization over the conv/linear pairs joined by a ReLU
+    cle_iters: int = setting(100, minimum=0)  # CLE sweeps at most (it stops when every scale is within 1e-6 of 1)
+    absorb: bool = True  # high-bias absorption into the next layer's bias
+    absorb_sigma: float = 3.0  # absorb max(0, beta - absorb_sigma |gamma|) of each BN
+    absorb_padded: bool = False  # absorb also into a layer whose input is zero-padded (not exact at the borders)
+    relu6: str = setting("skip", choices=RELU6_MODES)  # skip: ReLU6 ends a pair; replace: ReLU6 -> ReLU (the paper)
+    threads: int | None = setting(1, minimum=0)  # intra-op threads while it runs (0 / None: torch's count)
 
 
 @dataclass
@@ -340,20 +354,20 @@ def add_output_shift_(layer: nn.Module, shift: torch.Tensor, bn: nn.Module | Non
         layer.bias = nn.Parameter(shift.clone())
 
 
-def dfq_prestep(model: nn.Module, hparams: dict) -> nn.Module:
-    """The ``dfq`` pre-step: CLE (+ high-bias absorption) on an FP model, BatchNorm kept."""
+def dfq_prestep(model: nn.Module, hparams: dict | DFQPreConfig) -> nn.Module:
+    """The ``dfq`` pre-step: CLE (+ high-bias absorption) on an FP model, BatchNorm kept. ``hparams``: a
+    :class:`DFQPreConfig` or a recipe's hparams (its keys that are not the pre-step's are ignored)."""
     from .bn_ranges import require_batchnorm
 
+    cfg = hparams if isinstance(hparams, DFQPreConfig) else DFQPreConfig.from_hparams(hparams)
     require_batchnorm(model, "the dfq pre-step")
     model.eval()
-    relu6 = hparams.get("relu6", "skip")
-    pairs = find_pairs(model, relu6=relu6)
+    pairs = find_pairs(model, relu6=cfg.relu6)
     info = {"cle": None, "absorbed": 0}
-    if hparams.get("cle", True):
-        info["cle"] = equalize(model, pairs, max_iter=int(hparams.get("cle_iters", 100)), relu6=relu6)
-    if hparams.get("absorb", True):
-        info["absorbed"] = absorb_high_bias(model, pairs, float(hparams.get("absorb_sigma", 3.0)),
-                                            bool(hparams.get("absorb_padded", False)))
+    if cfg.cle:
+        info["cle"] = equalize(model, pairs, max_iter=cfg.cle_iters, relu6=cfg.relu6)
+    if cfg.absorb:
+        info["absorbed"] = absorb_high_bias(model, pairs, cfg.absorb_sigma, cfg.absorb_padded)
     model.zsq_dfq = info
     return model
 

@@ -7,15 +7,28 @@ catalogue, :mod:`zsq.catalogue`, imports this module); the recipes using them ar
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
+from ..config import Config, setting
 from ..errors import BadValueError
-from ..recipes import HPARAM_DEFAULTS, HPARAM_KEYS, QUANTIZERS, QuantContext
+from ..quant.observers import OBSERVERS, WEIGHT_OBSERVERS
+from ..recipes import HPARAM_KEYS, QUANTIZERS, QuantContext
 
-HPARAM_DEFAULTS["calib"] = {"w_observer": "minmax", "a_observer": "minmax", "calib_batch": 256, "sequential": False}
-HPARAM_KEYS["calib"] = frozenset(HPARAM_DEFAULTS["calib"])
+
+@dataclass
+class CalibConfig(Config):
+    """Range calibration's settings (``calib``, ``calib-sparse``; each recipe's values in :mod:`zsq.catalogue`)."""
+
+    w_observer: str = setting("minmax", choices=WEIGHT_OBSERVERS)  # weight ranges, per the protocol's granularity
+    a_observer: str = setting("minmax", choices=OBSERVERS)  # activation ranges over the calibration images
+    calib_batch: int = setting(256, minimum=1)  # images per calibration forward
+    sequential: bool = False  # quantizers one after another, each on the earlier ones' quantized outputs
+
+
+HPARAM_KEYS["calib"] = frozenset(CalibConfig.settings())
 
 
 @QUANTIZERS.register("calib")
@@ -25,13 +38,12 @@ def quant_calib(ctx: QuantContext) -> nn.Module:
     from ..quant.protocol import apply_protocol
     from .calibrate import calibrate
 
-    h = {**HPARAM_DEFAULTS["calib"], **ctx.hparams}
+    h = CalibConfig.from_hparams(ctx.hparams)
     q = apply_protocol(ctx.model, ctx.protocol, ctx.w_bits, ctx.a_bits, policy=ctx.policy,
-                       w_observer=h["w_observer"], a_observer=h["a_observer"], strict=ctx.strict)
+                       w_observer=h.w_observer, a_observer=h.a_observer, strict=ctx.strict)
     if ctx.images is None:
         raise BadValueError("the calib quantizer needs calibration images (a synthesizer, --synthetic or --calib)")
-    return calibrate(q, ctx.images, observer=h["a_observer"], batch_size=int(h["calib_batch"]),
-                     sequential=bool(h["sequential"]))
+    return calibrate(q, ctx.images, observer=h.a_observer, batch_size=h.calib_batch, sequential=h.sequential)
 
 
 # -- block reconstruction (issue 5): AdaRound, BRECQ, QDrop, Genie-M ------------------------------------------
@@ -45,10 +57,10 @@ def _reconstruction_quantizer(method: str, doc: str,
 
     from .reconstruct import ENGINE_HPARAMS, ReconConfig
 
-    HPARAM_DEFAULTS[method] = {**{f.name: f.default for f in dataclasses.fields(ReconConfig)}, **ENGINE_HPARAMS}
     # extra_keys: hparams only this method's passes read (BRECQ's activation pass: lr_a, iters_a); the others
     # refuse them (a `--set lr_a=0` on genie used to be accepted and silently ignored)
-    HPARAM_KEYS[method] = frozenset(HPARAM_DEFAULTS[method]) | {"w_observer", "a_observer", "stop_at", *extra_keys}
+    HPARAM_KEYS[method] = frozenset({f.name for f in dataclasses.fields(ReconConfig)} | set(ENGINE_HPARAMS)
+                                    | {"w_observer", "a_observer", "stop_at", *extra_keys})
     run.__name__ = f"quant_{method.replace('-', '_')}"
     run.__doc__ = doc
     return QUANTIZERS.add(method, run)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..errors import BadValueError
-from ..recipes import HPARAM_DEFAULTS, HPARAM_KEYS, QUANTIZERS, QuantContext
+from ..recipes import HPARAM_KEYS, QUANTIZERS, QuantContext
 from ..synth.vit import nonzero_patches
-from . import quantizers as _quantizers  # noqa: F401  (registers calib, whose keys and defaults this one shares)
+from .quantizers import CalibConfig  # (registers calib, whose settings this one shares)
 
 
 class KeptPatches(nn.Module):
@@ -48,13 +48,11 @@ def quant_calib_sparse(ctx: QuantContext) -> nn.Module:
     if not hasattr(getattr(ctx.model, "patch_embed", None), "patch_size"):
         raise BadValueError(f"calib-sparse needs a vision transformer from zsq.models.vit, not "
                             f"{type(ctx.model).__name__} (use --quant calib)")
-    h = {**HPARAM_DEFAULTS["calib"], **ctx.hparams}
+    h = CalibConfig.from_hparams(ctx.hparams)
     q = apply_protocol(ctx.model, ctx.protocol, ctx.w_bits, ctx.a_bits, policy=ctx.policy,
-                       w_observer=h["w_observer"], a_observer=h["a_observer"], strict=ctx.strict)
-    calibrate(KeptPatches(q), ctx.images, observer=h["a_observer"], batch_size=int(h["calib_batch"]),
-              sequential=bool(h["sequential"]))
+                       w_observer=h.w_observer, a_observer=h.a_observer, strict=ctx.strict)
+    calibrate(KeptPatches(q), ctx.images, observer=h.a_observer, batch_size=h.calib_batch, sequential=h.sequential)
     return q
 
 
 HPARAM_KEYS["calib-sparse"] = HPARAM_KEYS["calib"]
-HPARAM_DEFAULTS["calib-sparse"] = HPARAM_DEFAULTS["calib"]

@@ -145,6 +145,123 @@ def test_api_checks_settings_before_loading_the_model():
 
 
 # -------------------------------------------------------------------------------------------------
+# the configs (zsq.config, issue 35): one converter, one from_dict / to_dict, the table read from them
+
+def _configs():
+    from zsq.ptq.datafree import CONFIGS
+    from zsq.ptq.dfq import DFQPreConfig
+    from zsq.ptq.quantizers import CalibConfig
+
+    return {**CONFIGS, "calib": CalibConfig, "calib-sparse": CalibConfig, "pre:dfq": DFQPreConfig}
+
+
+def test_settings_table_is_read_from_the_configs():
+    from zsq.settings import settings_table
+
+    table = settings_table()
+    for owner, cls in _configs().items():
+        assert table[owner] == cls.settings(), owner
+        assert HPARAM_KEYS[owner] == frozenset(cls.settings()), owner
+
+
+def test_config_defaults_are_the_values_the_quantizers_read_before():
+    """The defaults the quantizers wrote as ``h.get(key, default)`` before the configs (results unchanged)."""
+    from zsq.ptq.bn_ranges import DEFAULT_K
+
+    c = _configs()
+    datafree = {"w_observer": "minmax", "a_observer": "minmax", "act_range": "ksigma", "k": DEFAULT_K,
+                "stats_batch": None, "rounding": "nearest", "bias_correction": True, "bc_act": False,
+                "udfc_act_noise": False, "udfc_out_noise": False, "udfc_clip": True, "udfc_cov": "noise",
+                "udfc_fit": "mse", "threads": 1}
+    assert c["dfq"]().to_dict() == c["udfc"]().to_dict() == datafree
+    assert c["squant"]().to_dict() == {**datafree, "rounding": "squant", "bias_correction": False}
+    assert c["calib"]().to_dict() == {"w_observer": "minmax", "a_observer": "minmax", "calib_batch": 256,
+                                      "sequential": False}
+    assert c["pre:dfq"]().to_dict() == {"cle": True, "cle_iters": 100, "absorb": True, "absorb_sigma": 3.0,
+                                        "absorb_padded": False, "relu6": "skip", "threads": 1}
+
+
+def test_config_round_trips_through_json():
+    import json
+
+    for cls in set(_configs().values()):
+        c = cls()
+        assert cls.from_dict(json.loads(json.dumps(c.to_dict()))) == c, cls.__name__
+
+
+def test_config_unknown_key_and_bad_value_are_one_line_errors():
+    c = _configs()
+    with pytest.raises(BadValueError, match=r"^DataFreeConfig has no setting 'udfc_clp': did you mean udfc_clip\b"):
+        c["udfc"].from_dict({"udfc_clp": False})
+    with pytest.raises(BadValueError, match=r"^setting udfc_clip expects true or false, got 'maybe'$"):
+        c["udfc"].from_dict({"udfc_clip": "maybe"})
+    with pytest.raises(BadValueError, match="setting rounding must be one of .*did you mean squant-k"):
+        c["squant"].from_dict({"rounding": "squant_k"})
+    with pytest.raises(BadValueError, match="setting calib_batch must be >= 1"):
+        c["calib"].from_hparams({"calib_batch": 0})
+
+
+def test_quantizers_read_strings_as_their_type_without_the_api():
+    """A QuantContext built without zsq.api (hparams unchecked) reads the same: "false" is False (``bool("false")``
+    is True: the data-free quantizers and the dfq pre-step ran with the flag on before); other owners' keys
+    are left to them."""
+    c = _configs()
+    assert c["udfc"].from_hparams({"udfc_clip": "false", "cle": "0"}).udfc_clip is False
+    assert c["pre:dfq"].from_hparams({"cle": "0", "absorb_sigma": "2.5", "rounding": "squant"}) == \
+        c["pre:dfq"](cle=False, absorb_sigma=2.5)
+    assert c["calib"].from_hparams({"calib_batch": "64", "sequential": "yes"}) == c["calib"](calib_batch=64,
+                                                                                             sequential=True)
+    assert resolve("udfc", hparams={"udfc_clip": "false"}).hparams["udfc_clip"] is False
+
+
+@pytest.mark.parametrize("text,value", [("yes", True), ("on", True), ("1", True), ("TRUE", True), ("no", False),
+                                        ("off", False), ("0", False), ("False", False)])
+def test_one_bool_reading_everywhere(text, value):
+    """--set, --synth-set, QATConfig, GenConfig and the generator games read booleans alike (the games
+    refused "yes" / "on" before)."""
+    from zsq.config import to_bool
+    from zsq.gen.loop import GenConfig
+    from zsq.gen.objectives import get_game
+    from zsq.qat.engine import QATConfig
+    from zsq.synth import get_synthesizer
+
+    assert to_bool(text, "x") is value
+    assert get_game("qimera", {"mapping": text}).mapping is value
+    assert QATConfig(augment=text).augment is value
+    assert GenConfig(ait=text).ait is value
+    assert get_synthesizer("zeroq", "smoke", {"channels_last": text}).config.channels_last is value
+    assert resolve("squant", hparams={"bias_correction": text}).hparams["bias_correction"] is value
+
+
+def test_recorded_zsq_json_settings_still_read():
+    """zsq.json files written before the configs: the recipe part of every run record under bench/runs (a
+    copy of its zsq.json's) passes the settings table and the configs (``zsq report`` re-runs the pre-step
+    from it)."""
+    import json
+
+    from zsq.settings import check_hparams, settings_table
+
+    table, configs, n = settings_table(), _configs(), 0
+    for f in sorted((REPO / "bench" / "runs").rglob("*.json")):
+        try:
+            rows = json.loads(f.read_text())
+        except ValueError:
+            continue
+        for row in rows if isinstance(rows, list) else [rows]:
+            rec = (row.get("zsq") or {}).get("recipe") if isinstance(row, dict) else None
+            if not isinstance(rec, dict) or "hparams" not in rec:
+                continue
+            hp, owners = rec["hparams"] or {}, [rec.get("quant"), f"pre:{rec.get('pre')}"]
+            for o in owners:
+                if o in configs:
+                    configs[o].from_hparams(hp)
+            owners = [o for o in owners if o in table]
+            check_hparams({k: v for k, v in hp.items() if any(k in table[o] for o in owners)}, owners)
+            n += 1
+    assert n > 100
+
+
+# -------------------------------------------------------------------------------------------------
 # the command line: exit 2, one line, nothing written, nothing synthesized
 
 CLI_BAD = {

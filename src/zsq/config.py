@@ -261,10 +261,17 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None = None):
         """The config with the values of ``d`` (every key must be a field; a number of a ``float`` field
-        becomes a float), the defaults elsewhere."""
+        becomes a float, a table's bits ints), the defaults elsewhere."""
         decl = cls.settings()
-        return cls(**{k: float(v) if decl[k].kind == "float" and v is not None else v
-                      for k, v in cls.check_dict(dict(d or {})).items()})
+
+        def typed(k: str, v: Any) -> Any:
+            if decl[k].kind == "float" and v is not None:
+                return float(v)
+            if decl[k].kind == "k" and isinstance(v, dict):  # JSON's keys are strings: bits as ints
+                return {int(b): x for b, x in v.items()}
+            return v
+
+        return cls(**{k: typed(k, v) for k, v in cls.check_dict(dict(d or {})).items()})
 
     @classmethod
     def from_hparams(cls, hp: dict[str, Any] | None):

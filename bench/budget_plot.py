@@ -1,7 +1,7 @@
 """Accuracy against budget (issues 5 / 8 / 10): draw the points of ``zsq bench run budget`` as a PNG.
 
 Reads ``bench/runs/*.json`` (the curves' runs and the plain default runs they share with the ``qat`` /
-``gen`` / ``genie`` suites, selected by ``zsq.bench.report.budget_points``) and writes
+``gen`` / ``genie`` suites, selected by ``results.budget.budget_points``) and writes
 ``bench/runs/budget/accuracy_vs_budget.png``: top-1 against the multiple of the default budget (left)
 and against wall minutes (right), one line per (recipe, bits), with each family's W3A3 target dashed.
 ``zsq bench report`` then links the PNG from docs/results.md.
@@ -15,6 +15,9 @@ import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from results.budget import BUDGET_TARGETS, budget_points
+from results.common import load_runs
 
 
 def plot(points: list[dict], targets: dict[str, dict[str, float]], out: Path) -> Path:
@@ -59,10 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default="bench/runs")
     ap.add_argument("--out", default=None, help="PNG path (default: RUNS_DIR/budget/accuracy_vs_budget.png)")
     args = ap.parse_args(argv)
-    from zsq.bench.report import BUDGET_TARGETS, _load, budget_points
-
     runs_dir = Path(args.runs_dir)
-    points = budget_points(_load(runs_dir))
+    points = budget_points(load_runs(runs_dir))
     if not points:
         print(f"error: no runs of the budget curves in {runs_dir} (run `zsq bench run budget`)", file=sys.stderr)
         return 2

@@ -205,11 +205,12 @@ def main(argv=None) -> None:
         old = json.loads(args.out.read_text())
         if old.get("schema") == SCHEMA and old.get("settings") == settings:
             doc = old
-    from zsq.api import _cpu_name, _versions
+    from zsq.api import software_versions
+    from zsq.hardware import cpu_name
     from zsq.paths import write_json_atomic
 
-    doc["machine"] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
-    doc["versions"] = _versions()
+    doc["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
+    doc["versions"] = software_versions()
     for task in args.tasks.split(","):
         for procs, threads in _configs(args.configs):
             if any(r["task"] == task and r["procs"] == procs and r["threads_per_proc"] == threads for r in doc["rows"]):

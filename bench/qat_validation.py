@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import valsplit
+from results.qat import qat_val_label
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "runs" / "qat-val"
@@ -75,8 +76,6 @@ def run(name: str) -> dict:
 
 
 def table() -> str:
-    from zsq.bench.report import qat_val_label
-
     rows = ["| recipe | lr | QAT budget | bits | seed | val top-1 | wall s (synthesis + QAT) |",
             "|---|---|---|---|---|---|---|"]
     for f in sorted(OUT.glob("*.json")):

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 import valsplit
+from results.common import load_runs
+from results.sadag import sadag_val_rows
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "runs" / "sadag-val"
@@ -78,9 +80,7 @@ def run(name: str) -> dict:
 
 
 def table() -> str:
-    from zsq.bench.report import _load, sadag_val_rows
-
-    return "\n".join(sadag_val_rows(_load(OUT), list(SETTINGS)))
+    return "\n".join(sadag_val_rows(load_runs(OUT), list(SETTINGS)))
 
 
 def main(argv: list[str]) -> int:

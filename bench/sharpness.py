@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import valsplit
+from results.sharpness import sharpness_rows
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "runs" / "sharpness"
@@ -158,7 +159,7 @@ def plots(out: Path, args) -> list[Path]:
     """Draw ``sharpness_<bits>.png`` and ``images_<source>.png`` from the JSONs of ``args``' budget and seed."""
     from zsq.data.shards import SyntheticSet
     from zsq.models import load_model
-    from zsq.report import _images_png, _plt, _save
+    from zsq.report import images_png, pyplot, save_figure
 
     recs = [r for r in _records(out) if r["budget"] == args.budget and r["seed"] == args.seed]
     order = {s: i for i, s in enumerate(SOURCES)}
@@ -170,7 +171,7 @@ def plots(out: Path, args) -> list[Path]:
         panels = [("sharpness", "activations quantized (as deployed)")]
         if all("sharpness_weights_only" in r for r in rs):
             panels.append(("sharpness_weights_only", "activation quantizers off (weights only)"))
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
         for ax, (key, what) in zip(axes[0], panels):
             for i, r in enumerate(rs):
@@ -190,7 +191,7 @@ def plots(out: Path, args) -> list[Path]:
             ax.grid(alpha=0.3)
         fig.suptitle(f"{MODEL}, genie-m on each source's data, {bits}, budget {args.budget}, seed {args.seed}",
                      fontsize=10)
-        _save(plt, fig, out / f"sharpness_{bits}.png")
+        save_figure(plt, fig, out / f"sharpness_{bits}.png")
         written.append(out / f"sharpness_{bits}.png")
     pre = None
     for source in [s for s in SOURCES if s in args.sources]:
@@ -198,14 +199,12 @@ def plots(out: Path, args) -> list[Path]:
         if r is None:
             continue
         pre = pre or load_model(MODEL).zsq_info.preprocess
-        _images_png(SyntheticSet.load(r["synthetic"]["dir"]).images, pre, out / f"images_{source}.png")
+        images_png(SyntheticSet.load(r["synthetic"]["dir"]).images, pre, out / f"images_{source}.png")
         written.append(out / f"images_{source}.png")
     return written
 
 
 def table(out: Path) -> str:
-    from zsq.bench.report import sharpness_rows
-
     return "\n".join(sharpness_rows(_records(out)))
 
 

@@ -37,6 +37,20 @@ def load_bench_script(name: str):
     return mod
 
 
+def load_bench_results(name: str):
+    """``bench/results/<name>.py`` (a section of docs/results.md), imported as ``results.<name>`` the way
+    ``bench/report.py`` and the bench scripts import it, with ``bench/`` on ``sys.path`` while it loads."""
+    import importlib
+    import sys
+
+    bench = str(ROOT / "bench")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module(f"results.{name}")
+    finally:
+        sys.path.remove(bench)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _zsq_env(tmp_path_factory):
     old = {k: os.environ.get(k) for k in ("ZSQ_HOME", "ZSQ_CACHE")}

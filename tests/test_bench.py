@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import load_bench_script
+from conftest import load_bench_results, load_bench_script
 
-from zsq.bench.report import genie_step_param_summary, render
 from zsq.bench.runner import Run, RunBusy, run_one, run_wall_s, work_dir
 from zsq.bench.suites import SUITES
+
+render = load_bench_script("report").render
+genie_step_param_summary = load_bench_results("genie").genie_step_param_summary
 
 
 def test_run_one_writes_json_then_resumes(tmp_path, monkeypatch):
@@ -46,40 +48,41 @@ def _vit_rec(recipe: str, top1: float, extra: tuple = (), calib: str | None = No
 
 
 def test_vit_data_rows_compare_each_recipe_with_noise():
-    from zsq.bench.report import _vit_data_rows
     from zsq.bench.suites import VIT_RECIPES, VIT_RECON_SET
+
+    vit_data_rows = load_bench_results("vit").vit_data_rows
 
     recs = [_vit_rec("minmax-noise", 67.8), _vit_rec("psaq-vit", 99.0, calib="real.tar")]
     # the recipes' min-max rows name the observer (their default budget searches ranges by MSE)
     recs += [_vit_rec(r, 67.5 + i, ("--set", "a_observer=minmax")) for i, r in enumerate(VIT_RECIPES)]
     recs += [_vit_rec("brecq", 69.5, ("--synth", "gaussian", *VIT_RECON_SET))]
     recs += [_vit_rec("brecq", 72.0 + i, ("--synth", r, *VIT_RECON_SET)) for i, r in enumerate(VIT_RECIPES[:3])]
-    rows = _vit_data_rows(recs)
+    rows = vit_data_rows(recs)
     assert len(rows) == 2  # no MSE-range runs yet: no row for them
     # calibration: the weakest (psaq-vit 67.50) is below noise; the real-data run (99.0) is not a recipe row
     assert "min-max calibration" in rows[0] and "weakest psaq-vit 67.50 (-0.30) | no |" in rows[0]
     # reconstruction: 3 of 4 synthesizers on record
     assert "brecq reconstruction" in rows[1] and "noise 69.50" in rows[1] and "open (3 of 4 recipes)" in rows[1]
     recs.append(_vit_rec("brecq", 75.0, ("--synth", VIT_RECIPES[3], *VIT_RECON_SET)))
-    assert "weakest psaq-vit 72.00 (+2.50) | yes |" in _vit_data_rows(recs)[1]
-    assert _vit_data_rows(recs[:1]) == []
+    assert "weakest psaq-vit 72.00 (+2.50) | yes |" in vit_data_rows(recs)[1]
+    assert vit_data_rows(recs[:1]) == []
     mse = ("--set", "a_observer=mse")
     recs += [_vit_rec("minmax-noise", 70.0, mse)] + [_vit_rec(r, 71.5, mse) for r in VIT_RECIPES]
-    rows = _vit_data_rows(recs)
+    rows = vit_data_rows(recs)
     assert len(rows) == 3 and "MSE activation ranges" in rows[1] and "(+1.50) | yes |" in rows[1]
     # reconstruction at W4A8: its own row, compared with noise at W4A8 only
     recs += [_vit_rec("brecq", 78.5, ("--synth", "gaussian", *VIT_RECON_SET), a=8)]
     recs += [_vit_rec("brecq", 78.6, ("--synth", r, *VIT_RECON_SET), a=8) for r in VIT_RECIPES]
-    rows = _vit_data_rows(recs)
+    rows = vit_data_rows(recs)
     assert len(rows) == 4 and "W4A8, brecq" in rows[3] and "noise 78.50" in rows[3] and "(+0.10) | no |" in rows[3]
     assert "W4A4, brecq" in rows[2] and "(+2.50) | yes |" in rows[2]
 
 
 def test_ddp_section_renders_rows_and_speedups(tmp_path):
-    from zsq.bench.report import _ddp_section
+    ddp_section = load_bench_results("ddp").ddp_section
 
     f = tmp_path / "ddp" / "ddp_throughput.json"
-    assert _ddp_section(f) == []
+    assert ddp_section(f) == []
     row = lambda t, p, th, ips: {"task": t, "procs": p, "threads_per_proc": th, "images_per_s": ips,  # noqa: E731
                                  "loadavg_before": [0.5, 0, 0]}
     doc = {"settings": {"model": "cifar10_resnet20", "synth_batch": 256, "synth_batches": 4, "synth_iters": 120,
@@ -90,21 +93,21 @@ def test_ddp_section_renders_rows_and_speedups(tmp_path):
                                  "2x1": {"vs_1proc_same_cores": 1.25, "vs_1x1": None}}}}
     f.parent.mkdir(parents=True)
     f.write_text(json.dumps(doc))
-    text = "\n".join(_ddp_section(f))
+    text = "\n".join(ddp_section(f))
     assert "## torch.distributed: 1 vs 2 processes" in text and "test cpu (2 cores)" in text
     assert "| synth | 2x1 | 50.00 | 1.25x | — | 0.50 |" in text
 
 
 def test_vit_val_section_lists_weight_and_activation_ranges(tmp_path):
-    from zsq.bench.report import _vit_val_section
+    vit_val_section = load_bench_results("vit").vit_val_section
 
     d = tmp_path / "vit-val"
-    assert _vit_val_section(d) == []
+    assert vit_val_section(d) == []
     d.mkdir()
     base = {"recipe": "smi", "w_observer": "minmax", "bits": "W4A4", "seed": 0, "val_top1": 80.0, "wall_s": 1.0}
     (d / "a.json").write_text(json.dumps(base))  # written before the activation range was recorded: min-max
     (d / "b.json").write_text(json.dumps({**base, "a_observer": "mse", "val_top1": 82.5}))
-    text = "\n".join(_vit_val_section(d))
+    text = "\n".join(vit_val_section(d))
     assert "| smi | minmax | minmax | W4A4 | 80.00 | 1.0 |" in text
     assert "| smi | minmax | mse | W4A4 | 82.50 | 1.0 |" in text
 
@@ -126,9 +129,9 @@ def test_bench_run_exit_status_counts_failed_runs(tmp_path, monkeypatch, capsys)
 
 
 def test_sadag_target_rows_compare_means_of_three_seeds():
-    from zsq.bench.report import _sadag_target_rows
-
     from zsq.bench.suites import GENIE_MATCHED_TIME
+
+    sadag_target_rows = load_bench_results("sadag").sadag_target_rows
 
     def rec(recipe, seed, top1, bits=(3, 3), extra=()):
         run = Run("cifar10_resnet20", recipe, "genie-native", *bits, seed=seed, extra=extra)
@@ -136,24 +139,25 @@ def test_sadag_target_rows_compare_means_of_three_seeds():
                 "zsq": {"metrics": {"top1": top1}, "n_eval": 10000}}
 
     recs = [rec("genie", s, 77.0 + 0.1 * s) for s in range(3)]
-    assert _sadag_target_rows(recs) == []  # no sadag run yet: no row
+    assert sadag_target_rows(recs) == []  # no sadag run yet: no row
     recs += [rec("sadag", s, 77.5) for s in range(2)]
-    (row,) = _sadag_target_rows(recs)
+    (row,) = sadag_target_rows(recs)
     assert "open (sadag 2, genie 3 of 3 seeds)" in row
     recs.append(rec("sadag", 2, 77.5))
-    (row,) = _sadag_target_rows(recs)
+    (row,) = sadag_target_rows(recs)
     assert "(+0.40) | met |" in row and "cifar10_resnet20, genie-native, W3A3" in row
     recs += [rec("genie", s, 70.0, (2, 4)) for s in range(3)] + [rec("sadag", s, 70.1, (2, 4)) for s in range(3)]
-    assert "(+0.10) | **not met** |" in _sadag_target_rows(recs)[1]
+    assert "(+0.10) | **not met** |" in sadag_target_rows(recs)[1]
     # genie given sadag's synthesis time: shown beside the row (its own difference), never counted as genie
     recs += [rec("genie", s, 77.2, extra=GENIE_MATCHED_TIME) for s in range(3)]
-    row = _sadag_target_rows(recs)[0]
+    row = sadag_target_rows(recs)[0]
     assert ("(+0.40); genie at sadag's synthesis time 77.20 ± 0.00 (n=3, min 77.20, max 77.20) (+0.30) | met |"
             in row)
 
 
 def test_sadag_cells_difference_standard_error_and_tally():
-    from zsq.bench.report import _sadag_cells_section, sadag_cells
+    sadag_cells_section = load_bench_results("sadag").sadag_cells_section
+    sadag_cells = load_bench_results("sadag").sadag_cells
 
     def rec(recipe, seed, top1, bits=(3, 3), proto="genie-native"):
         run = Run("cifar10_resnet32", recipe, proto, *bits, seed=seed)
@@ -168,18 +172,19 @@ def test_sadag_cells_difference_standard_error_and_tally():
     assert c["diff"] == pytest.approx(0.4)
     assert c["se"] == pytest.approx((0.04 / 3 + 0.03 / 3) ** 0.5)  # sample variances 0.04 and 0.03
     recs.append(rec("sadag", 2, 69.0, (2, 4)))
-    text = "\n".join(_sadag_cells_section(recs))
+    text = "\n".join(sadag_cells_section(recs))
     assert "| W2A4 | 69.00 ± 0.00 (n=3) | 70.00 ± 0.00 (n=3) | -1.00 | 0.00 | — |" in text
     assert "Over the 2 cells: mean diff -0.30" in text and "ahead by >= 0.3 in 1, behind by >= 0.3 in 1" in text
     assert "|diff| > 2 se in 2 of 2" in text and "Synthetic images per set: 256" in text
-    assert _sadag_cells_section([r for r in recs if r["run"]["recipe"] == "genie"]) == []
+    assert sadag_cells_section([r for r in recs if r["run"]["recipe"] == "genie"]) == []
 
 
 def test_qat_suite_native_protocols_and_baseline_margin_row():
     """The qat suite runs each recipe under its native protocol (DSG / KW / MixMix as their papers evaluate);
     the baseline row compares the best QAT recipe's W3A3 mean with qat-zeroq's and needs 3 seeds of the best."""
-    from zsq.bench.report import _qat_baseline_rows
     from zsq.bench.suites import qat
+
+    qat_baseline_rows = load_bench_results("qat").qat_baseline_rows
 
     runs = qat()
     assert Run("cifar10_resnet20", "kw", "ptq", 3, 3) in runs and Run("cifar10_resnet20", "mixmix", "ptq", 4, 4) in runs
@@ -189,15 +194,15 @@ def test_qat_suite_native_protocols_and_baseline_margin_row():
         run = Run("cifar10_resnet20", recipe, proto, *bits, seed=seed)
         return {"run": {**run.__dict__, "extra": []}, "run_id": run.run_id, "zsq": {"metrics": {"top1": top1}, "n_eval": 10000}}
 
-    assert "open (no runs)" in _qat_baseline_rows([rec("qat-zeroq", 0, 65.9)])[0]
+    assert "open (no runs)" in qat_baseline_rows([rec("qat-zeroq", 0, 65.9)])[0]
     recs = [rec("qat-zeroq", 0, 65.9), rec("intraq", 0, 67.4), rec("hast", 0, 66.0),
             rec("intraq", 0, 90.0, bits=(4, 4)), rec("kw", 0, 99.0, proto="ptq")]  # other bits / protocol: ignored
-    (row,) = _qat_baseline_rows(recs)
+    (row,) = qat_baseline_rows(recs)
     assert "intraq 67.40 vs qat-zeroq 65.90: +1.50 | open (1 of 3 seeds) |" in row
     recs += [rec("intraq", 1, 66.4), rec("intraq", 2, 66.4)]  # mean 66.73: +0.83
-    assert "+0.83 | **not met** |" in _qat_baseline_rows(recs)[0]
+    assert "+0.83 | **not met** |" in qat_baseline_rows(recs)[0]
     recs += [rec("hast", s, 67.2) for s in (1, 2)]  # hast mean 66.80 is now the best: +0.90
-    assert _qat_baseline_rows(recs)[0].startswith("| best QAT recipe beats qat-zeroq by >= 1.0 at W3A3 (qat) | hast ")
+    assert qat_baseline_rows(recs)[0].startswith("| best QAT recipe beats qat-zeroq by >= 1.0 at W3A3 (qat) | hast ")
 
 
 def test_run_one_resumes_an_interrupted_run_and_locks_it(tmp_path, monkeypatch):
@@ -257,8 +262,11 @@ def test_budget_curves_points_section_and_plot(tmp_path):
     """The accuracy-against-budget curves: the suite runs each curve's values (the default as the shared
     plain run), the report lists the points once one besides the default exists, and
     bench/budget_plot.py draws them (exit 2 with no points)."""
-    from zsq.bench.report import _budget_section, budget_points, family_goal
     from zsq.bench.suites import BUDGET_CURVES, budget
+
+    budget_section = load_bench_results("budget").budget_section
+    budget_points = load_bench_results("budget").budget_points
+    family_goal = load_bench_results("targets").family_goal
 
     runs = budget()
     assert len(runs) == sum(len(v) for *_, v in BUDGET_CURVES)
@@ -273,7 +281,7 @@ def test_budget_curves_points_section_and_plot(tmp_path):
 
     qz = {"epochs": 4, "steps_per_epoch": 250}
     recs = [rec(Run("cifar10_resnet20", "qat-zeroq", "qat", 3, 3), 65.9, qz)]
-    assert _budget_section(recs, tmp_path) == []  # the default alone is no curve
+    assert budget_section(recs, tmp_path) == []  # the default alone is no curve
     recs.append(rec(Run("cifar10_resnet20", "qat-zeroq", "qat", 3, 3, extra=("--set", "steps_per_epoch=500")), 68.0,
                     {**qz, "steps_per_epoch": 500}, wall=1200.0))
     # not a curve point: another extra flag, another seed
@@ -282,12 +290,12 @@ def test_budget_curves_points_section_and_plot(tmp_path):
     pts = budget_points(recs)
     assert [(p["value"], p["scale"], p["iters"], p["top1"]) for p in pts] == [(250, 1.0, 1000, 65.9),
                                                                             (500, 2.0, 2000, 68.0)]
-    text = "\n".join(_budget_section(recs, tmp_path))
+    text = "\n".join(budget_section(recs, tmp_path))
     assert "| qat-zeroq | qat | W3A3 | steps_per_epoch=500 | 2 | 2000 | 68.00 | 72.0 | 20.0 |" in text
     # each row shows its own bit width's family target (a W4A4 row is not held to the W3A3 one)
     recs.append(rec(Run("cifar10_resnet20", "qat-zeroq", "qat", 4, 4), 79.5, qz))
     assert "| qat-zeroq | qat | W4A4 | steps_per_epoch=250 | 1 | 1000 | 79.50 | 78.5 | 10.0 |" in "\n".join(
-        _budget_section(recs, tmp_path))
+        budget_section(recs, tmp_path))
     assert (family_goal("gdfq", "W4A4"), family_goal("adasg", "W3A3")) == (78.0, 70.0)
     # genie: its own protocol, steps per block as the loop count, its own issue-5 target; a genie run under
     # another protocol is no point of its curve
@@ -298,7 +306,7 @@ def test_budget_curves_points_section_and_plot(tmp_path):
                     {**gh, "iters": 6000}))
     recs.append(rec(Run("cifar10_resnet32", "genie", "genie-native", 3, 3), 77.3, gh))  # another model
     recs.append(rec(Run("cifar10_resnet20", "genie", "genie-native", 2, 4), 76.7, gh))  # bits of no target
-    text = "\n".join(_budget_section(recs, tmp_path))
+    text = "\n".join(budget_section(recs, tmp_path))
     assert "| genie | genie-native | W3A3 | iters=6000 | 2 | 6000 | 77.60 | 78.3 | 15.0 |" in text
     assert "| genie | ptq |" not in text and "77.30" not in text and "W2A4" not in text
     assert (family_goal("genie", "W3A3", "genie-native"), family_goal("genie", "W4A4", "genie-native")) == (78.3, 80.2)
@@ -310,14 +318,15 @@ def test_budget_curves_points_section_and_plot(tmp_path):
     assert mod.main(["--runs-dir", str(tmp_path)]) == 0
     png = tmp_path / "budget" / "accuracy_vs_budget.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Plot: `" in "\n".join(_budget_section(recs, tmp_path))
+    assert "Plot: `" in "\n".join(budget_section(recs, tmp_path))
 
 
 def test_sadag_ablation_settings_and_table():
     """bench/sadag_ablation.py: every setting is a valid synthesizer configuration (a typo fails here, not
     after an hour of runs), and the table compares each setting with genie over the seeds both have."""
-    from zsq.bench.report import sadag_val_rows
     from zsq.synth import SYNTHESIZERS
+
+    sadag_val_rows = load_bench_results("sadag").sadag_val_rows
 
     mod = load_bench_script("sadag_ablation")
     for synth, overrides in mod.SETTINGS.values():
@@ -337,7 +346,7 @@ def test_sadag_ablation_settings_and_table():
 
 
 def test_qat_val_label_names_what_a_row_varies():
-    from zsq.bench.report import qat_val_label
+    qat_val_label = load_bench_results("qat").qat_val_label
 
     assert qat_val_label({"recipe": "qat-zeroq", "hparams": {"lr": 3e-5}}) == "qat-zeroq"
     assert qat_val_label({"recipe": "texq", "hparams": {"kd_weight": 10.0, "mixup_weight": 10.0,
@@ -349,7 +358,7 @@ def test_qat_val_label_names_what_a_row_varies():
 def test_best_recipe_target_prefers_a_fully_seeded_recipe_and_counts_its_seeds():
     """The ``top1_best`` targets count the seeds of the recipe they show: one lucky seed-0 run neither passes a
     3-seed target nor hides a fully seeded recipe."""
-    from zsq.bench.report import _targets_section
+    targets_section = load_bench_results("targets").targets_section
 
     def rec(recipe, seed, top1, bits=(4, 4)):
         run = Run("cifar10_resnet20", recipe, "qat", *bits, seed=seed)
@@ -357,7 +366,7 @@ def test_best_recipe_target_prefers_a_fully_seeded_recipe_and_counts_its_seeds()
                 "zsq": {"metrics": {"top1": top1}, "n_eval": 10000}}
 
     def row(recs):
-        (r,) = [x for x in _targets_section(recs) if x.startswith("| best generator recipe, qat, W4A4")]
+        (r,) = [x for x in targets_section(recs) if x.startswith("| best generator recipe, qat, W4A4")]
         return r
 
     recs = [rec("adasg", 0, 78.5), rec("dfq-akd", 0, 79.0)]
@@ -374,7 +383,7 @@ def test_best_recipe_target_prefers_a_fully_seeded_recipe_and_counts_its_seeds()
 
 
 def test_family_section_groups_qat_recipes_by_family_best_first():
-    from zsq.bench.report import _family_section
+    family_section = load_bench_results("qat").family_section
 
     def rec(recipe, top1, bits, seed=0, wall=600.0):
         run = Run("cifar10_resnet20", recipe, "qat", *bits, seed=seed)
@@ -383,11 +392,11 @@ def test_family_section_groups_qat_recipes_by_family_best_first():
 
     recs = [rec("gznq", 79.0, (4, 4)), rec("gznq", 72.0, (3, 3)), rec("qat-zeroq", 79.5, (4, 4)),
             rec("qat-zeroq", 66.0, (3, 3))]
-    assert _family_section(recs) == []  # no generator recipe yet: nothing to compare
+    assert family_section(recs) == []  # no generator recipe yet: nothing to compare
     recs += [rec("gdfq", 72.0, (4, 4)), rec("gdfq", 45.0, (3, 3)), rec("adasg", 78.0, (4, 4), wall=900.0),
              rec("adasg", 62.0, (3, 3), wall=900.0), rec("adasg", 63.0, (3, 3), seed=1, wall=900.0),
              rec("zeroq", 99.0, (4, 4))]  # a PTQ recipe: not a QAT family row
-    rows = [r for r in _family_section(recs) if r.startswith("| ") and not r.startswith("| family")]
+    rows = [r for r in family_section(recs) if r.startswith("| ") and not r.startswith("| family")]
     assert [r.split(" | ")[1] for r in rows] == ["qat-zeroq", "gznq", "adasg", "gdfq"]
     assert rows[2] == "| generator | adasg | 78.00 | 62.50 ± 0.71 (n=2) | 15.0 |"
 
@@ -412,7 +421,7 @@ def test_genie_val_section_rows_name_seed_and_set(tmp_path):
     """bench/genie_validation.py's rows: one per experiment, with its seed and, where recorded, the synthetic
     set's cache key (rows of one set compare directly); the summary line compares each variant with the
     default of the same set, seed and bits."""
-    from zsq.bench.report import _genie_val_section
+    genie_val_section = load_bench_results("genie").genie_val_section
 
     def rec(name, synth, recon, hp, bits, seed, top1, synth_set=None):
         d = {"name": name, "synth": synth, "synth_overrides": {"n_images": 512} if synth.endswith("512") else {},
@@ -426,7 +435,7 @@ def test_genie_val_section_rows_name_seed_and_set(tmp_path):
     rec("s300c__r3000b8rel1e3__W3A3__s1", "s300c", "r3000b8rel1e3", {"iters": 3000}, "W3A3", 1, 81.5,
         "genie-abcdef0123456789")
     rec("s300c512__p1000b8__W3A3__s0", "s300c512", "p1000b8", {"iters": 1000}, "W3A3", 0, 83.1)
-    text = "\n".join(_genie_val_section(tmp_path))
+    text = "\n".join(genie_val_section(tmp_path))
     assert "| s300c (`genie-abcdef`) | — | r3000b8abs | iters=3000 | W3A3 | 1 | 82.00 |" in text
     assert "| s300c512 | n_images=512 | p1000b8 | iters=1000 | W3A3 | 0 | 83.10 |" in text
     assert "`r3000b8rel1e3` W3A3 s1 -0.50" in text
@@ -435,7 +444,7 @@ def test_genie_val_section_rows_name_seed_and_set(tmp_path):
 def test_genie_fidelity_summary_means_over_seeds():
     """Only rows with valsplit.fidelity's fields; one line per set kind / reconstruction / bits, means over
     its seeds."""
-    from zsq.bench.report import genie_fidelity_summary
+    genie_fidelity_summary = load_bench_results("genie").genie_fidelity_summary
 
     def rec(synth, seed, top1, agree=None, kl=None, hard=None):
         d = {"synth": synth, "recon": "p1000b8", "bits": "W3A3", "seed": seed, "val_top1": top1}
@@ -473,9 +482,9 @@ def _target_rec(recipe, seed, top1, *, bits=(4, 8), proto="ptq", model="cifar10_
 
 
 def _target_row(recs, start):
-    from zsq.bench.report import _targets_section
+    targets_section = load_bench_results("targets").targets_section
 
-    (r,) = [x for x in _targets_section(recs) if x.startswith(f"| {start}")]
+    (r,) = [x for x in targets_section(recs) if x.startswith(f"| {start}")]
     return r
 
 
@@ -521,3 +530,45 @@ def test_peak_rss_target_covers_every_cifar_recipe_at_the_default_budget():
     assert _target_row(recs, rss).endswith(
         "| 4,131.0 MiB (cifar10_resnet32 sadag genie-native W3A3 seed 1); 1 of 3 runs over | **not met** |")
     assert "open (no runs)" in _target_row(recs[2:4], rss)
+
+
+def test_bench_report_runs_the_checkouts_generator(tmp_path, monkeypatch, capsys):
+    """`zsq bench report` runs bench/report.py of the checkout it is called in (here from a folder below the
+    checkout's root), and outside a checkout says so in one line with exit 2."""
+    from pathlib import Path
+
+    from zsq.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root / "tests")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "report", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "results.md")])
+    assert e.value.code == 0
+    assert (tmp_path / "results.md").read_text().endswith("No runs yet.")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "report"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no bench/report.py in" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_scripts_import_only_public_zsq_names():
+    """bench/ is not part of the package: its scripts use zsq's public names only (no ``_name``, no private
+    module), so a refactoring of the package's internals cannot break them silently."""
+    import ast
+    from pathlib import Path
+
+    bad = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "zsq" and not node.level:
+                names = node.module.split(".") + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [p for a in node.names if a.name.split(".")[0] == "zsq" for p in a.name.split(".")]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "zsq":
+                names = [node.attr]
+            if any(n.startswith("_") and not n.startswith("__") for n in names):
+                bad.append(f"{path.name}:{node.lineno}")
+    assert not bad, bad

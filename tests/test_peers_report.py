@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zsq.bench.report import _peers_section, render
+from conftest import load_bench_results, load_bench_script
+
+peers_section = load_bench_results("peers").peers_section
+render = load_bench_script("report").render
 
 
 def _peer(peer: str, w: int, a: int, top1: float, wall: float, note: str, **extra) -> dict:
@@ -44,7 +47,7 @@ def test_peers_section_rows_notes_and_zsq_beside(tmp_path: Path):
     _write(runs / "cifar10_resnet20__squant__ptq__W4A4__default__s0.json", _zsq("squant", 4, 4, 11.11, 0.9, "ptq"))
     _write(runs / "cifar10_resnet20__genie__fixed__W4A4__default__s0.json", _zsq("genie", 4, 4, 22.22, 0.9))
 
-    text = "\n".join(_peers_section(runs / "peers"))
+    text = "\n".join(peers_section(runs / "peers"))
     assert "## Peers side by side" in text
     assert "same run on the same machine" in text and "compare ratios" in text
     assert "| W4A4 | W3A3 |" in text
@@ -60,12 +63,12 @@ def test_peers_section_rows_notes_and_zsq_beside(tmp_path: Path):
 
 
 def test_peers_section_empty_and_reduced_budget_label(tmp_path: Path):
-    assert _peers_section(tmp_path / "nope") == []
+    assert peers_section(tmp_path / "nope") == []
     d = tmp_path / "peers"
     _write(d / "mct__W4A8__s0__n500__g16x20.json",
            {**_peer("mct", 4, 8, 80.2, 5.5, "note"), "n_eval": 500,
             "settings": {"data_generation": {"n_images": 16, "n_iter": 20}}})
-    text = "\n".join(_peers_section(d))
+    text = "\n".join(peers_section(d))
     assert "top-1 on 500 eval images" in text
     assert "16 images x 20 iterations" in text
 
@@ -76,7 +79,7 @@ def test_peers_section_prefers_zsq_rows_of_the_same_run(tmp_path: Path):
     _write(runs / "cifar10_resnet20__squant__fixed__W4A4__default__s0.json", _zsq("squant", 4, 4, 11.11, 0.9))
     _write(runs / "peers" / "zsq" / "cifar10_resnet20__squant__fixed__W4A4__default__s0.json",
            _zsq("squant", 4, 4, 75.12, 0.8))
-    text = "\n".join(_peers_section(runs / "peers"))
+    text = "\n".join(peers_section(runs / "peers"))
     assert "| zsq squant | 0 | 75.12 (0.8 s) |" in text and "11.11" not in text
     # and the peers' own zsq rows are not peer rows
     assert text.count("| zsq squant |") == 1

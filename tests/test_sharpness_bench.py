@@ -67,11 +67,13 @@ def test_list_and_plots_from_json(resnet20, tmp_path, capsys):
             assert len(im.convert("L").getcolors(1 << 16) or []) > 20, png
     assert "| zeroq | W4A4 | smoke | 0 |" in capsys.readouterr().out
     # the report's section: smoke records are left out, the others rendered with every radius
-    from zsq.bench.report import _sharpness_section
+    from conftest import load_bench_results
 
-    assert _sharpness_section(tmp_path) == []
+    sharpness_section = load_bench_results("sharpness").sharpness_section
+
+    assert sharpness_section(tmp_path) == []
     rec["budget"] = "default"
     (tmp_path / "zeroq__W4A4__default__s0.json").write_text(json.dumps(rec))
-    sec = "\n".join(_sharpness_section(tmp_path))
+    sec = "\n".join(sharpness_section(tmp_path))
     assert "## Sharpness" in sec and "| zeroq | W4A4 | default | 0 | 1.3000 | 89.0 |" in sec
     assert f"{0.02 * 2 ** (len(sb.RHOS) - 1):.4f} ± 0.0050" in sec and "| noise |" not in sec

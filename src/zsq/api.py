@@ -19,6 +19,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import BadValueError, DataError, OutputExistsError, UnknownNameError, ZsqError
+from .hardware import cpu_name
 from .models import load_model
 from .paths import torch_save_atomic, write_json_atomic, writing
 from .recipes import HPARAM_KEYS, PRE_STEPS, QUANTIZERS, RECIPES, QuantContext
@@ -291,7 +292,8 @@ def git_version(where: str | os.PathLike) -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def _versions() -> dict[str, str | None]:
+def software_versions() -> dict[str, str | None]:
+    """The versions a record names: zsq (and its git commit), torch, torchvision, onnx, onnxruntime, python."""
     import torchvision
 
     def ver(mod):
@@ -303,16 +305,6 @@ def _versions() -> dict[str, str | None]:
     git = git_version(Path(__file__).resolve().parent)
     return {"zsq": __version__, "git": git, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "onnx": ver("onnx"), "onnxruntime": ver("onnxruntime"), "python": platform.python_version()}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _processes() -> int:
@@ -376,8 +368,8 @@ def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = No
         "synthetic": result.get("synthetic"),
         "policy": result.get("policy"),
         "layout": layout.to_dict(),
-        "versions": _versions(),
-        "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "processes": _processes()},
+        "versions": software_versions(),
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "processes": _processes()},
         "wall_s": result.get("wall_s"),
         "cpu_s": result.get("cpu_s"),  # CPU seconds of all threads: robust to a shared machine
         "peak_rss_mb": peak_rss_mb(),

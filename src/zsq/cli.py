@@ -438,13 +438,34 @@ def bench_run(
         raise typer.Exit(1)
 
 
-@bench_app.command("report")
-def bench_report(runs_dir: Path = typer.Option(Path("bench/runs"), help="folder of the runs' JSON files"),
-                 out: Path = typer.Option(Path("docs/results.md"), help="the Markdown file to write")):
-    """Regenerate docs/results.md from bench/runs/*.json."""
-    from .bench.report import write
+def _checkout_bench_script(name: str, start: Path | None = None) -> Path:
+    """``bench/<name>`` of the zsq checkout at ``start`` (the working directory) or a folder above it: the
+    results generator and the runs it reads live in the checkout, not in the installed package."""
+    from .errors import ZsqError
 
-    out_console.print(f"wrote {write(runs_dir, out)}")
+    start = (start or Path.cwd()).resolve()
+    for d in (start, *start.parents):
+        if (d / "bench" / name).is_file():
+            return d / "bench" / name
+    raise ZsqError(f"no bench/{name} in {start} or a folder above it: run this in a zsq checkout (the results "
+                   f"generator and bench/runs/ are not part of the installed package)")
+
+
+@bench_app.command("report")
+def bench_report(runs_dir: Optional[Path] = typer.Option(None, help="folder of the runs' JSON files "
+                                                                    "(default: the checkout's bench/runs)"),
+                 out: Optional[Path] = typer.Option(None, help="the Markdown file to write "
+                                                               "(default: the checkout's docs/results.md)")):
+    """Regenerate docs/results.md from bench/runs/*.json: runs `python bench/report.py` of the zsq checkout
+    here or in a folder above."""
+    import subprocess
+
+    argv = [sys.executable, str(_checkout_bench_script("report.py"))]
+    argv += ["--runs-dir", str(runs_dir)] if runs_dir is not None else []
+    argv += ["--out", str(out)] if out is not None else []
+    rc = subprocess.call(argv)
+    if rc:
+        raise typer.Exit(rc)
 
 
 @bench_app.command("list")

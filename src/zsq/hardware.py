@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from pathlib import Path
 
 from .errors import BadValueError
@@ -37,6 +38,17 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows of it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def native_bf16() -> bool:
     """True where this CPU computes bf16 natively (AVX-512 BF16 / AMX-BF16)."""
     return bool(BF16_FLAGS & cpu_flags())
@@ -55,4 +67,4 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if native_bf16() else "fp32"
 
 
-__all__ = ["AUTO_CHOICES", "BF16_FLAGS", "cpu_flags", "native_bf16", "resolve_precision"]
+__all__ = ["AUTO_CHOICES", "BF16_FLAGS", "cpu_flags", "cpu_name", "native_bf16", "resolve_precision"]

@@ -41,7 +41,8 @@ from .errors import DataError, ZsqError
 BIT_ORDER = ["W8A8", "W6A6", "W5A5", "W4A8", "W4A4", "W3A3", "W2A4", "W2A2"]
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,7 +51,7 @@ def _plt():
     return plt
 
 
-def _save(plt, fig, path: Path) -> None:
+def save_figure(plt, fig, path: Path) -> None:
     """Every report figure is laid out, written at the same resolution, and closed the same way."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -63,7 +64,8 @@ def _sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     return float("inf") if noise == 0 else 10.0 * math.log10(max(sig, 1e-30) / noise)
 
 
-def _images_png(images: torch.Tensor, pre, path: Path) -> None:
+def images_png(images: torch.Tensor, pre, path: Path) -> None:
+    """A grid PNG of the first 64 of ``images`` (normalised with ``pre``'s mean / std), de-normalised."""
     from torchvision.utils import save_image
 
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
@@ -79,7 +81,7 @@ def _loss_png(sides: list[dict], path: Path) -> bool:
     traces = [(k, t) for k, t in traces if t]
     if not traces:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for k, t in traces:
         ax.plot([p[0] for p in t], [p[1] for p in t], label=f"batch {k}", lw=1.2)
@@ -90,7 +92,7 @@ def _loss_png(sides: list[dict], path: Path) -> bool:
     if len(traces) <= 10:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
     return True
 
 
@@ -175,7 +177,7 @@ def layer_sqnr(qmodel: nn.Module, fp: nn.Module | None, images: torch.Tensor | N
 
 
 def _sqnr_png(rows: list[dict], acts: list[dict], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     n_plots = 2 if acts else 1
     fig, axes = plt.subplots(n_plots, 1, figsize=(max(7, 0.42 * len(rows) + 2), 4.2 * n_plots), squeeze=False)
     ax = axes[0][0]
@@ -200,7 +202,7 @@ def _sqnr_png(rows: list[dict], acts: list[dict], path: Path) -> None:
         ax.set_ylabel("SQNR vs FP (dB)")
         ax.set_title("activation outputs of the quantized model against the FP model (calibration images)")
         ax.grid(alpha=0.3)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def _bit_order(bits: set[str]) -> list[str]:
@@ -225,7 +227,7 @@ def _accuracy_png(bench: Path, model_id: str, protocol: str, path: Path, this: d
     if not series and this is None:
         return False
     cols = _bit_order({b for s in series.values() for b in s} | ({this["bits"]} if this else set()))
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for label, pts in sorted(series.items()):
         xs = [i for i, b in enumerate(cols) if b in pts]
@@ -243,7 +245,7 @@ def _accuracy_png(bench: Path, model_id: str, protocol: str, path: Path, this: d
     ax.set_title(f"{model_id}, protocol {protocol}: top-1 against bits (mean over seeds)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
     return True
 
 
@@ -292,7 +294,7 @@ def write_report(out: str | os.PathLike, bench: str | os.PathLike | None = None)
         if syn.get("kind") == "synthetic" and syn.get("dir") and Path(syn["dir"]).is_dir():
             s = SyntheticSet.load(syn["dir"])
             images = s.images
-            _images_png(images, q.zsq_info.preprocess, tmp / "synthetic.png")
+            images_png(images, q.zsq_info.preprocess, tmp / "synthetic.png")
             figs.append(("synthetic.png", f"First {min(64, len(images))} of {len(images)} synthetic calibration images "
                                           f"({meta['recipe'].get('synth')}, de-normalised)"))
             sides = [json.loads(sidecar_path(s.dir / sh["file"]).read_text()) for sh in s.shards]

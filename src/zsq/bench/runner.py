@@ -1,6 +1,6 @@
 """Benchmark runner: the same protocol and budget for every recipe, one JSON per run under
 ``bench/runs/``, resumable (a finished run is never recomputed), and ``docs/results.md`` generated
-from those files.
+from those files (by the checkout's ``bench/report.py``, which ``zsq bench report`` runs).
 
 Each run is a separate ``python -m zsq quantize ...`` process, so wall time and peak memory are
 those of that run alone. Synthetic sets are cached in ``ZSQ_CACHE``: the first bit setting of a

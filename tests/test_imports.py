@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     # 0: leaves that know nothing of models or quantization
     "zsq._version": 0, "zsq.errors": 0, "zsq.paths": 0, "zsq.progress": 0, "zsq.registry": 0,
     "zsq.interrupt": 0, "zsq.ops": 0, "zsq.hardware": 0,
+    "zsq.train": 0,  # the training loops' shared parts: step seeds, lr schedules, checkpoint / resume
     "zsq.config": 0,  # the one converter of setting values, Setting, the Config base of the config dataclasses
     # 1: the vocabulary (specs, the recipe / quantizer registries and their types) and the parts
     "zsq.spec": 1, "zsq.recipes": 1,

@@ -161,3 +161,54 @@ class LossBar:
     def __exit__(self, *exc):
         if self.p is not None:
             self.p.stop()
+
+
+class NestedBar(LossBar):
+    """The display of a loop over items (epochs, batches, units) of steps: an overall bar over the items
+    (``title``, ``total``, ``done`` already) with the last item's loss, and a bar over the current item's
+    steps with its running loss (:meth:`start`, :meth:`update`, :meth:`end`). ``title=None``: no overall
+    bar, and each item's bar stays listed, filled, when the item ends (reconstruction's units)."""
+
+    def __init__(self, enabled: bool, title: str | None = None, total: int | None = None, done: int = 0):
+        super().__init__(enabled)
+        self.overall = self.task = None
+        if self.p is not None and title is not None:
+            self.overall = self.p.add_task(title, total=total, completed=done, loss="-")
+
+    def skip(self, n: int) -> None:
+        """``n`` items found done (the overall bar advances)."""
+        if self.p is not None and self.overall is not None and n:
+            self.p.advance(self.overall, n)
+
+    def start(self, description: str, total: int | None = None, done: int = 0) -> None:
+        """The bar of the next item: ``total`` steps (``None``: not known yet), ``done`` of them already."""
+        if self.p is not None:
+            self.task = self.p.add_task(description, total=total, completed=done, loss="-")
+
+    def update(self, done: int, loss: float | None, total: int | None = None) -> None:
+        """``done`` steps of the current item, its running ``loss`` (and its ``total``, once known)."""
+        if self.p is not None and self.task is not None:
+            self.p.update(self.task, completed=done, total=total, loss=fmt_loss(loss))
+
+    def end(self, loss: float | None) -> None:
+        """The current item is finished with ``loss``: its bar goes (is filled, without an overall bar) and
+        the overall bar advances."""
+        if self.p is None:
+            return
+        if self.overall is None:
+            if self.task is not None:
+                self.p.update(self.task, completed=self.p.tasks[-1].total, loss=fmt_loss(loss))
+            return
+        if self.task is not None:
+            self.p.remove_task(self.task)
+            self.task = None
+        self.p.update(self.overall, advance=1, loss=fmt_loss(loss))
+
+    def note(self, msg: str) -> None:
+        """One line on stderr, whether or not the bars are shown (above a live rich display)."""
+        console = getattr(self.p, "console", None)
+        if console is not None:
+            console.print(msg, highlight=False, markup=False, soft_wrap=True)
+        else:
+            sys.stderr.write(msg + "\n")
+            sys.stderr.flush()

@@ -50,8 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,8 +61,9 @@ from torch import Tensor, nn
 
 from ..config import to_bool, to_float, to_int
 from ..errors import BadValueError
-from ..qat.engine import QATConfig, QATTrainer, _state, cosine_lr, refresh_weight_ranges, step_seed
+from ..qat.engine import QATConfig, QATTrainer, refresh_weight_ranges, step_seed
 from ..quant.modules import QUANT_LAYERS
+from ..train import Fingerprint, cosine_lr, seeded_generator, state_copy
 from .ait import InundationSGD
 from .objectives import Game, Play, Sample
 
@@ -186,11 +185,8 @@ class GenTrainer(QATTrainer):
         self._feat_handles: list[Any] = []
         self._last: tuple[Tensor, Tensor, Sample] | None = None
         game.setup(self)
-        h = hashlib.sha256(self.fingerprint.encode())
-        h.update(json.dumps(game.to_dict(), sort_keys=True, default=str).encode())
-        for k, v in sorted(self.gen.state_dict().items()):
-            h.update(f"{k}:{tuple(v.shape)};".encode() + v.detach().float().contiguous().cpu().numpy().tobytes())
-        self.fingerprint = h.hexdigest()
+        h = Fingerprint(self.fingerprint.encode()).settings(game.to_dict())
+        self.fingerprint = h.state(self.gen.state_dict(), dtype=False).hexdigest()
 
     # -- features (ZAQ) ------------------------------------------------------------------------------
     def feature_hooks(self, names: list[str]) -> None:
@@ -220,7 +216,7 @@ class GenTrainer(QATTrainer):
     ckpt_what = "generator QAT checkpoint"
 
     def _ckpt_extra(self) -> dict[str, Any]:
-        return {"generator": _state(self.gen), "optimizer_g": self.opt_g.state_dict()}
+        return {"generator": state_copy(self.gen), "optimizer_g": self.opt_g.state_dict()}
 
     def _ckpt_restore(self, ck: dict[str, Any]) -> None:
         self.gen.load_state_dict(ck["generator"])
@@ -306,7 +302,7 @@ class GenTrainer(QATTrainer):
         """One iteration: generator step(s) and student step(s) in the game's order (module docstring)."""
         cfg = self.cfg
         gstep = epoch * cfg.steps_per_epoch + step
-        g = torch.Generator().manual_seed(step_seed(self.seed, epoch, step))
+        g = seeded_generator(step_seed(self.seed, epoch, step))
         self.gen.train()
         self._set_lrs(epoch, gstep)
         self._last = None

@@ -34,17 +34,15 @@ the global RNG re-seeded with a hash of ``(seed, p, u, t)``, so a run continued 
 draws exactly what the uninterrupted run drew. ``ckpt_dir/recon.pt`` is rewritten atomically after
 every unit (the model state) and every ``ckpt_every_s`` seconds, on Ctrl-C and at ``stop_at``
 inside a unit (plus the unit's trainable tensors and optimizer states); ``resume=True`` skips the
-finished units and continues the unfinished one from its step.
+finished units and continues the unfinished one from its step. Ctrl-C finishes the current step, writes
+the checkpoint at that step and raises ``KeyboardInterrupt`` (a second Ctrl-C stops at once, leaving the
+last checkpoint); the seeds, schedule and checkpoint parts are :mod:`zsq.train`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import hashlib
-import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +53,12 @@ from torch import nn
 
 from ..data.augment import augment_set
 from ..errors import BadValueError
-from ..paths import load_resume_checkpoint, torch_save_checked
-from ..progress import LossBar, fmt_loss
 from ..quant.adaround import AdaRoundQuantizer
 from ..quant.graph import is_block
 from ..quant.modules import QUANT_LAYERS, Quantizer
 from ..quant.protocol import frozen_fp_copy
+from ..train import (Every, Fingerprint, NestedBar, cosine_lr, deferred_sigint, derive_seed, read_checkpoint,
+                     state_copy, stop_if_interrupted, write_checkpoint)
 
 #: hparams of the reconstruction quantizers besides the ReconConfig fields, with their defaults: the
 #: mid-unit checkpoint period and the calibration-set augmentation (zsq.data.augment)
@@ -252,8 +250,7 @@ def find_units(model: nn.Module, example: torch.Tensor, granularity: str = "bloc
 # helpers
 # --------------------------------------------------------------------------------------------------
 def step_seed(seed: int, pass_idx: int, unit_idx: int, step: int) -> int:
-    h = hashlib.sha256(f"zsq-recon/{int(seed)}/{pass_idx}/{unit_idx}/{step}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+    return derive_seed("zsq-recon", seed, pass_idx, unit_idx, step)
 
 
 def _beta(count: int, iters: int, warmup: float, b_range: tuple[float, float]) -> float:
@@ -265,10 +262,6 @@ def _beta(count: int, iters: int, warmup: float, b_range: tuple[float, float]) -
     return b_range[1] + (b_range[0] - b_range[1]) * max(0.0, 1.0 - rel)
 
 
-def _cosine(base: float, i: int, total: int) -> float:
-    return base * 0.5 * (1.0 + math.cos(math.pi * i / max(total, 1)))
-
-
 def _to_buffer(q: nn.Module) -> None:
     """A learnt step (nn.Parameter) back to a plain buffer (zsq's standard structure)."""
     if isinstance(getattr(q, "scale", None), nn.Parameter):
@@ -277,39 +270,9 @@ def _to_buffer(q: nn.Module) -> None:
         q.register_buffer("scale", s)
 
 
-def _state(model: nn.Module) -> dict[str, Any]:
-    """A detached copy of the state dict (tensors cloned; quantizer extra states copied)."""
-    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-            for k, v in model.state_dict().items()}
-
-
 def _fingerprint(images: torch.Tensor, passes: list[ReconConfig], seed: int, extra: dict) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"passes": [p.to_dict() for p in passes], "seed": int(seed), **extra},
-                        sort_keys=True, default=str).encode())
-    x = images.detach().float().contiguous().cpu()
-    h.update(x.numpy().tobytes())
-    return h.hexdigest()
-
-
-class _Bar(LossBar):
-    """rich progress: one bar per unit with its running loss (stderr)."""
-
-    def __init__(self, enabled: bool):
-        super().__init__(enabled)
-        self.task = None
-
-    def start(self, desc: str, total: int, done: int = 0):
-        if self.p is not None:
-            self.task = self.p.add_task(desc, total=max(total, 1), completed=done, loss="-")
-
-    def update(self, done: int, loss: float | None):
-        if self.p is not None and self.task is not None:
-            self.p.update(self.task, completed=done, loss=fmt_loss(loss))
-
-    def finish(self, loss: float | None):
-        if self.p is not None and self.task is not None:
-            self.p.update(self.task, completed=self.p.tasks[-1].total, loss=fmt_loss(loss))
+    h = Fingerprint().settings({"passes": [p.to_dict() for p in passes], "seed": int(seed), **extra})
+    return h.tensor(images).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,6 +377,7 @@ class Reconstructor:
         self.steps_run = 0
         self.only = set(only) if only is not None else None
         self._fast: dict[str, nn.Module] = {}
+        self._sigint: dict[str, bool] = {"hit": False}  # a Ctrl-C during run() (zsq.interrupt)
 
         for _, q in _act_quantizers(qmodel):
             q.mode = "off"
@@ -431,15 +395,14 @@ class Reconstructor:
     def _save(self, done: list[list[int]], partial: dict | None) -> None:
         if self.ckpt is None:
             return
-        torch_save_checked({"format": CKPT_FORMAT, "fingerprint": self.fingerprint, "done": done,
-                           "model": _state(self.q)
-                           if partial is None else self._boundary_state,
-                           "partial": partial, "stats": self.stats}, self.ckpt)
+        write_checkpoint(self.ckpt, CKPT_FORMAT, self.fingerprint, {
+            "done": done, "model": state_copy(self.q) if partial is None else self._boundary_state,
+            "partial": partial, "stats": self.stats})
 
     def _load(self) -> dict | None:
-        if self.ckpt is None or not self.resume or not self.ckpt.is_file():
+        if not self.resume:
             return None
-        return load_resume_checkpoint(self.ckpt, "reconstruction checkpoint", CKPT_FORMAT, self.fingerprint)
+        return read_checkpoint(self.ckpt, "reconstruction checkpoint", CKPT_FORMAT, self.fingerprint)
 
     # -- caching -------------------------------------------------------------------------------------
     def _run_to(self, model: nn.Module, unit_mod: nn.Module, x: torch.Tensor, want_out: bool):
@@ -511,9 +474,9 @@ class Reconstructor:
 
     # -- one unit --------------------------------------------------------------------------------------
     def _train_unit(self, pi: int, ui: int, unit: Unit, cfg: ReconConfig, done: list, partial: dict | None,
-                    bar: _Bar) -> None:
+                    bar: NestedBar) -> None:
         t0 = time.perf_counter()
-        self._boundary_state = _state(self.q)
+        self._boundary_state = state_copy(self.q)
         x, y, xq = self._cache(unit, cfg)
         if cfg.act_quant:
             self._init_acts(unit, xq, cfg)
@@ -574,58 +537,55 @@ class Reconstructor:
         n = x.shape[0]
         bs = min(cfg.batch_size, n)
         label = f"{'' if len(self.passes) == 1 else f'pass {pi + 1} '}{unit.name}"
-        bar.start(label, iters, start)
-        last_save = t_loop = time.perf_counter()
+        bar.start(label, max(iters, 1), start)
+        periodic = Every(self.ckpt_every_s)
+        t_loop = time.perf_counter()
         first_loss = last_loss = None
-        completed = start
-        try:
-            for step in range(start, iters):
-                torch.manual_seed(step_seed(self.seed, pi, ui, step))
-                idx = torch.randint(0, n, (bs,))
-                xi, yi = x[idx], y[idx]
-                if cfg.input_mix >= 1.0:
-                    xin = xq[idx]
-                elif cfg.input_mix <= 0.0:
-                    xin = xi
-                else:
-                    xin = torch.lerp(xi, xq[idx], drop_mask(xi, cfg.input_mix))
-                if xin.dim() == 4:
-                    xin = xin.contiguous(memory_format=fmt)
-                count = step + 1
-                for g in (opt_scale.param_groups if opt_scale is not None else []):
-                    g["lr"] = _cosine(g["base"], step, iters)
-                with autocast:
-                    out = self._unit_forward(unit, xin)
-                rec = (out.float() - yi).pow(2).sum(1).mean()
-                loss = rec
-                if ada and count >= cfg.warmup * iters:
-                    beta = _beta(count, iters, cfg.warmup, cfg.b_range)
-                    loss = loss + cfg.round_weight * sum(a.regularizer(beta) for *_, a in ada)
-                if opt_round is not None:
-                    opt_round.zero_grad(set_to_none=True)
-                if opt_scale is not None:
-                    opt_scale.zero_grad(set_to_none=True)
-                loss.backward()
-                if opt_round is not None:
-                    opt_round.step()
-                if opt_scale is not None:
-                    opt_scale.step()
-                self.steps_run += 1
-                completed = count
-                if step == start or count % 50 == 0 or count == iters:
-                    last_loss = float(rec.detach())
-                    if first_loss is None and step == 0:
-                        first_loss = last_loss
-                    bar.update(count, last_loss)
-                if self.stop_at is not None and self.stop_at == (pi, ui, count):
-                    self._save(done, snapshot(count))
-                    raise ReconInterrupted(f"stopped at pass {pi} unit {ui} step {count}")
-                if self.ckpt is not None and time.perf_counter() - last_save > self.ckpt_every_s and count < iters:
-                    self._save(done, snapshot(count))
-                    last_save = time.perf_counter()
-        except KeyboardInterrupt:
-            self._save(done, snapshot(completed))  # an interrupted step is redone on resume
-            raise
+        for step in range(start, iters):
+            torch.manual_seed(step_seed(self.seed, pi, ui, step))
+            idx = torch.randint(0, n, (bs,))
+            xi, yi = x[idx], y[idx]
+            if cfg.input_mix >= 1.0:
+                xin = xq[idx]
+            elif cfg.input_mix <= 0.0:
+                xin = xi
+            else:
+                xin = torch.lerp(xi, xq[idx], drop_mask(xi, cfg.input_mix))
+            if xin.dim() == 4:
+                xin = xin.contiguous(memory_format=fmt)
+            count = step + 1
+            for g in (opt_scale.param_groups if opt_scale is not None else []):
+                g["lr"] = cosine_lr(g["base"], step, iters)
+            with autocast:
+                out = self._unit_forward(unit, xin)
+            rec = (out.float() - yi).pow(2).sum(1).mean()
+            loss = rec
+            if ada and count >= cfg.warmup * iters:
+                beta = _beta(count, iters, cfg.warmup, cfg.b_range)
+                loss = loss + cfg.round_weight * sum(a.regularizer(beta) for *_, a in ada)
+            if opt_round is not None:
+                opt_round.zero_grad(set_to_none=True)
+            if opt_scale is not None:
+                opt_scale.zero_grad(set_to_none=True)
+            loss.backward()
+            if opt_round is not None:
+                opt_round.step()
+            if opt_scale is not None:
+                opt_scale.step()
+            self.steps_run += 1
+            if step == start or count % 50 == 0 or count == iters:
+                last_loss = float(rec.detach())
+                if first_loss is None and step == 0:
+                    first_loss = last_loss
+                bar.update(count, last_loss)
+            if self.stop_at is not None and self.stop_at == (pi, ui, count):
+                self._save(done, snapshot(count))
+                raise ReconInterrupted(f"stopped at pass {pi} unit {ui} step {count}")
+            if count < iters:  # Ctrl-C: save at this step and stop (after the last one the unit finishes first)
+                stop_if_interrupted(self._sigint, lambda: self._save(done, snapshot(count)))
+            if self.ckpt is not None and periodic.due() and count < iters:
+                self._save(done, snapshot(count))
+                periodic.reset()
         loop_s = time.perf_counter() - t_loop
         # finish: hard rounding baked in, steps back to buffers, QDrop off
         for layer, wq, a in ada:
@@ -641,7 +601,7 @@ class Reconstructor:
         if cfg.channels_last:
             unit.module.to(memory_format=torch.contiguous_format)
         mse_xq = self._xq_loss(unit, xq, y) if iters else None
-        bar.finish(last_loss)
+        bar.end(last_loss)
         self.stats.append({"pass": pi, "unit": unit.name, "iters": iters, "skipped": unit.skip,
                            "loss_first": first_loss, "loss_last": last_loss, "mse_xq": mse_xq,
                            "wall_s": round(time.perf_counter() - t0, 3), "loop_s": round(loop_s, 3)})
@@ -692,7 +652,7 @@ class Reconstructor:
             partial = ck["partial"]
             self.stats = list(ck.get("stats") or [])
         done_set = {tuple(d) for d in done}
-        with _Bar(self.progress) as bar:
+        with NestedBar(self.progress) as bar, deferred_sigint() as self._sigint:
             for pi, cfg in enumerate(self.passes):
                 if pi > 0 and cfg.granularity != self.passes[pi - 1].granularity:
                     raise BadValueError("all passes of one reconstruction must share the granularity")
@@ -709,6 +669,7 @@ class Reconstructor:
                     done.append([pi, ui])
                     done_set.add((pi, ui))
                     self._save(done, None)
+                    stop_if_interrupted(self._sigint)
                 self._init_orphans(None, cfg)
         for _, q in _act_quantizers(self.q):
             if not q.initialized:  # act_quant off in every pass: calibrate at the end

@@ -148,10 +148,7 @@ batch draw and PLF's one-off filter (rank 0); the global batch must hold at leas
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -169,12 +166,11 @@ from .. import distributed as zdist
 from ..config import to_bool, to_float, to_int
 from ..data.augment import resample_box_flip
 from ..errors import BadValueError
-from ..interrupt import deferred_sigint as _deferred_sigint
-from ..paths import load_resume_checkpoint, torch_save_checked
-from ..progress import LossBar, fmt_loss
 from ..quant.modules import QUANT_LAYERS, Quantizer
 from ..quant.observers import Observer
 from ..quant.protocol import frozen_fp_copy
+from ..train import (Fingerprint, NestedBar, cosine_lr, deferred_sigint, derive_seed, read_checkpoint,
+                     seeded_generator, state_copy, stop_if_interrupted, write_checkpoint)
 
 CKPT_NAME = "qat.pt"
 CKPT_FORMAT = "zsq-qat-1"
@@ -369,13 +365,7 @@ class _Pass(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 def step_seed(seed: int, epoch: int, step: int) -> int:
     """A 63-bit seed for step ``step`` of epoch ``epoch`` of run ``seed`` (independent of other steps)."""
-    h = hashlib.sha256(f"zsq-qat/{int(seed)}/{int(epoch)}/{int(step)}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-def cosine_lr(base: float, step: int, total: int) -> float:
-    """``base * (1 + cos(pi * step / total)) / 2`` (step 0-based: the first step runs at ``base``)."""
-    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+    return derive_seed("zsq-qat", seed, epoch, step)
 
 
 def kd_loss(student: Tensor, teacher: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
@@ -533,26 +523,15 @@ def _act_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer) and not n.endswith("wq")]
 
 
-def _state(model: nn.Module) -> dict[str, Any]:
-    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-            for k, v in model.state_dict().items()}
-
-
 def _fingerprint(student: nn.Module, images: Tensor, cfg: QATConfig, seed: int, labels: Tensor | None = None) -> str:
-    h = hashlib.sha256()
     layout = getattr(student, "zsq_layout", None)
     default = QATConfig.__dataclass_fields__
     config = {k: v for k, v in cfg.to_dict().items() if k not in _METHOD_FIELDS or v != default[k].default}
-    h.update(json.dumps({"config": config, "seed": int(seed),
-                         "layout": layout.to_dict() if layout is not None else None},
-                        sort_keys=True, default=str).encode())
-    for k, v in sorted(student.state_dict().items()):
-        if isinstance(v, torch.Tensor):
-            h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
-            h.update(v.detach().float().contiguous().cpu().numpy().tobytes())
-    h.update(images.detach().float().contiguous().cpu().numpy().tobytes())
+    h = Fingerprint().settings({"config": config, "seed": int(seed),
+                                "layout": layout.to_dict() if layout is not None else None})
+    h.state(student.state_dict()).tensor(images)
     if labels is not None:
-        h.update(b"labels:" + labels.detach().to(torch.int64).contiguous().cpu().numpy().tobytes())
+        h.raw(b"labels:" + labels.detach().to(torch.int64).contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -586,32 +565,6 @@ def _fused_act_quant(aqs: list[tuple[str, Quantizer]]):
     finally:
         for q in patched:
             del q.forward
-
-
-class _Bar(LossBar):
-    """rich progress: an overall bar over epochs (last epoch's mean loss) and one over the current
-    epoch's steps with its running mean loss (stderr)."""
-
-    def __init__(self, enabled: bool, epochs: int, done: int):
-        super().__init__(enabled)
-        self.task = None
-        if self.p is not None:
-            self.overall = self.p.add_task("qat epochs", total=epochs, completed=done, loss="-")
-
-    def start(self, epoch: int, total: int, done: int) -> None:
-        if self.p is not None:
-            self.task = self.p.add_task(f"  epoch {epoch + 1}", total=total, completed=done, loss="-")
-
-    def update(self, done: int, loss: float | None) -> None:
-        if self.p is not None and self.task is not None:
-            self.p.update(self.task, completed=done, loss=fmt_loss(loss))
-
-    def end(self, loss: float | None) -> None:
-        if self.p is not None:
-            if self.task is not None:
-                self.p.remove_task(self.task)
-                self.task = None
-            self.p.update(self.overall, advance=1, loss=fmt_loss(loss))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -776,17 +729,14 @@ class QATTrainer:
         if self.ckpt is None:
             return
         if self.rank == 0:
-            torch_save_checked({"format": self.ckpt_format, "fingerprint": self.fingerprint, "epoch": epoch,
-                                "step": step, "model": _state(self.q), "optimizer": self.opt.state_dict(),
-                                **self._ckpt_extra(), "observers": self._observer_state(),
-                                "history": self.history, "acc": acc}, self.ckpt)
+            write_checkpoint(self.ckpt, self.ckpt_format, self.fingerprint, {
+                "epoch": epoch, "step": step, "model": state_copy(self.q), "optimizer": self.opt.state_dict(),
+                **self._ckpt_extra(), "observers": self._observer_state(), "history": self.history, "acc": acc})
         if self.world > 1:
             dist.barrier()
 
     def _read_ckpt(self) -> dict | None:
-        if not self.ckpt.is_file():
-            return None
-        return load_resume_checkpoint(self.ckpt, self.ckpt_what, self.ckpt_format, self.fingerprint)
+        return read_checkpoint(self.ckpt, self.ckpt_what, self.ckpt_format, self.fingerprint)
 
     def _load(self) -> dict | None:
         """The checkpoint to resume from, or ``None`` (data-parallel: rank 0 reads it, every rank gets it)."""
@@ -802,7 +752,7 @@ class QATTrainer:
         """Batch ``step`` of ``epoch``: images drawn without replacement (with their labels), augmented,
         low-pass filtered, and the mixup pairing; every draw from the step's own generator."""
         cfg = self.cfg
-        g = torch.Generator().manual_seed(step_seed(self.seed, epoch, step))
+        g = seeded_generator(step_seed(self.seed, epoch, step))
         n = self.images.shape[0]
         idx = torch.randperm(n, generator=g)[: min(cfg.batch_size, n)]
         b = idx.shape[0]
@@ -1037,13 +987,13 @@ class QATTrainer:
             self.teacher.to(memory_format=torch.channels_last)
         t_run = time.perf_counter()
         try:
-            with self.hooked(), _deferred_sigint() as sigint, _fused_act_quant(self.aqs), \
-                    _Bar(self.progress, cfg.epochs, start_epoch) as bar:
+            with self.hooked(), deferred_sigint() as sigint, _fused_act_quant(self.aqs), \
+                    NestedBar(self.progress, "qat epochs", cfg.epochs, start_epoch) as bar:
                 for epoch in range(start_epoch, cfg.epochs):
                     first = start_step if epoch == start_epoch else 0
                     if epoch != start_epoch:
                         acc = {}
-                    bar.start(epoch, cfg.steps_per_epoch, first)
+                    bar.start(f"  epoch {epoch + 1}", cfg.steps_per_epoch, first)
                     t0 = time.perf_counter()
                     for step in range(first, cfg.steps_per_epoch):
                         vals = self._step(epoch, step)
@@ -1067,10 +1017,8 @@ class QATTrainer:
                             if done != cfg.steps_per_epoch:
                                 self._save(epoch, done, acc)
                             raise QATInterrupted(f"stopped after step {done} of epoch {epoch}")
-                        if sigint["hit"]:
-                            if done != cfg.steps_per_epoch:
-                                self._save(epoch, done, acc)
-                            raise KeyboardInterrupt
+                        stop_if_interrupted(sigint, None if done == cfg.steps_per_epoch
+                                            else lambda: self._save(epoch, done, acc))
                     bar.end(self.history[-1]["total"] if self.history else None)
         finally:
             if cfg.channels_last:

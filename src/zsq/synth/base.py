@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -55,11 +54,11 @@ from ..data.shards import (
 from ..config import to_bool, to_float, to_int
 from ..errors import BadValueError, DataError, OutputExistsError
 from ..hardware import resolve_precision
-from ..interrupt import deferred_sigint
-from ..paths import check_writable, sha256_file, torch_load_checked, torch_save_checked, write_json_atomic, writing
-from ..progress import LossBar, fmt_loss
+from ..paths import check_writable, sha256_file, write_json_atomic, writing
 from ..registry import Registry
 from ..spec import BUDGETS, check_budget
+from ..train import (Every, NestedBar, deferred_sigint, derive_seed, read_checkpoint, seeded_generator,
+                     stop_if_interrupted, write_checkpoint)
 
 #: ``auto``: bf16 where the CPU computes it natively, else fp32 (:func:`zsq.hardware.resolve_precision`),
 #: resolved when the config is made so the key and the record name what ran
@@ -239,12 +238,11 @@ def get_synthesizer(
 # ---------------------------------------------------------------------------------------------------
 def batch_seed(seed: int, batch_index: int) -> int:
     """A 63-bit seed for global batch ``batch_index`` of run ``seed`` (independent of other batches)."""
-    h = hashlib.sha256(f"zsq-synth/{int(seed)}/{int(batch_index)}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+    return derive_seed("zsq-synth", seed, batch_index)
 
 
 def batch_generator(seed: int, batch_index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(batch_seed(seed, batch_index))
+    return seeded_generator(batch_seed(seed, batch_index), device)
 
 
 @contextlib.contextmanager
@@ -394,21 +392,14 @@ class BatchCheckpoint:
         self.rec, self.trace = rec, trace
         self.done = 0
         self.wall_before = 0.0
-        self._t0 = self._last = time.perf_counter()
+        self._t0 = time.perf_counter()
+        self._periodic = Every(every_s)
 
     def restore(self) -> dict[str, Any] | None:
-        """The saved state of this batch (and :attr:`done` set), or ``None`` to start at iteration 0."""
-        if not self.path.is_file():
-            return None
-        try:
-            ck = torch_load_checked(self.path, "mid-batch checkpoint")
-            ok = isinstance(ck, dict) and ck.get("format") == BATCH_CKPT_FORMAT \
-                and ck.get("fingerprint") == self.fingerprint
-        except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is only lost time
-            warnings.warn(f"{self.path} cannot be read ({e}); this batch starts again", stacklevel=2)
-            ok = False
-        if not ok:
-            self.path.unlink(missing_ok=True)
+        """The saved state of this batch (and :attr:`done` set), or ``None`` to start at iteration 0 (an
+        unreadable checkpoint, or another run's, is deleted)."""
+        ck = read_checkpoint(self.path, "mid-batch checkpoint", BATCH_CKPT_FORMAT, self.fingerprint, strict=False)
+        if ck is None:
             return None
         self.done = int(ck["done"])
         runner = ck.get("runner") or {}
@@ -421,17 +412,15 @@ class BatchCheckpoint:
         """After iteration ``done - 1``: checkpoint on Ctrl-C (then ``KeyboardInterrupt``) or when due."""
         if done >= total:
             return
-        if self.interrupt.get("hit"):
-            self.save(done, state())
-            raise KeyboardInterrupt
-        if time.perf_counter() - self._last >= self.every_s:
+        stop_if_interrupted(self.interrupt, lambda: self.save(done, state()))
+        if self._periodic.due():
             self.save(done, state())
 
     def save(self, done: int, state: dict[str, Any]) -> None:
-        torch_save_checked({"format": BATCH_CKPT_FORMAT, "fingerprint": self.fingerprint, "done": int(done),
-                            "state": state, "runner": {"rec": dict(self.rec), "trace": list(self.trace),
-                                                       "wall_s": self.wall_s}}, self.path)
-        self._last = time.perf_counter()
+        write_checkpoint(self.path, BATCH_CKPT_FORMAT, self.fingerprint, {
+            "done": int(done), "state": state,
+            "runner": {"rec": dict(self.rec), "trace": list(self.trace), "wall_s": self.wall_s}})
+        self._periodic.reset()
 
     @property
     def wall_s(self) -> float:
@@ -478,47 +467,8 @@ def _batch_lock(d: Path, index: int, note: Callable[[str], None]):
         lock.release()
 
 
-class _Progress(LossBar):
-    """A rich progress display: one bar over batches, one over the current batch's iterations."""
-
-    def __init__(self, enabled: bool, title: str, n_batches: int):
-        super().__init__(enabled)
-        self.enabled = enabled
-        if self.p is not None:
-            self.overall = self.p.add_task(title, total=n_batches, loss="-")
-        self.batch_task = None
-
-    def skip(self, n: int) -> None:
-        if self.p is not None and n:
-            self.p.advance(self.overall, n)
-
-    def start_batch(self, index: int) -> None:
-        if self.p is not None:
-            self.batch_task = self.p.add_task(f"  batch {index}", total=None, loss="-")
-
-    def step(self, it: int, total: int, loss: float) -> None:
-        if self.p is not None and self.batch_task is not None:
-            self.p.update(self.batch_task, completed=it + 1, total=total, loss=fmt_loss(loss))
-
-    def note(self, msg: str) -> None:
-        """One line on stderr, whether or not the bars are shown (above a live rich display)."""
-        console = getattr(self.p, "console", None)
-        if console is not None:
-            console.print(msg, highlight=False, markup=False, soft_wrap=True)
-        else:
-            sys.stderr.write(msg + "\n")
-            sys.stderr.flush()
-
-    def end_batch(self, loss: float | None) -> None:
-        if self.p is not None:
-            if self.batch_task is not None:
-                self.p.remove_task(self.batch_task)
-                self.batch_task = None
-            self.p.update(self.overall, advance=1, loss=fmt_loss(loss))
-
-
 def _make_shard(synthesizer: Synthesizer, model: nn.Module, k: int, seed: int, key: str, d: Path,
-                shape: tuple[int, int, int], device: torch.device, bar: _Progress, resumable: bool,
+                shape: tuple[int, int, int], device: torch.device, bar: NestedBar, resumable: bool,
                 every_s: float) -> tuple[dict[str, Any], bool]:
     """Make batch ``k`` (continuing its mid-batch checkpoint when the synthesizer is ``resumable``), write
     its shard and sidecar; returns ``(sidecar, interrupted)``: ``interrupted`` when a Ctrl-C came during
@@ -533,9 +483,9 @@ def _make_shard(synthesizer: Synthesizer, model: nn.Module, k: int, seed: int, k
         rec["last"] = float(loss)
         if it % max(1, total // 100) == 0 or it == total - 1:  # <= ~100 points for `zsq report`
             trace.append([int(it), round(float(loss), 6)])
-        bar.step(it, total, loss)
+        bar.update(it + 1, loss, total)
 
-    bar.start_batch(k)
+    bar.start(f"  batch {k}")
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {}
     sigint = deferred_sigint(f"Ctrl-C: saving batch {k} at the end of this iteration (Ctrl-C again to stop at once)") \
@@ -659,7 +609,7 @@ def synthesize(
     title = f"{synthesizer.name} ({budget}, seed {seed})"
     resumable = bool(getattr(synthesizer, "resumable", False))
     every_s = _ckpt_every_s() if resumable else 0.0
-    with prepared(model, cfg.channels_last), _Progress(progress, title, len(wanted)) as bar:
+    with prepared(model, cfg.channels_last), NestedBar(progress, title, len(wanted)) as bar:
         bar.skip(len(wanted) - len(todo))
         noted: list[str] = []
 
@@ -679,7 +629,7 @@ def synthesize(
                 side, interrupted = _make_shard(synthesizer, model, k, seed, key, d, shape, device, bar,
                                                 resumable, every_s)
                 done[k] = side
-            bar.end_batch(side["loss_last"])
+            bar.end(side["loss_last"])
             if on_shard is not None:
                 on_shard(k, d / shard_name(k))
             if interrupted:  # Ctrl-C during the batch's last iteration: its shard is written, stop here

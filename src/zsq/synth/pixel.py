@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from ..data.augment import resample_box_flip
 from ..errors import BadValueError
+from ..train import warmup_cosine_lr
 from .base import StepCallback, SynthConfig, Synthesizer, prepared
 from .losses import BNStatsLoss, bn_layers
 
@@ -172,11 +173,9 @@ def random_roll(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor
     return torch.roll(x, shifts=(off[0], off[1]), dims=(2, 3))
 
 
-def cosine_lr(base_lr: float, it: int, iters: int, warmup: int) -> float:
-    """DeepInversion's ``lr_cosine_policy(base_lr, warmup, iters)`` at iteration ``it``."""
-    if it < warmup:
-        return base_lr * (it + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(iters - warmup, 1))) * base_lr
+#: DeepInversion's ``lr_cosine_policy(base_lr, warmup, iters)`` at iteration ``it``: ``cosine_lr(base_lr,
+#: it, iters, warmup)`` (:func:`zsq.train.warmup_cosine_lr`)
+cosine_lr = warmup_cosine_lr
 
 
 def num_classes(model: nn.Module) -> int:

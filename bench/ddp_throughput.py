@@ -94,6 +94,7 @@ def _qat(model, args, size: int) -> dict:
 
     from zsq.qat.engine import QATConfig, qat_finetune
     from zsq.quant.protocol import apply_protocol
+    from zsq.record import record_of
     from zsq.spec import PROTOCOLS
 
     b = args.qat_batch
@@ -109,7 +110,7 @@ def _qat(model, args, size: int) -> dict:
     per_step = (stamps[-1] - stamps[args.qat_skip]) / args.qat_steps
     return {"s_per_step": round(per_step, 4), "steps": args.qat_steps, "batch": b,
             "images_per_s": round(b / per_step, 3), "ema_steps": cfg.ema_steps,
-            "final_loss": q.zsq_qat["epochs"][-1]["total"]}
+            "final_loss": record_of(q).methods["qat"]["epochs"][-1]["total"]}
 
 
 # -- driver ---------------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ def run(name: str) -> dict:
     from zsq.api import evaluate, quantize
     from zsq.models.zoo import load_model
     from zsq.recipes import RECIPES
+    from zsq.record import record_of
 
     r, lr, b, (w, a), seed, *extra = EXPERIMENTS[name]  # extra: hparams beside the lr (TexQ weights, clip)
     model = load_model("cifar10_resnet20")
@@ -69,7 +70,7 @@ def run(name: str) -> dict:
     q = quantize(model, r, w, a, seed=seed, hparams=hp, progress=False)
     wall = time.perf_counter() - t0
     acc = evaluate(q, valsplit.val_dataset(model), progress=False)
-    hist = getattr(q, "zsq_qat", {}).get("epochs", [])
+    hist = record_of(q).methods.get("qat", {}).get("epochs", [])
     return {"name": name, "recipe": r, "lr": LRS[lr], "budget": b, "bits": f"W{w}A{a}", "seed": seed, "hparams": hp,
             "val_top1": acc["top1"], "val_n": acc["n"], "wall_s": round(wall, 1), "history": hist,
             **valsplit.env_fields()}

@@ -55,8 +55,9 @@ SMOKE_REAL_N, SMOKE_K = 200, 2  # budget smoke (tests, CI): 20 images per class,
 def real_set(model, n: int = REAL_N):
     """The fixed real set: the first ``n // 10`` images of every class of train.tar, for ``model``."""
     from zsq.data.eval import open_dataset
+    from zsq.record import model_info
 
-    return open_dataset(Path(os.environ["ZSQ_HOME"]) / "cifar10-jpeg" / "train.tar", model.zsq_info.preprocess,
+    return open_dataset(Path(os.environ["ZSQ_HOME"]) / "cifar10-jpeg" / "train.tar", model_info(model).preprocess,
                         limit=n)
 
 
@@ -127,6 +128,7 @@ def experiments(args) -> dict[str, tuple]:
 def run(spec: tuple) -> dict:
     from zsq.api import quantize
     from zsq.models import load_model
+    from zsq.record import record_of
     from zsq.synth import SYNTHESIZERS, synthesize
 
     source, (w, a), seed, budget = spec
@@ -141,7 +143,7 @@ def run(spec: tuple) -> dict:
     x, y = real_set(model, SMOKE_REAL_N if smoke else REAL_N).tensors()
     sh = sharpness(q, x, y, k=SMOKE_K if smoke else K)
     sh_w = sharpness(q, x, y, k=SMOKE_K if smoke else K, act_quant=False)
-    return {"source": source, "synth": SOURCES[source], "recipe": "genie", "protocol": q.zsq_result["protocol"],
+    return {"source": source, "synth": SOURCES[source], "recipe": "genie", "protocol": record_of(q).result["protocol"],
             "bits": f"W{w}A{a}", "seed": seed, "budget": budget, "model": MODEL,
             "synthetic": {"dir": str(sset.dir), "sha256": sset.sha256, "n_images": int(sset.n_images),
                           "synth_wall_s": sset.meta.get("wall_s")},
@@ -159,6 +161,7 @@ def plots(out: Path, args) -> list[Path]:
     """Draw ``sharpness_<bits>.png`` and ``images_<source>.png`` from the JSONs of ``args``' budget and seed."""
     from zsq.data.shards import SyntheticSet
     from zsq.models import load_model
+    from zsq.record import model_info
     from zsq.report import images_png, pyplot, save_figure
 
     recs = [r for r in _records(out) if r["budget"] == args.budget and r["seed"] == args.seed]
@@ -198,7 +201,7 @@ def plots(out: Path, args) -> list[Path]:
         r = next((r for r in recs if r["source"] == source and Path(r["synthetic"]["dir"]).is_dir()), None)
         if r is None:
             continue
-        pre = pre or load_model(MODEL).zsq_info.preprocess
+        pre = pre or model_info(load_model(MODEL)).preprocess
         images_png(SyntheticSet.load(r["synthetic"]["dir"]).images, pre, out / f"images_{source}.png")
         written.append(out / f"images_{source}.png")
     return written

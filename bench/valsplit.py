@@ -25,9 +25,10 @@ VAL_N = 5000  # the first 500 images per class of train.tar
 def val_dataset(model):
     """The validation split, preprocessed for ``model``."""
     from zsq.data.eval import open_dataset
+    from zsq.record import model_info
 
     home = Path(os.environ["ZSQ_HOME"])
-    return open_dataset(home / "cifar10-jpeg" / "train.tar", model.zsq_info.preprocess, limit=VAL_N)
+    return open_dataset(home / "cifar10-jpeg" / "train.tar", model_info(model).preprocess, limit=VAL_N)
 
 
 _FP_CACHE: dict[tuple, torch.Tensor] = {}  # the FP model's log-probabilities per (weights, split), per process

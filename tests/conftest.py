@@ -87,8 +87,9 @@ def resnet20():
 def real_batch(resnet20):
     """64 real test images (6-7 per class), normalised for ResNet-20."""
     from zsq.data.eval import load_images
+    from zsq.record import model_info
 
-    x, y = load_images(str(CIFAR_TEST), resnet20.zsq_info.preprocess, 64, seed=0)
+    x, y = load_images(str(CIFAR_TEST), model_info(resnet20).preprocess, 64, seed=0)
     return x, y
 
 

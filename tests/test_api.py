@@ -12,6 +12,7 @@ import torch
 import zsq
 from zsq.errors import DataError
 from zsq.quant.modules import QUANT_LAYERS
+from zsq.record import record_of
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
@@ -38,15 +39,15 @@ def test_save_load_round_trip_is_exact(saved, real_batch):
             assert v.dtype == sd2[k].dtype and torch.equal(v, sd2[k]), k
         else:  # quantizer configuration (_extra_state)
             assert v == sd2[k], k
-    assert q2.zsq_layout.to_dict() == q.zsq_layout.to_dict()
-    assert q2.zsq_result["protocol"] == q.zsq_result["protocol"]
-    assert q2.zsq_result["bits"] == {"w": 4, "a": 4}
+    assert record_of(q2).layout.to_dict() == record_of(q).layout.to_dict()
+    assert record_of(q2).result["protocol"] == record_of(q).result["protocol"]
+    assert record_of(q2).result["bits"] == {"w": 4, "a": 4}
     x, _ = real_batch
     with torch.inference_mode():
         y, y2 = q(x), q2(x)
     assert torch.equal(y, y2)
     doc = json.loads((out / "zsq.json").read_text())
-    assert doc["protocol"] == q.zsq_result["protocol"] and doc["synthetic"]["kind"] == "synthetic"
+    assert doc["protocol"] == record_of(q).result["protocol"] and doc["synthetic"]["kind"] == "synthetic"
 
 
 def test_qmodel_pt_loads_weights_only(saved):
@@ -54,7 +55,7 @@ def test_qmodel_pt_loads_weights_only(saved):
     payload = torch.load(out / "qmodel.pt", map_location="cpu", weights_only=True)
     assert payload["format"] == "zsq-qmodel-1"
     assert payload["model"]["id"] == "cifar10_resnet20"
-    assert payload["layout"]["protocol"] == q.zsq_result["protocol"]
+    assert payload["layout"]["protocol"] == record_of(q).result["protocol"]
     assert set(payload["state_dict"]) == set(q.state_dict())
     assert set(payload["int_weights"]) == {n for n, m in q.named_modules() if isinstance(m, QUANT_LAYERS)}
 
@@ -67,7 +68,7 @@ def test_int_weights_are_low_bit_codes_of_the_fake_quant_weights(saved):
     bits_seen = set()
     for name, m in layers.items():
         codes = payload["int_weights"][name]
-        bits = q.zsq_layout.weights[name]
+        bits = record_of(q).layout.weights[name]
         assert bits == (8 if name in (names[0], names[-1]) else 4), name  # first conv / last linear at W8
         assert m.wq.bits == bits
         assert not codes.is_floating_point() and codes.shape == m.weight.shape
@@ -93,7 +94,7 @@ def test_int_weights_are_low_bit_codes_of_the_fake_quant_weights(saved):
 
 def test_w4_model_is_under_a_quarter_of_fp(saved):
     q, out = saved
-    size = q.zsq_result["size"]
+    size = record_of(q).result["size"]
     assert 0 < size["q_bytes"] < size["fp_bytes"] / 4, size
     assert json.loads((out / "zsq.json").read_text())["size"] == size
 
@@ -110,7 +111,7 @@ def test_w2a2_scores_clearly_below_w8a8(resnet20):
     for bits in (8, 2):
         q = zsq.quantize(resnet20, "minmax-noise", bits, bits, budget="smoke", calib=str(TRAIN_TAR), calib_n=128,
                          progress=False)
-        assert q.zsq_result["synthetic"]["kind"] == "real"
+        assert record_of(q).result["synthetic"]["kind"] == "real"
         top1[bits] = zsq.evaluate(q, str(TEST_TAR), limit=1000, progress=False)["top1"]
     assert top1[8] >= 78.0, top1  # FP: 80.40 on this subset
     assert top1[2] < top1[8] - 20.0, top1
@@ -119,9 +120,9 @@ def test_w2a2_scores_clearly_below_w8a8(resnet20):
 def test_real_calibration_is_recorded(resnet20, tmp_path):
     q = zsq.quantize(resnet20, "minmax-noise", 4, 4, budget="smoke", calib=str(TRAIN_TAR), calib_n=64,
                      progress=False)
-    syn = q.zsq_result["synthetic"]
+    syn = record_of(q).result["synthetic"]
     assert syn["kind"] == "real" and syn["n_images"] == 64 and syn["dir"] == str(TRAIN_TAR)
-    assert q.zsq_result["recipe"]["synth"] is None  # nothing was synthesized
+    assert record_of(q).result["recipe"]["synth"] is None  # nothing was synthesized
     zsq.save(q, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "zsq.json").read_text())["synthetic"]["kind"] == "real"
 
@@ -161,17 +162,17 @@ def test_synth_overrides_sit_on_the_budget_and_are_recorded(resnet20):
         synth_settings(resolve("squant"), {"iters": 1})
     q = zsq.quantize(resnet20, "minmax-noise", 8, 8, budget="smoke", progress=False, synth_overrides={"n_images": 16})
     q0 = zsq.quantize(resnet20, "minmax-noise", 8, 8, budget="smoke", progress=False)
-    assert q.zsq_result["synthetic"]["n_images"] == 16 != q0.zsq_result["synthetic"]["n_images"]
-    assert q.zsq_result["recipe"]["synth_overrides"] == {"n_images": 16}
-    assert "synth_overrides" not in q0.zsq_result["recipe"] and q.zsq_result["synthetic"]["dir"] != q0.zsq_result[
-        "synthetic"]["dir"]
+    r, r0 = record_of(q).result, record_of(q0).result
+    assert r["synthetic"]["n_images"] == 16 != r0["synthetic"]["n_images"]
+    assert r["recipe"]["synth_overrides"] == {"n_images": 16}
+    assert "synth_overrides" not in r0["recipe"] and r["synthetic"]["dir"] != r0["synthetic"]["dir"]
 
 
 def test_zeroq_smoke_end_to_end(resnet20, real_batch):
     """The zeroq recipe through the API on its smoke budget: distilled images, then L_p weights and
     min-max activations (the default/smoke quantizer); W4A8 keeps most of the FP predictions."""
     q = zsq.quantize(resnet20, "zeroq", 4, 8, protocol="ptq", budget="smoke", progress=False)
-    r = q.zsq_result
+    r = record_of(q).result
     assert r["recipe"]["synth"] == "zeroq" and r["recipe"]["hparams"]["w_observer"] == "mse"
     assert r["synthetic"]["kind"] == "synthetic" and r["synthetic"]["n_images"] > 0
     x, _ = real_batch

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from zsq.data.augment import augment_set, random_flip_shift
 from zsq.errors import BadValueError
+from zsq.record import record_of
 
 TEST_TAR = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"
 
@@ -73,5 +74,5 @@ def test_reconstruction_runs_on_the_augmented_set(resnet20):
                      calib=str(TEST_TAR), calib_n=16, hparams={"iters": 4, "augment": "flipshift",
                                                                "augment_copies": 2})
     # the set it trained on: the 16 images and 2 augmented copies of each
-    assert q.zsq_result["recipe"]["hparams"]["augment"] == "flipshift"
-    assert q.zsq_recon["n_images"] == 48
+    assert record_of(q).result["recipe"]["hparams"]["augment"] == "flipshift"
+    assert record_of(q).methods["recon"]["n_images"] == 48

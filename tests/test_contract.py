@@ -35,6 +35,7 @@ from torch import nn
 import zsq
 from zsq import api
 from zsq.recipes import QUANTIZERS, RECIPES
+from zsq.record import model_info
 
 from conftest import (CIFAR_TEST, SMOKE_BITS, smoke_fp_model, smoke_model_id as model_id, smoke_quantize,
                       smoke_synth_overrides)
@@ -196,7 +197,7 @@ def batches():
     def get(mid: str) -> torch.Tensor:
         if mid not in cache:
             model = zsq.load_model(mid)
-            cache[mid] = load_images(str(CIFAR_TEST), model.zsq_info.preprocess, BATCH, seed=0)[0]
+            cache[mid] = load_images(str(CIFAR_TEST), model_info(model).preprocess, BATCH, seed=0)[0]
         return cache[mid]
 
     return get

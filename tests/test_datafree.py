@@ -18,6 +18,7 @@ from zsq.errors import ZsqError
 from zsq.ptq import bn_ranges, dfq, squant, udfc
 from zsq.quant.modules import QuantConv2d
 from zsq.recipes import PRE_STEPS, QUANTIZERS, RECIPES
+from zsq.record import record_of
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 TEST_TAR = ASSETS / "cifar10-jpeg" / "test.tar"
@@ -340,8 +341,9 @@ def test_recipe_runs_on_resnet20_w4a4(recipe, smoke_qmodel):
     """The shared smoke run (the same as the default budget's: these recipes have no budget; its native
     protocol is `fixed`; tests/test_contract.py checks its levels) is accurate."""
     q = smoke_qmodel(recipe)
-    assert q.zsq_result["synthetic"]["n_images"] == 0 and q.zsq_result["protocol"] == "fixed"
-    assert q.zsq_result["recipe"]["hparams"] == zsq.api.resolve(recipe, budget="default").hparams
+    res = record_of(q).result
+    assert res["synthetic"]["n_images"] == 0 and res["protocol"] == "fixed"
+    assert res["recipe"]["hparams"] == zsq.api.resolve(recipe, budget="default").hparams
     top1 = zsq.evaluate(q, TEST_TAR, limit=1000, progress=False)["top1"]
     assert top1 >= 70.0, top1  # FP 81.03 (full set); W4A4 of these recipes ~76-79 on the full set
 
@@ -365,7 +367,7 @@ def test_dfq_prestep_chains_before_another_recipe(resnet20, real_batch):
     with torch.inference_mode():
         torch.testing.assert_close(fp(x), resnet20(x), **TOL)
     q = zsq.quantize(resnet20, "minmax-noise", 8, 8, protocol="fixed", pre="dfq", budget="smoke", progress=False)
-    assert q.zsq_result["recipe"]["pre"] == "dfq"
+    assert record_of(q).result["recipe"]["pre"] == "dfq"
     with torch.inference_mode():
         agree = (q(x).argmax(1) == resnet20(x).argmax(1)).float().mean()
     assert agree >= 0.9

@@ -380,7 +380,7 @@ def test_evaluate_counts_top1_and_top5_exactly(tmp_path):
     # limit on a Dataset: first limit // classes per class
     res = evaluate(model, open_dataset(tmp_path / "t", CIFAR10), limit=6, progress=False)
     assert res["n"] == 6 and res["top5"] == pytest.approx(100 * 2 / 6)
-    # zsq_info.preprocess is used when the data is a path
+    # the preprocessing of the model's record is used when the data is a path
     from zsq.models import load_model
 
     m = load_model(_Constant([0, 1, 2], 3), preprocess=CIFAR10, num_classes=3)

@@ -22,6 +22,7 @@ from zsq.gen.objectives import Play, entropy, scrm_loss, scrm_map, soft_ce
 from zsq.qat.engine import QATInterrupted, kd_loss
 from zsq.quant.protocol import apply_protocol
 from zsq.spec import PROTOCOLS
+from zsq.record import record_of
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TEST = REPO.parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"
@@ -124,8 +125,9 @@ def test_generator_loss_decreases(resnet20, recipe, monkeypatch):
     ctx = QuantContext(model=resnet20, images=None, protocol=PROTOCOLS["qat"], w_bits=bits, a_bits=bits,
                        policy=LayerPolicy(), hparams=hp, progress=False)
     q = QUANTIZERS[r.quant](ctx)
-    g = [e["g_total"] for e in q.zsq_qat["epochs"]]
-    assert len(g) == 6 and q.zsq_qat["game"]["game"] == r.quant
+    qat = record_of(q).methods["qat"]
+    g = [e["g_total"] for e in qat["epochs"]]
+    assert len(g) == 6 and qat["game"]["game"] == r.quant
     assert g[-1] < g[1] - 1e-3 * abs(g[1]), g  # from iteration 1 on the ranges are frozen: same objective
 
 
@@ -406,10 +408,11 @@ def test_resume_after_one_epoch_equals_uninterrupted(resnet20, tmp_path):
         _resume_run(resnet20, ckpt_dir=tmp_path, stop_at=(1, 2))
     assert (tmp_path / "gen.pt").is_file()
     resumed = _resume_run(resnet20, ckpt_dir=tmp_path, resume=True)
-    assert resumed.zsq_qat["steps_run"] == 2  # epochs 0 and 1 were not run again
-    strip = lambda q: [{k: v for k, v in e.items() if k != "wall_s"} for e in q.zsq_qat["epochs"]]  # noqa: E731
+    assert record_of(resumed).methods["qat"]["steps_run"] == 2  # epochs 0 and 1 were not run again
+    strip = lambda q: [{k: v for k, v in e.items() if k != "wall_s"}  # noqa: E731
+                       for e in record_of(q).methods["qat"]["epochs"]]
     assert strip(resumed) == strip(full)
-    for a, b in ((full, resumed), (full.zsq_generator, resumed.zsq_generator)):
+    for a, b in ((full, resumed), (record_of(full).generator, record_of(resumed).generator)):
         ta, tb = _tensors(a), _tensors(b)
         assert ta.keys() == tb.keys()
         for k in ta:
@@ -464,14 +467,16 @@ def test_gdfq_smoke_end_to_end(resnet20, smoke_qmodel):
     import zsq
 
     q = smoke_qmodel("gdfq")
-    res = q.zsq_result
+    res = record_of(q).result
     assert res["recipe"]["quant"] == "gdfq" and res["protocol"] == "qat" and res["synthetic"]["n_images"] == 0
-    assert q.zsq_qat["steps_run"] == 4 and q.zsq_qat["warmup_steps"] == 2 and len(q.zsq_qat["epochs"]) == 2
+    qat = record_of(q).methods["qat"]
+    assert qat["steps_run"] == 4 and qat["warmup_steps"] == 2 and len(qat["epochs"]) == 2
     top1 = zsq.evaluate(q, str(CIFAR_TEST), limit=300, progress=False)["top1"]
     assert top1 > 20.0, top1  # 2 training iterations of W4A4: far from FP, far above chance
     # AIT on top of another generator recipe
     q2 = zsq.quantize(resnet20, recipe="adasg", budget="smoke", hparams={"ait": True}, progress=False)
-    assert q2.zsq_result["recipe"]["hparams"]["ait"] is True and q2.zsq_qat["game"]["game"] == "adasg"
+    rec2 = record_of(q2)
+    assert rec2.result["recipe"]["hparams"]["ait"] is True and rec2.methods["qat"]["game"]["game"] == "adasg"
 
 
 def test_diverged_student_gives_a_clear_error(resnet20):
@@ -488,10 +493,11 @@ def test_diverged_student_gives_a_clear_error(resnet20):
 def test_causal_ris_smoke_end_to_end(resnet20, recipe, smoke_qmodel):
     """The game's terms in the shared smoke run's record (tests/test_contract.py checks its levels)."""
     q = smoke_qmodel(recipe)
-    res = q.zsq_result
+    res = record_of(q).result
     assert res["recipe"]["quant"] == recipe and res["protocol"] == "qat" and res["synthetic"]["n_images"] == 0
-    assert q.zsq_qat["steps_run"] == 4 and q.zsq_qat["game"]["game"] == recipe
-    last = q.zsq_qat["epochs"][-1]
+    qat = record_of(q).methods["qat"]
+    assert qat["steps_run"] == 4 and qat["game"]["game"] == recipe
+    last = qat["epochs"][-1]
     terms = {"causal-dfq": {"g_inv", "g_style", "causal"}, "ris": {"g_pred", "g_feat", "g_div"}}[recipe]
     assert terms <= set(last)
     assert all(math.isfinite(v) for v in last.values())

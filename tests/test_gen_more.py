@@ -17,6 +17,7 @@ from zsq.errors import BadValueError, DataError, ZsqError
 from zsq.gen import genq
 from zsq.gen.genq import GenQConfig, class_names, energy, select, to_model_input
 from zsq.models.preprocess import Preprocess
+from zsq.record import record_of
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -217,7 +218,7 @@ def test_genq_smoke_end_to_end(resnet20, tiny_pipeline, monkeypatch):
     monkeypatch.setenv(genq.ENV_PIPELINE, str(tiny_pipeline))
     q = zsq.quantize(resnet20, recipe="genq", w_bits=4, a_bits=4, budget="smoke", progress=False,
                      hparams={"iters": 2})
-    res = q.zsq_result
+    res = record_of(q).result
     assert res["recipe"]["synth"] == "genq" and res["recipe"]["quant"] == "qdrop" and res["protocol"] == "ptq"
     assert res["synthetic"]["n_images"] == 8
     with torch.inference_mode():

@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "zsq.interrupt": 0, "zsq.ops": 0, "zsq.hardware": 0,
     "zsq.train": 0,  # the training loops' shared parts: step seeds, lr schedules, checkpoint / resume
     "zsq.config": 0,  # the one converter of setting values, Setting, the Config base of the config dataclasses
+    "zsq.record": 0,  # the QuantizedModel record a model carries (load_model, apply_protocol, the methods, quantize)
     # 1: the vocabulary (specs, the recipe / quantizer registries and their types) and the parts
     "zsq.spec": 1, "zsq.recipes": 1,
     "zsq.models": 1, "zsq.data": 1, "zsq.quant": 1,

@@ -20,6 +20,7 @@ from zsq.synth.deepinversion import DEEPINVERSION_CIFAR10, DeepInversion, cutmix
 from zsq.synth.dsg import DSG, lse_weights
 from zsq.synth.intraq import focal_ce, laws_energy, laws_masks, leave_one_out_centres, margin_loss, soft_target_loss
 from zsq.synth.pixel import cosine_lr, random_resized_crop_flip
+from zsq.record import model_info
 
 NAMES = ["deepinversion", "mixmix", "kw", "gznq", "dsg", "intraq", "hast", "texq"]
 LABELLED = [n for n in NAMES if n != "dsg"]
@@ -284,7 +285,7 @@ def test_deepinversion_adi_needs_a_student(model):
 
 def test_clip_keeps_pixels_in_the_valid_range(model):
     out = _batch(get_synthesizer("deepinversion", "smoke", {**TINY, "lr": 5.0}), model)
-    pre = model.zsq_info.preprocess
+    pre = model_info(model).preprocess
     lo = (-torch.tensor(pre.mean) / torch.tensor(pre.std)).view(1, 3, 1, 1)
     hi = ((1 - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(1, 3, 1, 1)
     assert (out["images"] >= lo - 1e-6).all() and (out["images"] <= hi + 1e-6).all()
@@ -312,7 +313,7 @@ def test_random_resized_crop_identity_and_flip():
 def test_mixmix_loads_the_extra_models_offline(model):
     synth = get_synthesizer("mixmix", "smoke")
     extra = synth.extra_models(model)
-    assert [m.zsq_info.id for m in extra] == ["cifar10_resnet32"]  # ResNet-20 itself is not doubled
+    assert [model_info(m).id for m in extra] == ["cifar10_resnet32"]  # ResNet-20 itself is not doubled
     with pytest.raises(UnknownNameError):
         get_synthesizer("mixmix", "smoke", {"models": "cifar10_resnet21"}).extra_models(model)
 

@@ -15,6 +15,7 @@ from conftest import CIFAR_TEST, ROOT
 
 from zsq.errors import BadValueError
 from zsq.progress import LossBar, PlainProgress, count_progress, loss_progress
+from zsq.record import model_info
 
 
 def test_plain_progress_writes_finished_tasks_once_and_running_ones_periodically(monkeypatch):
@@ -83,7 +84,7 @@ def test_real_calibration_images_are_counted_while_they_load(resnet20, capsys, m
     from zsq.data.eval import load_images
 
     monkeypatch.setenv("ZSQ_PROGRESS_EVERY", "0")
-    pre = resnet20.zsq_info.preprocess
+    pre = model_info(resnet20).preprocess
     x, y = load_images(CIFAR_TEST, pre, 300, seed=3, progress=True)  # decoded 256 at a time
     err = capsys.readouterr().err.splitlines()
     assert [ln.rsplit(" [", 1)[0] for ln in err] == ["loading 300 images from test.tar: 256/300",

@@ -18,6 +18,7 @@ from zsq.qat.engine import (QATConfig, QATInterrupted, kd_loss, qat_finetune, qu
 from zsq.quant.modules import QUANT_LAYERS, Quantizer
 from zsq.quant.protocol import apply_protocol
 from zsq.spec import PROTOCOLS
+from zsq.record import record_of
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TEST = REPO.parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"
@@ -88,8 +89,8 @@ def test_kd_steps_lower_kl_on_fixed_batch(resnet20, real_batch):
         q = qat_finetune(_student(resnet20, 4, 4), resnet20, x, cfg, progress=False)
         with torch.inference_mode():
             kls[lr] = float(kd_loss(q(x), resnet20(x), cfg.temperature))
-        assert q.zsq_qat["steps_run"] == 13 and q.zsq_qat["ema_steps"] == 1
-        assert q.zsq_qat["epochs"][0]["ema_steps"] == 1
+        assert record_of(q).methods["qat"]["steps_run"] == 13 and record_of(q).methods["qat"]["ema_steps"] == 1
+        assert record_of(q).methods["qat"]["epochs"][0]["ema_steps"] == 1
     assert kls[3e-5] < 0.7 * kls[0.0], kls
 
 
@@ -104,7 +105,7 @@ def test_bn_statistics_frozen_and_parameters_trained(resnet20):
     for k, v in bn0.items():
         assert torch.equal(q.state_dict()[k], v), k  # eval mode throughout: running stats untouched
     assert not torch.equal(q.layer1[0].conv1.weight, w0) and not torch.equal(q.layer1[0].bn1.weight, g0)
-    assert set(q.zsq_qat["epochs"][0]) >= {"kd", "ce", "bns", "total"}
+    assert set(record_of(q).methods["qat"]["epochs"][0]) >= {"kd", "ce", "bns", "total"}
     assert torch.equal(resnet20.layer1[0].conv1.weight, teacher_w)  # the FP model is left alone
     with pytest.raises(BadValueError, match="BatchNorm"):
         qat_finetune(_student(resnet20, proto="ptq"), resnet20, _images(8), QATConfig(bns_weight=0.1), progress=False)
@@ -151,8 +152,9 @@ def test_resume_at_epoch_boundary_equals_uninterrupted(resnet20, tmp_path):
     assert (tmp_path / "qat.pt").is_file()
     resumed = qat_finetune(_student(resnet20), resnet20, images, cfg, seed=3, progress=False, ckpt_dir=tmp_path,
                            resume=True)
-    assert resumed.zsq_qat["steps_run"] == 2  # epochs 0 and 1 were not run again
-    losses = lambda q: [{k: v for k, v in e.items() if k != "wall_s"} for e in q.zsq_qat["epochs"]]  # noqa: E731
+    assert record_of(resumed).methods["qat"]["steps_run"] == 2  # epochs 0 and 1 were not run again
+    losses = lambda q: [{k: v for k, v in e.items() if k != "wall_s"}  # noqa: E731
+                        for e in record_of(q).methods["qat"]["epochs"]]
     assert losses(resumed) == losses(full)  # the history (epoch 0 from the checkpoint) is the same too
     a, b = _tensors(full), _tensors(resumed)
     assert a.keys() == b.keys()
@@ -161,7 +163,7 @@ def test_resume_at_epoch_boundary_equals_uninterrupted(resnet20, tmp_path):
     # a finished run resumes to the same tensors without a step
     again = qat_finetune(_student(resnet20), resnet20, images, cfg, seed=3, progress=False, ckpt_dir=tmp_path,
                          resume=True)
-    assert again.zsq_qat["steps_run"] == 0
+    assert record_of(again).methods["qat"]["steps_run"] == 0
     assert all(torch.equal(v, _tensors(again)[k]) for k, v in a.items())
 
 
@@ -187,7 +189,7 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(resnet20, tmp_path, at
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed = qat_finetune(_student(resnet20), resnet20, images, cfg, seed=5, progress=False, ckpt_dir=tmp_path,
                            resume=True)
-    assert resumed.zsq_qat["steps_run"] == 6 - (2 * at[0] + at[1] + 1)
+    assert record_of(resumed).methods["qat"]["steps_run"] == 6 - (2 * at[0] + at[1] + 1)
     a, b = _tensors(full), _tensors(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -256,9 +258,9 @@ def test_qat_zeroq_smoke_end_to_end(smoke_qmodel):
     import zsq
 
     q = smoke_qmodel("qat-zeroq")
-    res = q.zsq_result
+    res = record_of(q).result
     assert res["recipe"]["quant"] == "qat-kd" and res["protocol"] == "qat" and res["synthetic"]["n_images"] > 0
     assert res["recipe"]["hparams"]["steps_per_epoch"] == 4
-    assert q.zsq_qat["steps_run"] == 4 and len(q.zsq_qat["epochs"]) == 1
+    assert record_of(q).methods["qat"]["steps_run"] == 4 and len(record_of(q).methods["qat"]["epochs"]) == 1
     top1 = zsq.evaluate(q, str(CIFAR_TEST), limit=500, progress=False)["top1"]
     assert top1 > 20.0, top1  # 4 steps of W4A4: far from FP, far above chance

@@ -18,6 +18,7 @@ from zsq.qat.engine import (QATConfig, QATInterrupted, QATTrainer, channel_atten
                             lowpass_filter, masked_ce, normalized_entropy, qat_finetune)
 from zsq.quant.protocol import apply_protocol
 from zsq.spec import PROTOCOLS
+from zsq.record import record_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -230,11 +231,12 @@ def test_resume_with_every_term_on_equals_uninterrupted(resnet20, tmp_path):
     cfg = QATConfig(epochs=3, steps_per_epoch=2, batch_size=8, lr=1e-3, ema_epochs=1, **ALL_ON)
     kw = dict(seed=3, progress=False, labels=labels)
     full = qat_finetune(_student(resnet20), resnet20, images, cfg, **kw)
-    assert {"ce", "fa", "adv", "cam", "mix"} <= set(full.zsq_qat["epochs"][0]) and full.zsq_qat["labels"]
+    qat = record_of(full).methods["qat"]
+    assert {"ce", "fa", "adv", "cam", "mix"} <= set(qat["epochs"][0]) and qat["labels"]
     with pytest.raises(QATInterrupted):
         qat_finetune(_student(resnet20), resnet20, images, cfg, ckpt_dir=tmp_path, stop_at=(1, 1), **kw)
     resumed = qat_finetune(_student(resnet20), resnet20, images, cfg, ckpt_dir=tmp_path, resume=True, **kw)
-    assert resumed.zsq_qat["steps_run"] == 3
+    assert record_of(resumed).methods["qat"]["steps_run"] == 3
     a, b = _tensors(full), _tensors(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -303,7 +305,7 @@ def test_labels_flow_from_the_synthetic_set_to_the_quantizer(resnet20, tmp_path,
     # the QAT quantizer hands them on: CE on the labels
     q = zsq.quantize(resnet20, recipe="qat-zeroq", synthetic=str(d), budget="smoke", progress=False,
                      hparams={"ce_weight": 1.0, "batch_size": 8})
-    assert q.zsq_qat["labels"] and "ce" in q.zsq_qat["epochs"][0]
+    assert record_of(q).methods["qat"]["labels"] and "ce" in record_of(q).methods["qat"]["epochs"][0]
 
 
 # -- the recipes ------------------------------------------------------------------------------------------
@@ -335,10 +337,11 @@ def test_hast_smoke_end_to_end(smoke_qmodel):
     import zsq
 
     q = smoke_qmodel("hast")
-    res = q.zsq_result
+    res = record_of(q).result
     assert res["recipe"]["synth"] == "hast" and res["recipe"]["hparams"]["fa_weight"] == 1000.0
-    assert q.zsq_qat["labels"] and q.zsq_qat["steps_run"] == 4
-    assert {"kd", "fa", "adv"} <= set(q.zsq_qat["epochs"][0]) and "ce" not in q.zsq_qat["epochs"][0]
+    qat = record_of(q).methods["qat"]
+    assert qat["labels"] and qat["steps_run"] == 4
+    assert {"kd", "fa", "adv"} <= set(qat["epochs"][0]) and "ce" not in qat["epochs"][0]
     top1 = zsq.evaluate(q, str(CIFAR_TEST), limit=300, progress=False)["top1"]
     assert top1 > 20.0, top1
 

@@ -19,6 +19,7 @@ from zsq.quant.adaround import AdaRoundQuantizer, rectified_sigmoid, rectified_s
 from zsq.quant.modules import QUANT_LAYERS, Quantizer
 from zsq.quant.protocol import apply_protocol
 from zsq.spec import PROTOCOLS
+from zsq.record import record_of
 
 CIFAR_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"
 
@@ -153,7 +154,7 @@ def test_units_and_quantizer_ownership(resnet20):
     assert not by["linear"].owned and not orphans
     # every activation quantizer has exactly one owner
     owned = [n for u in units for n, _ in u.owned]
-    assert sorted(owned) == sorted(a.name for a in q.zsq_layout.acts)
+    assert sorted(owned) == sorted(a.name for a in record_of(q).layout.acts)
 
 
 # -- reconstruction ------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def test_resume_equals_uninterrupted(resnet20, tmp_path, method, proto, hp):
     kw = dict(seed=3, progress=False)
 
     full = reconstruct(_qmodel(resnet20, proto), images, passes, **kw)
-    total = full.zsq_recon["steps_run"]
+    total = record_of(full).methods["recon"]["steps_run"]
 
     ck = tmp_path / "ckpt"
     stop = (len(passes) - 1, 3, 4)  # last pass, unit 3 (three units finished), mid-unit after step 4
@@ -236,7 +237,7 @@ def test_resume_equals_uninterrupted(resnet20, tmp_path, method, proto, hp):
     assert (ck / "recon.pt").is_file()
     resumed = reconstruct(_qmodel(resnet20, proto), images, passes, ckpt_dir=ck, resume=True, **kw)
     # completed steps were skipped: only the rest of unit 3 and the later units ran
-    assert 0 < resumed.zsq_recon["steps_run"] < total
+    assert 0 < record_of(resumed).methods["recon"]["steps_run"] < total
     a, b = _all_tensors(full), _all_tensors(resumed)
     assert a.keys() == b.keys()
     for k in a:
@@ -343,8 +344,8 @@ def test_genie_recipe_smoke_end_to_end(smoke_qmodel):
     import zsq
 
     q = smoke_qmodel("genie")
-    assert q.zsq_result["recipe"]["synth"] == "genie" and q.zsq_result["protocol"] == "genie-native"
-    assert len(q.zsq_recon["units"]) == 11
+    assert record_of(q).result["recipe"]["synth"] == "genie" and record_of(q).result["protocol"] == "genie-native"
+    assert len(record_of(q).methods["recon"]["units"]) == 11
     top1 = zsq.evaluate(q, str(CIFAR_TEST), limit=1000, progress=False)["top1"]
     assert top1 > 60.0, top1
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 import zsq
 from zsq.report import write_report
+from zsq.record import record_of
 
 
 def _bench_record(recipe, w, a, top1):
@@ -63,7 +64,7 @@ def test_report_measures_learnt_weights_against_the_fp_model(resnet20, tmp_path)
     bench.mkdir()
     for i, (w, a, t) in enumerate([(8, 8, 91.0), (4, 8, 88.0), (4, 4, 85.0)]):
         rec = _bench_record("genie", w, a, t)
-        rec["run"]["protocol"] = q.zsq_result["protocol"]
+        rec["run"]["protocol"] = record_of(q).result["protocol"]
         (bench / f"r{i}.json").write_text(json.dumps(rec))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # matplotlib warned on the infinite bars

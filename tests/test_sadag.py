@@ -17,6 +17,7 @@ from zsq.errors import BadValueError, ZsqError
 from zsq.synth import get_synthesizer, prepared, synthesize
 from zsq.synth.base import batch_generator
 from zsq.synth.sadag import GradientMatching, SadagConfig, quantizers_off
+from zsq.record import record_of
 
 CIFAR_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"
 
@@ -161,7 +162,7 @@ def test_sadag_recipe_smoke_end_to_end(smoke_qmodel):
 
     assert "sadag" in zsq.recipes.RECIPES.names()
     q = smoke_qmodel("sadag")
-    res = q.zsq_result
+    res = record_of(q).result
     assert res["recipe"]["synth"] == "sadag" and res["recipe"]["quant"] == "genie-m"
     assert res["protocol"] == "genie-native"
     top1 = zsq.evaluate(q, str(CIFAR_TEST), limit=500, progress=False)["top1"]

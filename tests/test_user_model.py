@@ -17,6 +17,7 @@ from zsq.errors import BadValueError
 from zsq.models import load_model
 from zsq.models.preprocess import parse_input_size
 from zsq.models.zoo import model_input_size, tv_preprocess
+from zsq.record import model_info
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -91,12 +92,12 @@ def test_size_unknown_is_refused_before_any_work(user_file, tmp_path):
 
 
 def test_size_from_the_model_or_the_flags(user_file):
-    assert load_model(f"{user_file}:declared").zsq_info.preprocess.input_size == 48
-    assert load_model(f"{user_file}:resnet18", input_size="3,40,40").zsq_info.preprocess.input_size == 40
+    assert model_info(load_model(f"{user_file}:declared")).preprocess.input_size == 48
+    assert model_info(load_model(f"{user_file}:resnet18", input_size="3,40,40")).preprocess.input_size == 40
     with pytest.raises(BadValueError, match="--input-size"):
         load_model(f"{user_file}:resnet18")
     m = load_model(f"{user_file}:mobilenet", input_size=64)
-    assert model_input_size(m) is None and m.zsq_info.preprocess.input_size == 64
+    assert model_input_size(m) is None and model_info(m).preprocess.input_size == 64
 
 
 def test_torchvision_sizes_come_from_the_published_transforms():

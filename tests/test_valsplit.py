@@ -12,13 +12,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import valsplit  # noqa: E402
 
 from conftest import CIFAR_TEST, load_bench_script  # noqa: E402
+from zsq.record import model_info  # noqa: E402
 
 
 def test_fidelity_top1_matches_evaluate_and_is_exact_against_itself(resnet20, one_thread):
     import zsq
     from zsq.data.eval import open_dataset
 
-    ds = open_dataset(CIFAR_TEST, resnet20.zsq_info.preprocess, limit=200)
+    ds = open_dataset(CIFAR_TEST, model_info(resnet20).preprocess, limit=200)
     q = zsq.quantize(resnet20, "minmax-noise", 3, 3, protocol="genie-native", budget="smoke", progress=False)
     valsplit._FP_CACHE.clear()
     f = valsplit.fidelity(resnet20, q, ds, n_hard=50, batch_size=64)
@@ -38,7 +39,7 @@ def test_fidelity_top1_matches_evaluate_and_is_exact_against_itself(resnet20, on
     with torch.no_grad():
         next(again.parameters()).mul_(0.5)
     valsplit.fidelity(again, q, ds, n_hard=50, batch_size=64)
-    valsplit.fidelity(resnet20, q, open_dataset(CIFAR_TEST, resnet20.zsq_info.preprocess, limit=100), n_hard=10)
+    valsplit.fidelity(resnet20, q, open_dataset(CIFAR_TEST, model_info(resnet20).preprocess, limit=100), n_hard=10)
     assert len(valsplit._FP_CACHE) == 3
     valsplit._FP_CACHE.clear()
 

@@ -25,6 +25,7 @@ from zsq.ptq.calibrate import calibrate
 from zsq.quant.modules import QuantMatMul, Quantizer
 from zsq.quant.protocol import apply_protocol
 from zsq.spec import PROTOCOLS, LayerPolicy
+from zsq.record import model_info, record_of
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
@@ -141,7 +142,7 @@ def test_protocol_table_vit(vit, real_batch, one_thread):
     assert len(wqs) == 2 + 4 * VIT_TINY.depth
     assert all(w.symmetric and w.per_channel and w.qmin == -(2 ** (W - 1)) and not w.zero_point.any() for w in wqs)
     # per block: qkv, proj, fc1, fc2 inputs + 2 x 2 matmul operands; plus the head input
-    assert len(q.zsq_layout.acts) == 8 * VIT_TINY.depth + 1
+    assert len(record_of(q).layout.acts) == 8 * VIT_TINY.depth + 1
     assert all(not a.symmetric and not a.per_channel for n, a in q.named_modules()
                if isinstance(a, Quantizer) and not n.endswith("wq"))
 
@@ -157,9 +158,9 @@ def test_vit_policy_and_other_protocols(vit, real_batch, one_thread):
     # the CNN protocols also run: block outputs (residual stream) and GELU outputs, plus the matmuls
     q = apply_protocol(vit, PROTOCOLS["ptq"], 4, 4)
     calibrate(q, x[:8])
-    names = [a.name for a in q.zsq_layout.acts]
+    names = [a.name for a in record_of(q).layout.acts]
     assert "blocks.0.aq_out" in names and "blocks.0.mlp.act.aq_out" in names and "blocks.0.attn.matmul1.aq_a" in names
-    assert q.zsq_layout.weights["patch_embed.proj"] == 8 and q.zsq_layout.weights["head"] == 8
+    assert record_of(q).layout.weights["patch_embed.proj"] == 8 and record_of(q).layout.weights["head"] == 8
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -218,8 +219,8 @@ def test_bundled_weights_are_the_recorded_ones_and_classify(monkeypatch, one_thr
     bundled = REPO / "src" / "zsq" / "models" / "weights" / vitmod.VIT_TINY_FILE
     assert vitmod.VIT_TINY_SHA256 and sha256_file(bundled) == vitmod.VIT_TINY_SHA256
     m = zsq.load_model("cifar10_vit_tiny")
-    assert m.zsq_info.weights_sha256 == vitmod.VIT_TINY_SHA256
-    ds = open_dataset(TEST_TAR, m.zsq_info.preprocess, limit=1000)
+    assert model_info(m).weights_sha256 == vitmod.VIT_TINY_SHA256
+    ds = open_dataset(TEST_TAR, model_info(m).preprocess, limit=1000)
     top1 = zsq.evaluate(m, ds, progress=False)["top1"]
     assert abs(top1 - vitmod.VIT_TINY_TOP1) < 5.0, top1
     monkeypatch.setattr(vitmod, "VIT_TINY_SHA256", "f" * 64)
@@ -245,7 +246,7 @@ def test_zoo_entry_checks_sha256(tmp_path, monkeypatch):
         zsq.load_model("cifar10_vit_tiny")
     monkeypatch.setattr(vitmod, "VIT_TINY_SHA256", sha256_file(f))
     m = zsq.load_model("cifar10_vit_tiny")
-    assert m.zsq_info.weights_sha256 == sha256_file(f) and m.zsq_info.num_classes == 10
+    assert model_info(m).weights_sha256 == sha256_file(f) and model_info(m).num_classes == 10
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), src.state_dict().values()))
     # --weights FILE works without a recorded hash (the user's own training run)
     m2 = zsq.load_model("cifar10_vit_tiny", weights=str(f))
@@ -301,7 +302,7 @@ def test_train_script_resumes_to_identical_weights(tmp_path, one_thread):
     with pytest.raises(BadValueError, match="other settings"):  # a changed recipe cannot resume
         tv.main(common[:-4] + ["--run-dir", str(tmp_path / "part"), "--resume"])
     m = zsq.load_model("cifar10_vit_tiny", weights=str(tmp_path / "full" / "w.pt"))
-    assert m.zsq_info.weights_sha256 == full["weights"]["sha256"]
+    assert model_info(m).weights_sha256 == full["weights"]["sha256"]
 
 
 def test_augment_is_crop_and_flip():

@@ -21,6 +21,7 @@ from zsq.synth.vit import (
     SMI, moved_patches, neighbour_mask, nonzero_patches, patch_contrastive_loss, patch_similarity_entropy,
 )
 from zsq.ptq.sparse import KeptPatches
+from zsq.record import model_info, record_of
 
 #: the registered recipes on the ViT protocol (each runs its own synthesizer)
 METHODS = tuple(m["name"] for m in zsq.api.list_methods() if m["protocol"] == "vit-ptq")
@@ -121,7 +122,7 @@ def test_clip_keeps_vit_pixels_in_the_valid_range(vit, one_thread):
     """A large lr pushes pixels far out; the clamp after every step keeps each channel in its range."""
     synth = SYNTHESIZERS["psaq-vit"].from_budget("smoke", n_images=2, batch_size=2, iters=3, lr=5.0)
     out = synth.make_batch(vit, 0, batch_generator(0, 0), batch_size=2, image_shape=(3, 32, 32))
-    pre = vit.zsq_info.preprocess
+    pre = model_info(vit).preprocess
     lo = (-torch.tensor(pre.mean) / torch.tensor(pre.std)).view(1, 3, 1, 1)
     hi = ((1 - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(1, 3, 1, 1)
     x = out["images"]
@@ -167,7 +168,7 @@ def test_recipe_smoke_end_to_end(recipe, smoke_qmodel):
 
     assert len(METHODS) >= 4 and recipe in SYNTHESIZERS
     q, fp = smoke_qmodel(recipe), smoke_fp_model(recipe)
-    res = q.zsq_result
+    res = record_of(q).result
     assert res["protocol"] == "vit-ptq" and res["recipe"]["synth"] == recipe
     assert res["recipe"]["quant"] == ("calib-sparse" if recipe == "smi" else "calib")
     assert sum(isinstance(m, QuantMatMul) for m in q.modules()) == 12

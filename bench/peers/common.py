@@ -66,7 +66,7 @@ def asset(p: str) -> str:
 
 
 def load_fp_model(name: str):
-    """The FP model from zsq's zoo (eval mode, ``zsq_info`` attached)."""
+    """The FP model from zsq's zoo (eval mode, its record's ``model`` set)."""
     from zsq.models import load_model
 
     return load_model(name)

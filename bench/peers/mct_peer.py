@@ -140,10 +140,11 @@ def main() -> None:
         from model_compression_toolkit.core import BitWidthConfig, CoreConfig
         from model_compression_toolkit.core.common.network_editors import NodeNameFilter
         from model_compression_toolkit.target_platform_capabilities.constants import KERNEL_ATTR
+        from zsq.record import model_info
 
         common.seed_everything(args.seed)
         model = common.load_fp_model(args.model)
-        pre = model.zsq_info.preprocess
+        pre = model_info(model).preprocess
         size = pre.input_size
         eval_path = common.asset(args.eval)
 

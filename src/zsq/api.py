@@ -22,6 +22,7 @@ from .errors import BadValueError, DataError, OutputExistsError, UnknownNameErro
 from .hardware import cpu_name
 from .models import load_model
 from .paths import torch_save_atomic, write_json_atomic, writing
+from .record import model_info, record_of
 from .recipes import HPARAM_KEYS, PRE_STEPS, QUANTIZERS, RECIPES, QuantContext
 from . import catalogue as _catalogue  # noqa: F401  (registers every recipe, quantizer and synthesizer)
 from .spec import PROTOCOLS, LayerPolicy, check_bits, check_budget
@@ -154,7 +155,8 @@ def quantize(
     resume: bool = False,
     synth_overrides: dict | None = None,
 ) -> nn.Module:
-    """Quantize ``model`` with ``recipe``; returns the fake-quantized model with ``.zsq_result``.
+    """Quantize ``model`` with ``recipe``; returns the fake-quantized model; its record
+    (:func:`zsq.record.record_of`) holds the provenance (``result``), layout and method records.
     ``synth_overrides``: synthesizer config fields (``--synth-set``) on top of the recipe's budget.
 
     Under torchrun with more than one process (every rank calls this with the same arguments): the
@@ -166,7 +168,7 @@ def quantize(
     res = resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget, hparams=hparams)
     if isinstance(model, str):
         model = load_model(model)
-    elif not hasattr(model, "zsq_info"):
+    elif model_info(model) is None:
         model = load_model(model)
     with _data_parallel(res, model):  # under torchrun: sharded synthesis, data-parallel QAT
         t0, c0 = time.perf_counter(), time.process_time()
@@ -180,7 +182,7 @@ def quantize(
 
             if calib_n <= 0:
                 raise DataError(f"--calib-n must be > 0, got {calib_n}")
-            images, _ = load_images(calib, model.zsq_info.preprocess, calib_n, seed=seed, progress=progress)
+            images, _ = load_images(calib, model_info(model).preprocess, calib_n, seed=seed, progress=progress)
             data_info = {"dir": str(calib), "sha256": None, "n_images": int(images.shape[0]), "kind": "real"}
             res.synth = None
         else:
@@ -199,11 +201,12 @@ def quantize(
         wall = time.perf_counter() - t0
         cpu = time.process_time() - c0
         qmodel.eval()
-        qmodel.zsq_info = model.zsq_info
+        rec = record_of(qmodel)
+        rec.model = model_info(model)
         recipe_info = {"name": res.name, "pre": res.pre, "synth": res.synth, "quant": res.quant, "hparams": res.hparams}
         if synth_overrides:
             recipe_info["synth_overrides"] = dict(synth_overrides)
-        qmodel.zsq_result = {
+        rec.result = {
             "recipe": recipe_info,
             "protocol": res.protocol,
             "bits": {"w": w_bits, "a": a_bits},
@@ -318,34 +321,23 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _weight_codes(wq, w: torch.Tensor) -> torch.Tensor:
-    """The integer codes of the weights the model computes with: read back from the quantizer's own
-    output, so ``(codes - z) * s`` equals ``wq(w)`` whichever rounding its forward uses
-    (``round(w / s + z)`` with autograd, torch's fused ``round(w * (1 / s)) + z`` without; they
-    differ by one step on .5 ties, and so may ``Quantizer.int_repr``)."""
-    with torch.no_grad():
-        s, z = wq._shape(w, wq.scale.detach()), wq._shape(w, wq.zero_point)
-        fq = wq(w) if wq.mode == "quant" else w
-        return torch.clamp(torch.round(fq / s) + z, wq.qmin, wq.qmax)
-
-
 def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = None, eval_path: str | None = None,
          overwrite: bool = True) -> Path:
     """Write ``OUT/qmodel.pt`` then ``OUT/zsq.json`` (last, atomically: a directory without it is incomplete)."""
-    from .quant.modules import QUANT_LAYERS
+    from .quant.modules import QUANT_LAYERS, weight_codes
 
     out = Path(out)
     check_output_dir(out, overwrite)
     with writing(out, every=True):  # a write the file system refuses is a one-line OutputError
         out.mkdir(parents=True, exist_ok=True)
-    info = qmodel.zsq_info
-    result = getattr(qmodel, "zsq_result", {})
+    rec = record_of(qmodel)
+    info, result = rec.model, rec.result
     int_w = {}
     for name, m in qmodel.named_modules():
         if isinstance(m, QUANT_LAYERS) and m.wq.bits <= 8:
-            codes = _weight_codes(m.wq, m.weight.detach())
+            codes = weight_codes(m.wq, m.weight.detach())
             int_w[name] = codes.to(torch.int16 if m.wq.qmax > 127 else torch.int8)
-    layout = qmodel.zsq_layout
+    layout = rec.layout
     payload = {
         "format": "zsq-qmodel-1",
         "model": {"id": info.id, "preprocess": info.preprocess.to_dict(), "num_classes": info.num_classes},
@@ -414,8 +406,9 @@ def load(out: str | os.PathLike) -> nn.Module:
     if missing or unexpected:
         raise DataError(f"{f} does not match the rebuilt model ({len(missing)} missing, {len(unexpected)} unexpected)")
     q.eval()
-    q.zsq_info = fp.zsq_info
-    q.zsq_result = {k: meta.get(k) for k in ("recipe", "protocol", "bits", "budget", "seed", "synthetic", "policy",
+    rec = record_of(q)
+    rec.model = model_info(fp)
+    rec.result = {k: meta.get(k) for k in ("recipe", "protocol", "bits", "budget", "seed", "synthetic", "policy",
                                             "wall_s", "size")}
     return q
 

@@ -202,8 +202,9 @@ def quantize(
     _check_policy(m, policy)
     if eval_path:
         from .data.eval import open_dataset
+        from .record import model_info
 
-        open_dataset(eval_path, m.zsq_info.preprocess, limit=eval_limit)  # layout and --eval-limit
+        open_dataset(eval_path, model_info(m).preprocess, limit=eval_limit)  # layout and --eval-limit
     from .distributed import world
 
     rank = world()[0]  # under torchrun: rank 0 alone writes OUT and evaluates; the others only train
@@ -226,7 +227,9 @@ def quantize(
     api.save(qmodel, out, metrics=metrics, eval_path=eval_path, overwrite=True)
     # OUT is complete (zsq.json is written last): its resume state would only be stale, and large
     shutil.rmtree(out / ".ckpt", ignore_errors=True)
-    r = qmodel.zsq_result
+    from .record import record_of
+
+    r = record_of(qmodel).result
     console.print(f"[green]saved[/] {out}  ({r['recipe']['name']}, {r['protocol']}, W{w}A{a}, {r['wall_s']:.1f} s)")
     if metrics:
         _print_metrics(metrics, eval_limit)

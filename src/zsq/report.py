@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import DataError, ZsqError
+from .record import record_of
 
 BIT_ORDER = ["W8A8", "W6A6", "W5A5", "W4A8", "W4A4", "W3A3", "W2A4", "W2A2"]
 
@@ -110,12 +111,13 @@ def fp_reference(qmodel: nn.Module, meta: dict) -> tuple[nn.Module, nn.Module]:
     from .recipes import PRE_STEPS
     from .spec import PROTOCOLS
 
-    info = qmodel.zsq_info
+    rec = record_of(qmodel)
+    info = rec.model
     fp = api.load_model(meta["model"]["id"], preprocess=info.preprocess, num_classes=info.num_classes)
     recipe = meta.get("recipe") or {}
     if recipe.get("pre"):
         fp = PRE_STEPS[recipe["pre"]](copy.deepcopy(fp), dict(recipe.get("hparams") or {}))
-    lay = qmodel.zsq_layout
+    lay = rec.layout
     with warnings.catch_warnings():  # unsupported layers were reported when the output was made
         warnings.simplefilter("ignore")
         ref = apply_protocol(fp, PROTOCOLS[lay.protocol], lay.w_bits, lay.a_bits)
@@ -294,7 +296,7 @@ def write_report(out: str | os.PathLike, bench: str | os.PathLike | None = None)
         if syn.get("kind") == "synthetic" and syn.get("dir") and Path(syn["dir"]).is_dir():
             s = SyntheticSet.load(syn["dir"])
             images = s.images
-            images_png(images, q.zsq_info.preprocess, tmp / "synthetic.png")
+            images_png(images, record_of(q).model.preprocess, tmp / "synthetic.png")
             figs.append(("synthetic.png", f"First {min(64, len(images))} of {len(images)} synthetic calibration images "
                                           f"({meta['recipe'].get('synth')}, de-normalised)"))
             sides = [json.loads(sidecar_path(s.dir / sh["file"]).read_text()) for sh in s.shards]
@@ -302,7 +304,7 @@ def write_report(out: str | os.PathLike, bench: str | os.PathLike | None = None)
                 figs.append(("loss.png", "Synthesis loss against iteration, per batch"))
         fp_note = "the FP model's weights" + (f" after the {meta['recipe']['pre']} pre-step"
                                                  if (meta.get("recipe") or {}).get("pre") else "") \
-            + (", BN folded as the protocol does" if PROTOCOLS[q.zsq_layout.protocol].fold_bn else "")
+            + (", BN folded as the protocol does" if PROTOCOLS[record_of(q).layout.protocol].fold_bn else "")
         try:
             fp, ref = fp_reference(q, meta)
         except ZsqError:  # the FP model cannot be rebuilt: weights against themselves, no activations

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import BadValueError, DataError, ZsqError
 from ..models.preprocess import Preprocess
 from ..progress import counting
+from ..record import model_info
 
 __all__ = ["ImageSet", "open_dataset", "load_images", "evaluate", "clear_cache"]
 
@@ -703,7 +704,8 @@ def evaluate(
 ) -> dict:
     """Top-1 / top-5 accuracy (percent, unrounded) of ``model`` on ``data``: ``{top1, top5, n}``.
 
-    ``data`` is a path (opened with the model's ``zsq_info.preprocess``, or ``preprocess``) or a
+    ``data`` is a path (opened with the preprocessing of the model's record,
+    ``zsq.record.model_info(model).preprocess``, or ``preprocess``) or a
     Dataset of ``(image, label)``. ``limit`` takes the first ``limit // num_classes`` images per
     class (for a foreign Dataset: its first ``limit`` items). Runs in eval mode under
     ``torch.inference_mode``; the model's train/eval mode is restored afterwards.
@@ -717,9 +719,9 @@ def evaluate(
             limit = _positive_int(limit, "--eval-limit")
             ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))  # type: ignore[arg-type]
     else:
-        pre = preprocess or getattr(getattr(model, "zsq_info", None), "preprocess", None)
+        pre = preprocess or getattr(model_info(model), "preprocess", None)
         if pre is None:
-            raise ZsqError("the model has no zsq_info.preprocess: load it with zsq.load_model or pass preprocess=")
+            raise ZsqError("the model carries no preprocessing: load it with zsq.load_model or pass preprocess=")
         ds = open_dataset(data, pre, limit=limit)
     n_items = len(ds)  # type: ignore[arg-type]
     if n_items == 0:

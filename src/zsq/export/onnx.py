@@ -49,7 +49,8 @@ from torch import nn
 
 from ..errors import BadValueError, UnsupportedLayerError
 from ..paths import atomic_path
-from ..quant.modules import QUANT_LAYERS, Quantizer
+from ..quant.modules import QUANT_LAYERS, Quantizer, weight_codes
+from ..record import model_info, record_of
 
 OPSET = 21
 _DOMAIN = "zsq"
@@ -147,8 +148,6 @@ def to_onnx(qmodel: nn.Module, example: torch.Tensor | None = None, int4: bool =
     import onnx
     from onnx import helper
 
-    from ..api import _weight_codes
-
     if example is None:
         example = torch.zeros(1, *_input_shape(qmodel))
     was_training = qmodel.training
@@ -184,7 +183,7 @@ def to_onnx(qmodel: nn.Module, example: torch.Tensor | None = None, int4: bool =
         if owner is not None:
             if src not in inits:
                 raise UnsupportedLayerError(f"weight of {qname[:-3]} is not a plain initializer in the trace")
-            codes = _weight_codes(q, owner.weight.detach()).to(torch.int64).numpy()
+            codes = weight_codes(q, owner.weight.detach()).to(torch.int64).numpy()
             g.initializer.append(_int_tensor(f"{base}_int", codes, elem))
             zp_name = f"{base}_zp"
             g.initializer.append(_float_tensor(f"{base}_scale", s))
@@ -225,7 +224,7 @@ def to_onnx(qmodel: nn.Module, example: torch.Tensor | None = None, int4: bool =
 
 
 def _input_shape(model: nn.Module) -> tuple[int, int, int]:
-    pre = getattr(getattr(model, "zsq_info", None), "preprocess", None)
+    pre = getattr(model_info(model), "preprocess", None)
     size = int(getattr(pre, "input_size", 32) or 32)
     return (3, size, size)
 
@@ -262,8 +261,8 @@ def export_fp_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Ten
 
 class OrtModel(nn.Module):
     """An ONNX Runtime session behind the ``nn.Module`` call (float32 NCHW in, logits out), so
-    :func:`zsq.data.eval.evaluate` runs it like a PyTorch model. ``zsq_info`` is copied from
-    ``like`` (the preprocessing of the exported model). ``qdq_fusion``: ONNX Runtime's QDQ
+    :func:`zsq.data.eval.evaluate` runs it like a PyTorch model. The model part of its record is
+    ``like``'s (the preprocessing of the exported model). ``qdq_fusion``: ONNX Runtime's QDQ
     optimisations on/off; ``"auto"`` follows the model's ``zsq.qdq_fusion_safe`` metadata."""
 
     eval_label = "onnxruntime"  # named on evaluate()'s progress line
@@ -295,8 +294,8 @@ class OrtModel(nn.Module):
             so.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
-        if like is not None and hasattr(like, "zsq_info"):
-            self.zsq_info = like.zsq_info
+        if like is not None and model_info(like) is not None:
+            record_of(self).model = model_info(like)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.detach().float().contiguous().numpy()})[0]

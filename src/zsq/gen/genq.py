@@ -45,6 +45,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from ..errors import BadValueError, DataError, ZsqError
+from ..record import model_info
 from ..synth.base import SYNTHESIZERS, StepCallback, SynthConfig, Synthesizer
 from ..synth.losses import BNStatsLoss
 
@@ -344,7 +345,7 @@ class GenQ(Synthesizer):
         size = int(cfg.gen_size) or native_size(pipe)
         base = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
         chunks = range(0, len(prompts), int(cfg.gen_batch))
-        pre = getattr(getattr(model, "zsq_info", None), "preprocess", None)
+        pre = getattr(model_info(model), "preprocess", None)
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
         xs, logits, dists = [], [], []
         bns = BNStatsLoss(model, stats="image", dispersion="var", reduction="kl", unbiased=False)
@@ -372,7 +373,7 @@ class GenQ(Synthesizer):
 
 
 def _num_classes(model: nn.Module) -> int:
-    n = getattr(getattr(model, "zsq_info", None), "num_classes", None)
+    n = getattr(model_info(model), "num_classes", None)
     if not n:
         raise BadValueError("genq needs the model's class count (load it with zsq.load_model)")
     return int(n)

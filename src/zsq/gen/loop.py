@@ -63,6 +63,7 @@ from ..config import to_bool, to_float, to_int
 from ..errors import BadValueError
 from ..qat.engine import QATConfig, QATTrainer, refresh_weight_ranges, step_seed
 from ..quant.modules import QUANT_LAYERS
+from ..record import model_info, record_of
 from ..train import Fingerprint, cosine_lr, seeded_generator, state_copy
 from .ait import InundationSGD
 from .objectives import Game, Play, Sample
@@ -338,18 +339,19 @@ def _inundation_optimizer(student: nn.Module, cfg: GenConfig) -> InundationSGD:
 def gen_finetune(student: nn.Module, teacher: nn.Module, game: Game, cfg: GenConfig, num_classes: int,
                  image_size: int, *, seed: int = 0, **kw) -> nn.Module:
     """Build the game's generator (initial weights from ``seed``) and train it against ``student``
-    (fresh from ``apply_protocol``) in place; the result carries ``zsq_qat`` (per-epoch mean losses,
-    iterations run in this call, warm-up / EMA iterations, ms per iteration) and ``zsq_generator``
-    (the trained generator)."""
+    (fresh from ``apply_protocol``) in place; the result's record carries ``methods["qat"]`` (per-epoch
+    mean losses, iterations run in this call, warm-up / EMA iterations, ms per iteration) and
+    ``generator`` (the trained generator)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(step_seed(seed, -1, 0))
         gen = game.make_generator(num_classes, image_size)
     tr = GenTrainer(student, teacher, gen, game, cfg, num_classes, seed=seed, **kw)
     q = tr.run()
-    q.zsq_qat = {"epochs": tr.history, "steps_run": tr.steps_run, "warmup_steps": cfg.warmup_steps,
-                 "ema_steps": cfg.ema_steps, "total_steps": cfg.total_steps, "game": game.to_dict(),
-                 "ms_per_step": round(1000 * tr.wall_s / tr.steps_run, 1) if tr.steps_run else None}
-    object.__setattr__(q, "zsq_generator", gen.eval())  # a plain attribute: q's state dict stays the student's
+    rec = record_of(q)
+    rec.methods["qat"] = {"epochs": tr.history, "steps_run": tr.steps_run, "warmup_steps": cfg.warmup_steps,
+                          "ema_steps": cfg.ema_steps, "total_steps": cfg.total_steps, "game": game.to_dict(),
+                          "ms_per_step": round(1000 * tr.wall_s / tr.steps_run, 1) if tr.steps_run else None}
+    rec.generator = gen.eval()  # outside the module tree: q's state dict stays the student's
     return q
 
 
@@ -363,7 +365,7 @@ def quantize_gen(ctx, game_name: str, **defaults: Any) -> nn.Module:
     hp = {**defaults, **dict(ctx.hparams or {})}
     game = get_game(game_name, hp)
     cfg = GenConfig.from_hparams(hp)
-    info = getattr(ctx.model, "zsq_info", None)
+    info = model_info(ctx.model)
     num_classes = getattr(info, "num_classes", None)
     size = getattr(getattr(info, "preprocess", None), "input_size", None)
     if not num_classes or not size:

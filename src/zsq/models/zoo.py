@@ -1,8 +1,8 @@
 """The model zoo and ``load_model``: zoo names, ``tv:NAME``, ``timm:NAME``, ``path/file.py:factory``.
 
 The entries live in :data:`~zsq.models.registry.ZOO` (the CIFAR ResNets are declared here; the other
-model families register theirs from their own modules). Every loaded model carries ``model.zsq_info``
-(:class:`ModelInfo`): its id, weights SHA-256 and
+model families register theirs from their own modules). Every loaded model carries a record
+(:func:`zsq.record.record_of`) whose ``model`` is a :class:`ModelInfo`: its id, weights SHA-256 and
 evaluation preprocessing. Weights are always read with ``torch.load(..., weights_only=True)``.
 """
 
@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import BadValueError, UnknownNameError, WeightsError, ZsqError
 from ..paths import sha256_file
+from ..record import record_of
 from .cifar_resnet import cifar_resnet, convert_akamaster_state_dict
 from .fetch import find_weights
 from .preprocess import CIFAR10, IMAGENET_TV, Preprocess
@@ -221,7 +222,7 @@ def load_model(
     num_classes: int | None = None,
     input_size: int | str | tuple | None = None,
 ) -> nn.Module:
-    """Load a model in eval mode with ``model.zsq_info`` attached.
+    """Load a model in eval mode, its :class:`ModelInfo` in its record (``record_of(model).model``).
 
     ``spec`` is a zoo name, ``tv:NAME``, ``timm:NAME``, ``path/file.py:factory`` or an ``nn.Module``.
     ``input_size`` (``S`` or ``"C,H,W"``, ``--input-size``) is the square image size the network takes;
@@ -273,7 +274,7 @@ def load_model(
         last = [m for m in model.modules() if isinstance(m, nn.Linear)]
         nc = last[-1].out_features if last else 0
     model.eval()
-    model.zsq_info = ModelInfo(id=mid, weights_sha256=sha, preprocess=pre, num_classes=nc)
+    record_of(model).model = ModelInfo(id=mid, weights_sha256=sha, preprocess=pre, num_classes=nc)
     return model
 
 

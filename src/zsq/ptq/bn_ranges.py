@@ -58,6 +58,7 @@ from torch import nn
 from ..errors import UnsupportedLayerError
 from ..quant.graph import WEIGHT_LAYERS, trace
 from ..quant.modules import Quantizer
+from ..record import model_info, record_of
 
 # k (range = mean + k * std of the pre-activation) per activation bit width: 3, 4 and 8 bits picked on a
 # train.tar split, on record in bench/runs/range-val/ (see the module docstring), the rest not tuned;
@@ -155,7 +156,7 @@ def _moments(x: torch.Tensor) -> Moments:
 
 
 def example_shape(model: nn.Module) -> int:
-    info = getattr(model, "zsq_info", None)
+    info = model_info(model)
     return info.preprocess.input_size if info is not None else 32
 
 
@@ -319,7 +320,7 @@ def act_sites(qmodel: nn.Module) -> list[tuple[str, str, str, Quantizer]]:
     """``(quantizer name, owner name, where, quantizer)`` of every activation quantizer of a model
     laid out by :func:`~zsq.quant.protocol.apply_protocol` (``where``: out | in)."""
     out = []
-    for site in qmodel.zsq_layout.acts:
+    for site in record_of(qmodel).layout.acts:
         q = qmodel.get_submodule(site.name)
         owner = site.name.rsplit(".", 1)[0]
         out.append((site.name, owner, site.where, q))

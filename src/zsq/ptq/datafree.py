@@ -42,6 +42,7 @@ from ..config import Config, setting
 from ..errors import BadValueError
 from ..quant.observers import OBSERVERS, WEIGHT_OBSERVERS
 from ..recipes import HPARAM_KEYS, PRE_STEPS, QUANTIZERS, QuantContext
+from ..record import record_of
 from .bn_ranges import DEFAULT_K, collect_stats, require_batchnorm, set_act_ranges
 from .dfq import DFQPreConfig, bias_correct, dfq_prestep, find_pairs
 from .squant import MODES, squant_model_
@@ -153,7 +154,7 @@ def _run(ctx: QuantContext, method: str, h: DataFreeConfig) -> nn.Module:
         if bc:
             bias_correct(q, stats, fp_w, act_aware=bc_act)
     info["seconds"] = round(time.perf_counter() - t0, 3)
-    q.zsq_datafree = info
+    record_of(q).methods["datafree"] = info
     return q
 
 

@@ -40,6 +40,7 @@ from torch import nn
 from ..config import Config, setting
 from ..quant.graph import WEIGHT_LAYERS, get_parent, trace
 from ..quant.modules import QUANT_LAYERS, Quantizer
+from ..record import model_info, record_of
 from .bn_ranges import BNStats, expected_value, quantizer_bounds
 
 HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
@@ -76,7 +77,7 @@ class Pair:
 
 
 def _example(model: nn.Module) -> torch.Tensor:
-    info = getattr(model, "zsq_info", None)
+    info = model_info(model)
     size = info.preprocess.input_size if info is not None else 32
     return torch.zeros(1, 3, size, size)
 
@@ -368,7 +369,7 @@ def dfq_prestep(model: nn.Module, hparams: dict | DFQPreConfig) -> nn.Module:
         info["cle"] = equalize(model, pairs, max_iter=cfg.cle_iters, relu6=cfg.relu6)
     if cfg.absorb:
         info["absorbed"] = absorb_high_bias(model, pairs, cfg.absorb_sigma, cfg.absorb_padded)
-    model.zsq_dfq = info
+    record_of(model).methods["dfq"] = info
     return model
 
 

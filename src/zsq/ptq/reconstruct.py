@@ -57,6 +57,7 @@ from ..quant.adaround import AdaRoundQuantizer
 from ..quant.graph import is_block
 from ..quant.modules import QUANT_LAYERS, Quantizer
 from ..quant.protocol import frozen_fp_copy
+from ..record import record_of
 from ..train import (Every, Fingerprint, NestedBar, cosine_lr, deferred_sigint, derive_seed, read_checkpoint,
                      state_copy, stop_if_interrupted, write_checkpoint)
 
@@ -366,7 +367,7 @@ class Reconstructor:
         self.images = images.detach().float()
         self.passes = passes
         self.seed = int(seed)
-        layout = getattr(qmodel, "zsq_layout", None)
+        layout = record_of(qmodel).layout
         self.placement = placement or _placement(layout)
         self.progress = progress
         self.ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir else None
@@ -694,7 +695,7 @@ def _placement(layout) -> str:
 def reconstruct(qmodel: nn.Module, images: torch.Tensor, passes: ReconConfig | list[ReconConfig], **kw) -> nn.Module:
     """Reconstruct ``qmodel`` (fresh from ``apply_protocol``) in place; see :class:`Reconstructor`.
 
-    The result has ``zsq_recon`` = per-unit statistics (loss at the first and last step, the
+    The result's record has ``methods["recon"]`` = per-unit statistics (loss at the first and last step, the
     hard-rounded unit's loss on quantized inputs, wall time) and ``n_images``, the number of images it
     trained on (the calibration set, with its augmented copies where ``augment`` asked for them).
     """
@@ -702,7 +703,7 @@ def reconstruct(qmodel: nn.Module, images: torch.Tensor, passes: ReconConfig | l
         passes = [passes]
     r = Reconstructor(qmodel, images, passes, **kw)
     q = r.run()
-    q.zsq_recon = {"units": r.stats, "steps_run": r.steps_run, "n_images": int(r.images.shape[0])}
+    record_of(q).methods["recon"] = {"units": r.stats, "steps_run": r.steps_run, "n_images": int(r.images.shape[0])}
     return q
 
 

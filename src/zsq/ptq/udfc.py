@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.modules import QUANT_LAYERS
+from ..record import record_of
 from .bn_ranges import BNStats, quantizer_bounds
 from .dfq import (Pair, _groups, add_output_shift_, channel_matvec, correct_layer_bias, following_bn,
                   input_expectations, layer_input_quantizer, scale_cols_)
@@ -124,7 +125,7 @@ def udfc_quantize_(qmodel: nn.Module, stats: BNStats, pairs: list[Pair], *, roun
     ``qmodel`` comes from :func:`~zsq.quant.protocol.apply_protocol` with its activation ranges set;
     weights are still FP. Returns a summary (mean |s - 1| per compensated pair)."""
     layers = [n for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS)]
-    order = {n: i for i, n in enumerate(qmodel.zsq_layout.weights)}
+    order = {n: i for i, n in enumerate(record_of(qmodel).layout.weights)}
     layers.sort(key=lambda n: order.get(n, len(order)))
     by_a = {}
     for p in pairs:

@@ -169,6 +169,7 @@ from ..errors import BadValueError
 from ..quant.modules import QUANT_LAYERS, Quantizer
 from ..quant.observers import Observer
 from ..quant.protocol import frozen_fp_copy
+from ..record import record_of
 from ..train import (Fingerprint, NestedBar, cosine_lr, deferred_sigint, derive_seed, read_checkpoint,
                      seeded_generator, state_copy, stop_if_interrupted, write_checkpoint)
 
@@ -524,7 +525,7 @@ def _act_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
 
 
 def _fingerprint(student: nn.Module, images: Tensor, cfg: QATConfig, seed: int, labels: Tensor | None = None) -> str:
-    layout = getattr(student, "zsq_layout", None)
+    layout = record_of(student).layout
     default = QATConfig.__dataclass_fields__
     config = {k: v for k, v in cfg.to_dict().items() if k not in _METHOD_FIELDS or v != default[k].default}
     h = Fingerprint().settings({"config": config, "seed": int(seed),
@@ -634,7 +635,7 @@ class QATTrainer:
             from ..synth.losses import BNStatsLoss, bn_layers
 
             if not bn_layers(student):
-                proto = getattr(getattr(student, "zsq_layout", None), "protocol", "?")
+                proto = getattr(record_of(student).layout, "protocol", "?")
                 raise BadValueError(f"bns_weight > 0 needs BatchNorm layers in the student, but protocol {proto} "
                                     "folds them (use --protocol qat or bns_weight=0)")
             self.bns = BNStatsLoss.preset(cfg.bns_variant, student, input_prior=False)
@@ -1037,19 +1038,19 @@ class QATTrainer:
 def qat_finetune(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: QATConfig | None = None,
                  **kw) -> nn.Module:
     """Fine-tune ``student`` (fresh from ``apply_protocol``) in place by distillation from ``teacher`` on
-    ``images``; see :class:`QATTrainer` for the keywords (``labels``: synthesis labels). The result
-    carries ``zsq_qat`` = the per-epoch mean losses, steps run in this call, EMA steps, ms per step,
-    whether synthesis labels were given, and (``ce_select="reliable"``) the fraction of images PLF's
-    filter keeps for the CE."""
+    ``images``; see :class:`QATTrainer` for the keywords (``labels``: synthesis labels). The result's
+    record carries ``methods["qat"]`` = the per-epoch mean losses, steps run in this call, EMA steps,
+    ms per step, whether synthesis labels were given, and (``ce_select="reliable"``) the fraction of
+    images PLF's filter keeps for the CE."""
     cfg = cfg or QATConfig()
     tr = QATTrainer(student, teacher, images, cfg, **kw)
     q = tr.run()
-    q.zsq_qat = {"epochs": tr.history, "steps_run": tr.steps_run, "ema_steps": cfg.ema_steps,
-                 "total_steps": cfg.total_steps,
-                 "ms_per_step": round(1000 * tr.wall_s / tr.steps_run, 1) if tr.steps_run else None,
-                 "labels": tr.labels is not None, "processes": tr.world}
+    info = record_of(q).methods["qat"] = {
+        "epochs": tr.history, "steps_run": tr.steps_run, "ema_steps": cfg.ema_steps, "total_steps": cfg.total_steps,
+        "ms_per_step": round(1000 * tr.wall_s / tr.steps_run, 1) if tr.steps_run else None,
+        "labels": tr.labels is not None, "processes": tr.world}
     if tr.reliable is not None:
-        q.zsq_qat["ce_reliable"] = round(float(tr.reliable.mean()), 4)
+        info["ce_reliable"] = round(float(tr.reliable.mean()), 4)
     return q
 
 

@@ -128,6 +128,18 @@ class Quantizer(nn.Module):
         return quantize_int(x, self._shape(x, self.scale), self._shape(x, self.zero_point), self.qmin, self.qmax)
 
 
+def weight_codes(wq: Quantizer, w: torch.Tensor) -> torch.Tensor:
+    """The integer codes of the weights the model computes with: read back from the quantizer's own
+    output, so ``(codes - z) * s`` equals ``wq(w)`` whichever rounding its forward uses
+    (``round(w / s + z)`` with autograd, torch's fused ``round(w * (1 / s)) + z`` without; they
+    differ by one step on .5 ties, and so may ``Quantizer.int_repr``). Float tensors holding
+    integers; ``zsq.save`` (``int_weights``) and the ONNX export store them."""
+    with torch.no_grad():
+        s, z = wq._shape(w, wq.scale.detach()), wq._shape(w, wq.zero_point)
+        fq = wq(w) if wq.mode == "quant" else w
+        return torch.clamp(torch.round(fq / s) + z, wq.qmin, wq.qmax)
+
+
 class QuantLayerMixin:
     """Shared by QuantConv2d / QuantLinear: a weight quantizer ``wq`` and an optional input quantizer."""
 

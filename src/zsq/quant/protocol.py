@@ -5,7 +5,7 @@ Matmuls between two activations written as :class:`zsq.ops.MatMul` modules (a Vi
 under every protocol (``--keep-fp`` / ``--layer-bits`` accept their names too).
 
 The result is the same ``nn.Module`` tree (names unchanged, so blocks can be reconstructed one by
-one), with ``model.zsq_layout`` describing every quantized tensor.
+one), with the ``layout`` of its record (:func:`zsq.record.record_of`) describing every quantized tensor.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import BadValueError, UnsupportedLayerError
 from ..ops import MatMul
+from ..record import model_info, record_of
 from ..spec import LayerPolicy, Protocol, check_bits
 from .fold import fold_bn
 from .graph import ACTIVATIONS, WEIGHT_LAYERS, get_parent, is_block, trace, unsupported_layers
@@ -62,7 +63,7 @@ def attach_output_quantizer(module: nn.Module, q: Quantizer) -> None:
 
 
 def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
-    info = getattr(model, "zsq_info", None)
+    info = model_info(model)
     size = info.preprocess.input_size if info is not None else 32
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
@@ -197,7 +198,7 @@ def apply_protocol(
     when |= {f"{c.name}.aq_{ab}": c.order for c in matmuls for ab in "ab"}
     when |= {f"{s['owner'].name}.aq_out": s["owner"].order for s in sites.values() if s["owner"] is not None}
     layout.acts.sort(key=lambda a: when[a.name])
-    q.zsq_layout = layout
+    record_of(q).layout = layout
     return q
 
 

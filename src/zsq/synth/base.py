@@ -55,6 +55,7 @@ from ..config import to_bool, to_float, to_int
 from ..errors import BadValueError, DataError, OutputExistsError
 from ..hardware import resolve_precision
 from ..paths import check_writable, sha256_file, write_json_atomic, writing
+from ..record import model_info
 from ..registry import Registry
 from ..spec import BUDGETS, check_budget
 from ..train import (Every, NestedBar, deferred_sigint, derive_seed, read_checkpoint, seeded_generator,
@@ -282,8 +283,8 @@ def prepared(model: nn.Module, channels_last: bool = False) -> Iterator[nn.Modul
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """``{"id", "weights_sha256"}`` from ``model.zsq_info``; hashes the state_dict when unknown."""
-    info = getattr(model, "zsq_info", None)
+    """``{"id", "weights_sha256"}`` from the model's record (``model_info``); hashes the state_dict when unknown."""
+    info = model_info(model)
     mid = getattr(info, "id", None) or f"module:{type(model).__name__}"
     sha = getattr(info, "weights_sha256", None) or state_dict_sha256(model)
     return {"id": mid, "weights_sha256": sha}
@@ -300,7 +301,7 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 def _image_shape(model: nn.Module, image_size: int | None) -> tuple[int, int, int]:
     if image_size is None:
-        info = getattr(model, "zsq_info", None)
+        info = model_info(model)
         image_size = getattr(getattr(info, "preprocess", None), "input_size", None)
         if image_size is None:
             raise BadValueError("the model carries no input size (load it with zsq's load_model, "
@@ -552,7 +553,7 @@ def synthesize(
         overrides: config field -> value on top of the budget preset.
         batches: make only these global batch indices (one ``torch.distributed`` rank's share);
             the result is incomplete (``.complete`` False) until every shard exists.
-        image_size: spatial size when the model carries no ``zsq_info``.
+        image_size: spatial size when the model's record gives none.
         on_shard: called as ``on_shard(index, path)`` after each newly written shard.
 
     Returns the :class:`~zsq.data.shards.SyntheticSet`. Finished shards (checksums verified) are

@@ -88,6 +88,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import BadValueError
+from ..record import model_info
 from .base import SYNTHESIZERS, SynthConfig, state_dict_sha256
 from .losses import l2_image_loss, tv_loss
 from .pixel import (
@@ -273,7 +274,7 @@ class MixMix(DeepInversion):
     def extra_models(self, model: nn.Module) -> list[nn.Module]:
         from ..models.zoo import load_model
 
-        info = getattr(model, "zsq_info", None)
+        info = model_info(model)
         own = getattr(info, "id", None)
         pre = getattr(info, "preprocess", None)
         k = num_classes(model)
@@ -284,12 +285,12 @@ class MixMix(DeepInversion):
             if name not in self._loaded:
                 self._loaded[name] = load_model(name)
             net = self._loaded[name]
-            other = net.zsq_info.preprocess
+            other = model_info(net).preprocess
             if pre is not None and other.input_size != pre.input_size:
                 raise BadValueError(f"mixmix model {name} takes {other.input_size} px images, {own} takes "
                                     f"{pre.input_size}: mix models of one input size")
-            if net.zsq_info.num_classes != k:
-                raise BadValueError(f"mixmix model {name} has {net.zsq_info.num_classes} classes, the inverted model "
+            if model_info(net).num_classes != k:
+                raise BadValueError(f"mixmix model {name} has {model_info(net).num_classes} classes, the inverted model "
                                     f"{k}: mix models of one label space")
             if pre is not None and (tuple(other.mean), tuple(other.std)) != (tuple(pre.mean), tuple(pre.std)):
                 net = Renormalised(net, pre, other)

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from ..data.augment import resample_box_flip
 from ..errors import BadValueError
+from ..record import model_info
 from ..train import warmup_cosine_lr
 from .base import StepCallback, SynthConfig, Synthesizer, prepared
 from .losses import BNStatsLoss, bn_layers
@@ -179,8 +180,8 @@ cosine_lr = warmup_cosine_lr
 
 
 def num_classes(model: nn.Module) -> int:
-    """The model's class count: ``zsq_info.num_classes``, else the last Linear's outputs."""
-    n = getattr(getattr(model, "zsq_info", None), "num_classes", None)
+    """The model's class count: its record's ``model.num_classes``, else the last Linear's outputs."""
+    n = getattr(model_info(model), "num_classes", None)
     if not n:
         last = last_linear(model)
         n = last.out_features if last is not None else 0
@@ -206,7 +207,7 @@ def last_linear(model: nn.Module) -> nn.Linear | None:
 
 def pixel_range(model: nn.Module, channels: int) -> tuple[Tensor, Tensor]:
     """``(lo, hi)`` (1, C, 1, 1): the normalised values of pixel 0 and 1 under the model's preprocessing."""
-    pre = getattr(getattr(model, "zsq_info", None), "preprocess", None)
+    pre = getattr(model_info(model), "preprocess", None)
     if pre is None:
         raise BadValueError("clip needs the model's normalisation (load it with zsq's load_model, or clip=false)")
     mean = torch.tensor(pre.mean[:channels], dtype=torch.float32).view(1, -1, 1, 1)

@@ -86,6 +86,7 @@ from torch.func import functional_call, grad, vmap
 from ..errors import BadValueError
 from ..quant.fake import fake_quant
 from ..quant.modules import QUANT_LAYERS, Quantizer
+from ..record import record_of
 from .base import SYNTHESIZERS
 from .genie import Genie, GenieConfig
 
@@ -195,7 +196,7 @@ class GradientMatching:
         for name, m in self.q.named_modules():  # activation quantizers of this private copy only
             if isinstance(m, Quantizer) and not name.endswith("wq"):
                 m.__class__ = _STEQuantizer
-        layers = [n for n in self.q.zsq_layout.weights if isinstance(self.q.get_submodule(n), QUANT_LAYERS)]
+        layers = [n for n in record_of(self.q).layout.weights if isinstance(self.q.get_submodule(n), QUANT_LAYERS)]
         chosen = layers[-cfg.gm_layers:] if cfg.gm_layers else layers
         self.theta_names = [f"{n}.weight" for n in chosen]
         last = self.q.get_submodule(layers[-1])

@@ -21,8 +21,8 @@ from zsq.gen import loop as gen_loop
 from zsq.gen.objectives import Play, entropy, scrm_loss, scrm_map, soft_ce
 from zsq.qat.engine import QATInterrupted, kd_loss
 from zsq.quant.protocol import apply_protocol
-from zsq.spec import PROTOCOLS
 from zsq.record import record_of
+from zsq.spec import PROTOCOLS
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TEST = REPO.parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"

@@ -14,13 +14,13 @@ from torch import nn
 
 from zsq.data.shards import sidecar_path
 from zsq.errors import BadValueError, UnknownNameError
+from zsq.record import model_info
 from zsq.synth import SYNTHESIZERS, BNStatsLoss, PixelSynthesizer, get_synthesizer, synthesize, tv_loss
 from zsq.synth.base import prepared
 from zsq.synth.deepinversion import DEEPINVERSION_CIFAR10, DeepInversion, cutmix
 from zsq.synth.dsg import DSG, lse_weights
 from zsq.synth.intraq import focal_ce, laws_energy, laws_masks, leave_one_out_centres, margin_loss, soft_target_loss
 from zsq.synth.pixel import cosine_lr, random_resized_crop_flip
-from zsq.record import model_info
 
 NAMES = ["deepinversion", "mixmix", "kw", "gznq", "dsg", "intraq", "hast", "texq"]
 LABELLED = [n for n in NAMES if n != "dsg"]

@@ -17,8 +17,8 @@ from zsq.qat.engine import (QATConfig, QATInterrupted, kd_loss, qat_finetune, qu
                             random_resized_crop_flip, step_seed)
 from zsq.quant.modules import QUANT_LAYERS, Quantizer
 from zsq.quant.protocol import apply_protocol
-from zsq.spec import PROTOCOLS
 from zsq.record import record_of
+from zsq.spec import PROTOCOLS
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TEST = REPO.parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"

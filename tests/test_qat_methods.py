@@ -17,8 +17,8 @@ from zsq.errors import BadValueError
 from zsq.qat.engine import (QATConfig, QATInterrupted, QATTrainer, channel_attention, feature_layers, grad_cam,
                             lowpass_filter, masked_ce, normalized_entropy, qat_finetune)
 from zsq.quant.protocol import apply_protocol
-from zsq.spec import PROTOCOLS
 from zsq.record import record_of
+from zsq.spec import PROTOCOLS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,8 +18,8 @@ from zsq.ptq.reconstruct import (ReconConfig, ReconInterrupted, Reconstructor, f
 from zsq.quant.adaround import AdaRoundQuantizer, rectified_sigmoid, rectified_sigmoid_inverse, round_regularizer
 from zsq.quant.modules import QUANT_LAYERS, Quantizer
 from zsq.quant.protocol import apply_protocol
-from zsq.spec import PROTOCOLS
 from zsq.record import record_of
+from zsq.spec import PROTOCOLS
 
 CIFAR_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"
 

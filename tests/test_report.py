@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 import zsq
-from zsq.report import write_report
 from zsq.record import record_of
+from zsq.report import write_report
 
 
 def _bench_record(recipe, w, a, top1):

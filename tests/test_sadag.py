@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from zsq.errors import BadValueError, ZsqError
+from zsq.record import record_of
 from zsq.synth import get_synthesizer, prepared, synthesize
 from zsq.synth.base import batch_generator
 from zsq.synth.sadag import GradientMatching, SadagConfig, quantizers_off
-from zsq.record import record_of
 
 CIFAR_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "cifar10-jpeg" / "test.tar"
 

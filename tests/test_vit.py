@@ -24,8 +24,8 @@ from zsq.models.vit import VIT_TINY, MatMul, VisionTransformer
 from zsq.ptq.calibrate import calibrate
 from zsq.quant.modules import QuantMatMul, Quantizer
 from zsq.quant.protocol import apply_protocol
-from zsq.spec import PROTOCOLS, LayerPolicy
 from zsq.record import model_info, record_of
+from zsq.spec import PROTOCOLS, LayerPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"

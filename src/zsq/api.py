@@ -409,7 +409,7 @@ def load(out: str | os.PathLike) -> nn.Module:
     rec = record_of(q)
     rec.model = model_info(fp)
     rec.result = {k: meta.get(k) for k in ("recipe", "protocol", "bits", "budget", "seed", "synthetic", "policy",
-                                            "wall_s", "size")}
+                                          "wall_s", "size")}
     return q
 
 

@@ -285,12 +285,13 @@ class MixMix(DeepInversion):
             if name not in self._loaded:
                 self._loaded[name] = load_model(name)
             net = self._loaded[name]
-            other = model_info(net).preprocess
+            net_info = model_info(net)
+            other = net_info.preprocess
             if pre is not None and other.input_size != pre.input_size:
                 raise BadValueError(f"mixmix model {name} takes {other.input_size} px images, {own} takes "
                                     f"{pre.input_size}: mix models of one input size")
-            if model_info(net).num_classes != k:
-                raise BadValueError(f"mixmix model {name} has {model_info(net).num_classes} classes, the inverted model "
+            if net_info.num_classes != k:
+                raise BadValueError(f"mixmix model {name} has {net_info.num_classes} classes, the inverted model "
                                     f"{k}: mix models of one label space")
             if pre is not None and (tuple(other.mean), tuple(other.std)) != (tuple(pre.mean), tuple(pre.std)):
                 net = Renormalised(net, pre, other)

@@ -58,49 +58,12 @@ Choices, and where they differ from the official code:
   shuffles the set each pass and drops the last incomplete batch; IntraQ's batch is
   ``min(batch, n)`` like here).
 
-**Method-specific terms** (issue 8; each off by default, and then not computed at all). The trainer
-takes optional ``labels`` aligned with ``images`` (the synthesis labels of a set that has them);
-every batch indexes both with the same draw.
-
-* ``ce_weight`` x CE(Q(x), y): ``ce_target`` ``labels`` = the synthesis labels (GDFQ, IntraQ
-  [code: zysxmu/IntraQ trainer_direct.py]), or the teacher's argmax when the set has none;
-  ``teacher`` = always the teacher's argmax. ``ce_select`` keeps only some samples (CE summed over
-  them, divided by the batch size): ``easy`` = SynQ's selective CE, samples whose teacher difficulty
-  ``1 - p_y`` (softmax at T = 1, on the batch as trained) is below ``ce_tau`` = 0.5 [code:
-  snudm-starlab/SynQ trainer_direct.py; its masked rows add a constant log(C) each to the value, not
-  to the gradient: left out]; ``reliable`` = PLF's pseudo-label filtering [paper; details
-  unverified, zsq's reading]: once, before training, each image's reliability is the teacher's
-  self-entropy divided by log(C); the CE (hard pseudo-label) keeps the images below ``ce_tau`` whose
-  teacher argmax agrees with the synthesis label, the KD (soft label) keeps all.
-* ``fa_weight`` x L_FA (HAST lam = 1000 on CIFAR, SynQ 4000 on ImageNet) [code: lihuantong/HAST
-  trainer_direct.py]: sum over layers of mean((A_Q - A_f)^2), A = the L2-normalised channel attention
-  (per-channel mean of squared activations, :func:`channel_attention`) of each residual block's
-  branch output, the block's last BN (the official hooks: pytorchcv ``ResUnit.body``, ``conv3``
-  of ``LinearBottleneck``), :func:`feature_layers`.
-* ``adv_eps`` > 0: HAST's sample difficulty promotion [code: lihuantong/HAST trainer_direct.py]:
-  x' = x + eps sign(grad_x L_S), with L_S = the weighted KD + CE + FA (+ BNS) on x and the gradient
-  through student *and* teacher as in the official code; the loss adds ``adv_weight`` (SynQ
-  ``lambda_pert`` = 1) x L_S(x'), the teacher on x' without gradient, the CE samples of x. HAST and
-  SynQ: eps = 0.01 in the normalised input space. (SynQ's CIFAR branch leaves FA out of L_S(x');
-  here L_S(x') always has the terms of L_S.)
-* ``lpf_d0`` > 0: SynQ's low-pass filter on every batch, after the augmentation [code:
-  snudm-starlab/SynQ trainer_direct.py ``apply_filters``]: the centred 2D spectrum times
-  exp(-D^2 / (2 D0^2)), D the distance to the DC bin (:func:`lowpass_filter`). ``lpf_d0`` is D0 for
-  a 224-pixel side (SynQ's ImageNet value, 80) and scales with the side: D0 = 80 x 32 / 224 = 11.4
-  on CIFAR, the same filter in normalised frequency (a Gaussian blur of sigma = side / (2 pi D0) =
-  0.45 px at both sizes, 37% gain at Nyquist); 80 unscaled would keep >= 96% of every frequency of
-  a 32-pixel image, i.e. no filter.
-* ``cam_weight`` x MSE(CAM_f(x), CAM_Q(x)) (SynQ ``lambda_cam``: 200 argparse default, 50 in its
-  ImageNet run script) [code: snudm-starlab/SynQ gradcam.py]: Grad-CAM at the last Conv2d's output
-  for each model's own top class (:func:`grad_cam`); the gradient weights are constants (no double
-  backward), the student map is differentiable through its activations.
-* ``mixup_weight`` x KD(Q(x_mix), f(x_mix)) (TexQ's mixup-based distillation [paper; details
-  unverified]): x_mix = lam x + (1 - lam) x[perm], one lam ~ Beta(``mixup_alpha``, ``mixup_alpha``)
-  per batch (standard mixup).
-
-The warm-up measures these terms too (every epoch's history has the same keys; with ``adv_eps`` or
-``cam_weight`` its steps run with autograd, without an update); the EMA activation ranges follow
-only the student's forward on the batch itself (not x' or x_mix).
+**Method-specific terms** (issue 8; each off by default, and then not computed at all): CE on
+selected samples (SynQ, PLF), HAST's feature alignment and sample difficulty promotion, SynQ's
+low-pass filter and Grad-CAM alignment, TexQ's mixup KD; :mod:`zsq.qat.losses` describes each with its
+source, :mod:`zsq.qat.student` computes them for a batch. The trainer takes optional ``labels``
+aligned with ``images`` (the synthesis labels of a set that has them); every batch indexes both with
+the same draw.
 
 **Determinism and resume.** Every random draw of step ``s`` of epoch ``e`` (batch indices, crops,
 flips, mixup pairs and weights) comes from a ``torch.Generator`` seeded with a hash of ``(seed, e,
@@ -148,11 +111,9 @@ batch draw and PLF's one-off filter (rank 0); the global batch must hold at leas
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -160,11 +121,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-import torch.nn.functional as F
 
 from .. import distributed as zdist
-from ..config import to_bool, to_float, to_int
-from ..data.augment import resample_box_flip
 from ..errors import BadValueError
 from ..quant.modules import QUANT_LAYERS, Quantizer
 from ..quant.observers import Observer
@@ -172,169 +130,19 @@ from ..quant.protocol import frozen_fp_copy
 from ..record import record_of
 from ..train import (Fingerprint, NestedBar, cosine_lr, deferred_sigint, derive_seed, read_checkpoint,
                      seeded_generator, state_copy, stop_if_interrupted, write_checkpoint)
+# the config, the loss terms and the student side live in their own modules; their names stay importable
+# from here (zsq.gen, tests)
+from .config import (  # noqa: F401
+    CE_SELECTS, CE_TARGETS, EMA_FRACTION, KD_REDUCTIONS, PRECISIONS, _METHOD_FIELDS, QATConfig, _as, _as_bool,
+)
+from .losses import (  # noqa: F401
+    _Recorder, cam_layer, channel_attention, feature_layers, grad_cam, kd_loss, lowpass_filter, masked_ce,
+    normalized_entropy, random_resized_crop_flip,
+)
+from .student import StudentLosses, _fused_act_quant, _Pass  # noqa: F401
 
 CKPT_NAME = "qat.pt"
 CKPT_FORMAT = "zsq-qat-1"
-KD_REDUCTIONS = ("batchmean", "mean")
-PRECISIONS = ("fp32", "bf16")
-#: fraction of the steps with EMA activation ranges when the run has no more epochs than ``ema_epochs``
-EMA_FRACTION = 0.02
-CE_TARGETS = ("labels", "teacher")
-CE_SELECTS = ("all", "easy", "reliable")
-_LOSS_WEIGHTS = ("kd_weight", "ce_weight", "bns_weight", "fa_weight", "cam_weight", "mixup_weight")
-_METHOD_FLOATS = ("ce_tau", "fa_weight", "adv_eps", "adv_weight", "lpf_d0", "cam_weight", "mixup_weight",
-                  "mixup_alpha")
-#: fields added with the method terms: left out of the resume fingerprint at their default (off), so
-#: checkpoints written before they existed still resume
-_METHOD_FIELDS = ("ce_target", "ce_select") + _METHOD_FLOATS
-
-
-@dataclass
-class QATConfig:
-    """Hyperparameters of the fine-tuning loop. Defaults = the fixed-set GDFQ lineage on CIFAR
-    [code: zysxmu/IntraQ cifar10_resnet20.hocon, trainer_direct.py] (module docstring).
-
-    ``epochs`` x ``steps_per_epoch`` steps of ``batch_size`` images (an "epoch" is 200 iterations
-    in the official trainers, not a pass over the set). ``lr`` peaks the cosine schedule; SGD with
-    ``momentum``, ``nesterov`` and ``weight_decay``. Loss weights: ``kd_weight`` (alpha), with
-    ``temperature`` T and ``kd_reduction`` (``batchmean``: IntraQ/HAST/SynQ; ``mean``: GDFQ's
-    elementwise mean), ``ce_weight`` (CE on ``ce_target``: the synthesis labels, else the teacher's
-    argmax; ``ce_select`` / ``ce_tau``: SynQ's easy samples or PLF's reliable ones), ``bns_weight``
-    (student BN-input statistics, ``bns_variant`` of :data:`zsq.synth.losses.BNS_VARIANTS`).
-    Method terms, all off by default (module docstring, with sources): ``fa_weight`` (HAST feature
-    alignment), ``adv_eps`` / ``adv_weight`` (HAST sample difficulty promotion), ``lpf_d0`` (SynQ
-    low-pass filter, D0 at 224 px), ``cam_weight`` (SynQ Grad-CAM alignment), ``mixup_weight`` /
-    ``mixup_alpha`` (TexQ mixup KD). ``clip_images``: clamp the synthetic set once to the pixel range
-    the model's normalisation can produce, ``[(0 - mean) / std, (1 - mean) / std]`` (zsq's option: the
-    unclipped sets of the HAST lineage reach |x| ~ 9; clamping texq's raised its validation top-1 by ~6
-    points, the suspected cause being outliers that widen the EMA activation ranges; the teacher sees the
-    same clamped images, so KD stays consistent). ``ema_epochs``: warm-up epochs with EMA activation ranges
-    (``ema_momentum``) and no training; frozen ranges after. ``augment``: per-image random resized
-    crop (``crop_scale`` of the area) + horizontal flip. ``precision``: ``fp32`` | ``bf16`` (autocast
-    of the teacher and student forwards; losses and activation fake-quantization in fp32);
-    ``channels_last``: NHWC batches and weights.
-    """
-
-    epochs: int = 151  # IntraQ cifar*.hocon nEpochs (ImageNet: 151 too; SynQ 101)
-    steps_per_epoch: int = 200  # trainer_direct.py: iters = 200
-    batch_size: int = 256  # batchSize (ImageNet 16)
-    lr: float = 1e-4  # lr_S (ImageNet 1e-6)
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    temperature: float = 20.0
-    kd_weight: float = 20.0  # alpha
-    kd_reduction: str = "batchmean"
-    ce_weight: float = 0.0
-    bns_weight: float = 0.0
-    bns_variant: str = "gdfq"
-    ema_epochs: int = 4  # main_direct.py: unfreeze_model while epoch < 4
-    ema_momentum: float = 0.9  # QuantAct beta
-    augment: bool = True  # main_direct.py direct_dataset: RandomResizedCrop(scale (0.5, 1)) + flip
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    precision: str = "fp32"
-    channels_last: bool = True  # ResNet-20, batch 256, fp32, 1 thread: 1.29 vs 1.50 s/step (13% faster)
-    # method-specific terms (module docstring); the defaults switch them off
-    ce_target: str = "labels"  # labels (GDFQ, IntraQ; teacher argmax without labels) | teacher
-    ce_select: str = "all"  # all | easy (SynQ selective CE) | reliable (PLF, unverified)
-    ce_tau: float = 0.5  # SynQ tau_selce; PLF: normalised self-entropy threshold (zsq's choice)
-    fa_weight: float = 0.0  # HAST lam (CIFAR 1000; SynQ ImageNet 4000)
-    adv_eps: float = 0.0  # HAST / SynQ eps 0.01
-    adv_weight: float = 1.0  # SynQ lambda_pert (HAST: 1)
-    lpf_d0: float = 0.0  # SynQ d_zero 80 at 224 px (scaled with the image side)
-    cam_weight: float = 0.0  # SynQ lambda_cam (200 default, 50 in run_imagenet.sh)
-    mixup_weight: float = 0.0  # TexQ mixup KD (unverified)
-    mixup_alpha: float = 1.0  # Beta(alpha, alpha) of the mixup weight
-    clip_images: bool = False  # clamp the set to the valid normalised pixel range once, before training (zsq)
-
-    def __post_init__(self):
-        for name in ("epochs", "steps_per_epoch", "batch_size", "ema_epochs"):
-            setattr(self, name, to_int(getattr(self, name), name))
-        for name in ("lr", "momentum", "weight_decay", "temperature", "kd_weight", "ce_weight", "bns_weight",
-                     "ema_momentum") + _METHOD_FLOATS:
-            setattr(self, name, to_float(getattr(self, name), name, finite=True))
-        for name in ("nesterov", "augment", "channels_last", "clip_images"):
-            setattr(self, name, to_bool(getattr(self, name), name))
-        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
-            raise BadValueError(f"epochs, steps_per_epoch and batch_size must be >= 1, got {self.epochs}, "
-                                f"{self.steps_per_epoch}, {self.batch_size}")
-        if self.ema_epochs < 0:
-            raise BadValueError(f"ema_epochs must be >= 0, got {self.ema_epochs}")
-        if self.lr < 0 or self.weight_decay < 0:
-            raise BadValueError(f"lr and weight_decay must be >= 0, got {self.lr}, {self.weight_decay}")
-        if not 0.0 <= self.momentum < 1.0 or not 0.0 < self.ema_momentum < 1.0:
-            raise BadValueError(f"momentum must be in [0, 1) and ema_momentum in (0, 1), got {self.momentum}, "
-                                f"{self.ema_momentum}")
-        if self.nesterov and self.momentum == 0.0:
-            raise BadValueError("nesterov needs momentum > 0 (set nesterov=false or a momentum)")
-        if self.temperature <= 0:
-            raise BadValueError(f"temperature must be > 0, got {self.temperature}")
-        weights = {n: getattr(self, n) for n in _LOSS_WEIGHTS}
-        if min(weights.values()) < 0:
-            raise BadValueError("loss weights must be >= 0, got " + ", ".join(f"{n} {v}" for n, v in weights.items()))
-        if not any(weights.values()):
-            raise BadValueError("every loss weight is 0: set kd_weight, ce_weight or bns_weight > 0")
-        for name, allowed in (("ce_target", CE_TARGETS), ("ce_select", CE_SELECTS)):
-            if getattr(self, name) not in allowed:
-                raise BadValueError(f"{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
-        if self.ce_select != "all" and self.ce_weight == 0:
-            raise BadValueError(f"ce_select={self.ce_select} selects CE samples but ce_weight is 0: set ce_weight > 0")
-        if not 0.0 < self.ce_tau <= 1.0:
-            raise BadValueError(f"ce_tau must be in (0, 1], got {self.ce_tau}")
-        if min(self.adv_eps, self.adv_weight, self.lpf_d0) < 0 or self.mixup_alpha <= 0:
-            raise BadValueError(f"adv_eps, adv_weight and lpf_d0 must be >= 0 and mixup_alpha > 0, got "
-                                f"{self.adv_eps}, {self.adv_weight}, {self.lpf_d0}, {self.mixup_alpha}")
-        if self.kd_reduction not in KD_REDUCTIONS:
-            raise BadValueError(f"kd_reduction must be one of {', '.join(KD_REDUCTIONS)}, got '{self.kd_reduction}'")
-        if self.precision not in PRECISIONS:
-            raise BadValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
-        from ..synth.losses import BNS_VARIANTS
-
-        if self.bns_variant not in BNS_VARIANTS:
-            raise BadValueError(f"bns_variant must be one of {', '.join(BNS_VARIANTS)}, got '{self.bns_variant}'")
-        try:
-            lo, hi = (float(v) for v in self.crop_scale)
-        except (TypeError, ValueError):
-            raise BadValueError(f"crop_scale expects two numbers [lo, hi], got {self.crop_scale!r}") from None
-        if not 0.0 < lo <= hi <= 1.0:
-            raise BadValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got [{lo}, {hi}]")
-        self.crop_scale = (lo, hi)
-        if self.total_steps <= self.ema_steps:
-            raise BadValueError(f"{self.total_steps} steps leave none to train after {self.ema_steps} EMA warm-up "
-                                "steps: raise epochs or steps_per_epoch, or lower ema_epochs")
-
-    @classmethod
-    def from_hparams(cls, hp: dict[str, Any] | None) -> QATConfig:
-        """The config with the fields present in ``hp`` (recipe hparams; other keys are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (hp or {}).items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["crop_scale"] = list(self.crop_scale)
-        return d
-
-    @property
-    def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
-
-    @property
-    def ema_steps(self) -> int:
-        """Steps (from the first) with EMA activation ranges: ``ema_epochs`` epochs, or 2% of the
-        steps when the run has no more epochs than that; at least one (the ranges start there)."""
-        if self.epochs > self.ema_epochs:
-            return max(1, self.ema_epochs * self.steps_per_epoch)
-        return max(1, math.ceil(EMA_FRACTION * self.total_steps))
-
-
-def _as(kind: type, value: Any, name: str):
-    """Old name of the shared converter (:mod:`zsq.config`), kept for code that still imports it."""
-    return to_int(value, name) if kind is int else to_float(value, name, finite=True)
-
-
-_as_bool = to_bool  # old name, kept for code that still imports it
-
-
 class QATInterrupted(Exception):
     """Raised at ``stop_at`` (tests) after the checkpoint is written."""
 
@@ -350,166 +158,12 @@ class Batch(NamedTuple):
     mix: tuple[Tensor, float] | None
 
 
-class _Pass(NamedTuple):
-    """Teacher and student logits of one forward pair and what the hooks recorded."""
-
-    t: Tensor
-    s: Tensor
-    fa_t: list[Tensor]
-    fa_s: list[Tensor]
-    cam_t: list[Tensor]
-    cam_s: list[Tensor]
-
-
 # --------------------------------------------------------------------------------------------------
 # pieces
 # --------------------------------------------------------------------------------------------------
 def step_seed(seed: int, epoch: int, step: int) -> int:
     """A 63-bit seed for step ``step`` of epoch ``epoch`` of run ``seed`` (independent of other steps)."""
     return derive_seed("zsq-qat", seed, epoch, step)
-
-
-def kd_loss(student: Tensor, teacher: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
-    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` in fp32.
-
-    ``batchmean``: summed over classes, averaged over the batch (IntraQ/HAST/SynQ);
-    ``mean``: averaged over batch *and* classes, i.e. ``batchmean / num_classes`` (``KLDivLoss()``'s
-    default, GDFQ/Qimera/AIT).
-    """
-    t = float(temperature)
-    log_q = F.log_softmax(student.float() / t, dim=1)
-    p = F.softmax(teacher.float() / t, dim=1)
-    kl = F.kl_div(log_q, p, reduction="batchmean") * (t * t)
-    return kl / student.shape[1] if reduction == "mean" else kl
-
-
-def random_resized_crop_flip(x: Tensor, generator: torch.Generator | None,
-                             scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                             *, u: Tensor | None = None) -> Tensor:
-    """Per image: a random crop box covering ``scale`` of the area with aspect ratio in ``ratio``
-    (log-uniform), resized back to the full size (bilinear), mirrored with probability 0.5: IntraQ's
-    ``RandomResizedCrop(scale=(0.5, 1)) + RandomHorizontalFlip()``, batched as one affine resampling
-    (box sides clipped to the image instead of torchvision's rejection loop). Draws 5 uniforms per
-    image from ``generator``, or takes them from ``u`` (B, 5) (a rank's rows of a global draw)."""
-    b = x.shape[0]
-    if u is None:
-        u = torch.rand(b, 5, generator=generator, device=generator.device)
-    u = u.to(x.device)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(lr0 + (lr1 - lr0) * u[:, 1])
-    w = torch.sqrt(area * aspect).clamp(max=1.0)  # box width / image width
-    h = torch.sqrt(area / aspect).clamp(max=1.0)
-    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
-    # box centre in normalised coordinates
-    return resample_box_flip(x.float(), w, h, (2.0 * u[:, 2] - 1.0) * (1.0 - w), (2.0 * u[:, 3] - 1.0) * (1.0 - h),
-                             flip, padding_mode="border")
-
-
-def channel_attention(a: Tensor) -> Tensor:
-    """HAST's channel attention of a (B, C, H, W) activation: the per-channel mean of the squared
-    activation, L2-normalised over the channels of each sample (B, C), in fp32."""
-    return F.normalize(a.float().pow(2).mean((2, 3)).flatten(1), dim=1)
-
-
-def lowpass_filter(x: Tensor, d0: float) -> Tensor:
-    """SynQ's Gaussian low-pass filter: the 2D spectrum of each image channel, centred, times
-    ``exp(-D^2 / (2 d0^2))`` with ``D`` the distance (in frequency bins) to the DC bin at
-    ``(H // 2, W // 2)``; the real part of the inverse transform."""
-    h, w = x.shape[-2:]
-    d2 = ((torch.arange(h, device=x.device) - h // 2).pow(2)[:, None]
-          + (torch.arange(w, device=x.device) - w // 2).pow(2)[None, :]).float()
-    gain = torch.exp(-d2 / (2.0 * float(d0) ** 2))
-    spec = torch.fft.fftshift(torch.fft.fft2(x.float(), dim=(-2, -1)), dim=(-2, -1)) * gain
-    return torch.fft.ifft2(torch.fft.ifftshift(spec, dim=(-2, -1)), dim=(-2, -1)).real
-
-
-def grad_cam(logits: Tensor, act: Tensor, size: tuple[int, int], eps: float = 1e-10) -> Tensor:
-    """SynQ's Grad-CAM map (B, 1, H, W) of ``act`` (the target layer's output, in ``logits``'
-    graph) for each sample's own top class: channel weights = the spatial mean of the gradient of
-    the top logit, clamped at ``eps`` (SynQ's clamp: no negative weights); ReLU of the weighted sum
-    of channels, bilinear upsampling to ``size``, min-max normalisation per sample. The weights are
-    constants (no double backward); the map is differentiable through ``act``."""
-    score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
-    (g,) = torch.autograd.grad(score, act, retain_graph=True)
-    weights = g.float().mean((2, 3), keepdim=True).clamp(min=eps)
-    cam = F.relu((weights * act.float()).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
-    lo, hi = cam.amin((2, 3), keepdim=True), cam.amax((2, 3), keepdim=True)
-    return (cam - lo) / (hi - lo + eps)
-
-
-def masked_ce(logits: Tensor, target: Tensor, keep: Tensor | None = None) -> Tensor:
-    """Cross-entropy summed over the samples with ``keep`` (all when ``None``), divided by the batch
-    size (SynQ's selective CE, without the constant its masked rows add)."""
-    if keep is None:
-        return F.cross_entropy(logits, target)
-    return (F.cross_entropy(logits, target, reduction="none") * keep).sum() / logits.shape[0]
-
-
-def normalized_entropy(logits: Tensor) -> Tensor:
-    """Self-entropy of ``softmax(logits)`` divided by log(C): 0 = one-hot, 1 = uniform (PLF's
-    reliability metric, normalised so one threshold fits any class count)."""
-    logp = F.log_softmax(logits.float(), dim=1)
-    return -(logp.exp() * logp).sum(1) / math.log(logits.shape[1])
-
-
-_SHORTCUT_NAMES = ("shortcut", "downsample", "identity")
-
-
-def feature_layers(model: nn.Module) -> list[str]:
-    """HAST's feature-alignment sites: for every residual block (:func:`zsq.quant.graph.is_block`),
-    its last BatchNorm2d outside the shortcut (named ``shortcut`` / ``downsample`` / ``identity``
-    ...), whose output is the residual branch before the addition (pytorchcv ``ResUnit.body``)."""
-    from ..quant.graph import is_block
-
-    names = []
-    for bname, block in model.named_modules():
-        if not bname or not is_block(block):
-            continue
-        last = None
-        for n, m in block.named_modules():
-            if isinstance(m, nn.BatchNorm2d) and not any(k in n.lower() for k in _SHORTCUT_NAMES):
-                last = f"{bname}.{n}"
-        if last is not None and not any(last.startswith(p + ".") for p in names):
-            names.append(last)
-    return names
-
-
-def cam_layer(model: nn.Module) -> str | None:
-    """SynQ's Grad-CAM target: the last Conv2d of the model in registration order."""
-    return next((n for n, m in reversed(list(model.named_modules())) if isinstance(m, nn.Conv2d)), None)
-
-
-class _Recorder:
-    """Forward hooks on named modules of a model keeping each output, transformed (``fn``), in call
-    order; ``leaf=True`` makes an output that needs no gradient a leaf that does, while autograd is
-    on (so Grad-CAM can differentiate the frozen teacher's logits w.r.t. it)."""
-
-    def __init__(self, model: nn.Module, names: list[str], fn: Callable[[Tensor], Tensor] | None = None,
-                 leaf: bool = False):
-        self.mods = [model.get_submodule(n) for n in names]
-        self.fn, self.leaf = fn, leaf
-        self.out: list[Tensor] = []
-        self.handles: list[Any] = []
-
-    def _hook(self, mod, args, out):
-        if self.leaf and torch.is_grad_enabled() and not out.requires_grad:
-            out = out.detach().requires_grad_()
-        self.out.append(self.fn(out) if self.fn is not None else out)
-        return out
-
-    def register(self) -> None:
-        self.handles = [m.register_forward_hook(self._hook) for m in self.mods]
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles, self.out = [], []
-
-    def take(self) -> list[Tensor]:
-        out, self.out = self.out, []
-        return out
 
 
 def refresh_weight_ranges(model: nn.Module) -> None:
@@ -536,42 +190,10 @@ def _fingerprint(student: nn.Module, images: Tensor, cfg: QATConfig, seed: int, 
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _fused_act_quant(aqs: list[tuple[str, Quantizer]]):
-    """While inside, per-tensor activation quantizers with a fixed step fake-quantize through torch's
-    fused ``fake_quantize_per_tensor_affine`` also when a gradient is needed (the :class:`Quantizer`
-    uses that kernel only without one). Forward values are bit-identical to
-    :func:`zsq.quant.fake.fake_quant`, computed in fp32 also under bf16 autocast; the gradient is
-    the same straight-through estimator, masked where the rounded code falls outside the grid
-    (``fake_quant`` masks where the unrounded value does: they differ within half a step of the
-    range ends). Forward + backward of one 256x16x32x32 activation, 1 thread: 55-80 ms through
-    ``Quantizer.forward``, 22 ms fused (ResNet-20 has 19 such quantizers: ~0.4 s of a 1.5 s step).
-    Anything else (LSQ steps, QDrop, observe / off modes) goes through ``Quantizer.forward``."""
-    patched = []
-    for _, q in aqs:
-        if q.per_channel:
-            continue
-
-        def forward(x: Tensor, q: Quantizer = q) -> Tensor:
-            if q.mode != "quant" or isinstance(q.scale, nn.Parameter) or (q.training and q.drop_prob > 0):
-                return Quantizer.forward(q, x)
-            zp = q.zero_point.round().to(torch.int32).reshape(())
-            return torch.fake_quantize_per_tensor_affine(x.float(), q.scale.detach().reshape(()).float(), zp,
-                                                         q.qmin, q.qmax)
-
-        q.forward = forward  # instance attribute: hooks still run, the module tree is unchanged
-        patched.append(q)
-    try:
-        yield
-    finally:
-        for q in patched:
-            del q.forward
-
-
 # --------------------------------------------------------------------------------------------------
 # the engine
 # --------------------------------------------------------------------------------------------------
-class QATTrainer:
+class QATTrainer(StudentLosses):
     """Fine-tunes ``student`` (fresh from ``apply_protocol``: activation quantizers not calibrated) in
     place by distillation from ``teacher`` on ``images``; see the module docstring.
 
@@ -782,136 +404,6 @@ class QATTrainer:
 
     def _batch(self, epoch: int, step: int) -> Tensor:
         return self._draw(epoch, step).x
-
-    def _autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _recorders(self) -> list[_Recorder]:
-        return [r for pair in (self.fa, self.cam) if pair is not None for r in pair]
-
-    @contextlib.contextmanager
-    def hooked(self):
-        """While inside, the hooks the losses read are on: EMA activation ranges (active only while
-        ``_ema_on``), the student's BN statistics, the feature-alignment and Grad-CAM layers."""
-        self._hooks = [q.register_forward_pre_hook(self._ema_hook) for _, q in self.aqs]
-        if self.bns is not None:
-            self.bns.register()
-        for r in self._recorders():
-            r.register()
-        try:
-            yield self
-        finally:
-            for h in self._hooks:
-                h.remove()
-            self._hooks = []
-            self._ema_on = False
-            if self.bns is not None:
-                self.bns.remove()
-            for r in self._recorders():
-                r.remove()
-
-    def _reliable(self) -> Tensor:
-        """PLF's filter, once on the set as given (no augmentation): 1.0 for each image whose teacher
-        self-entropy / log(C) is below ``ce_tau`` and whose teacher argmax is its synthesis label
-        (when CE targets the labels), else 0.0."""
-        keep = []
-        for i in range(0, self.images.shape[0], 256):
-            with torch.inference_mode():
-                t = self.teacher(self.images[i:i + 256].to(self.device)).float().cpu()
-            ok = normalized_entropy(t) < self.cfg.ce_tau
-            if self.labels is not None and self.cfg.ce_target == "labels":
-                ok &= t.argmax(1) == self.labels[i:i + 256]
-            keep.append(ok)
-        return torch.cat(keep).float()
-
-    def _forward(self, x: Tensor, clean: bool) -> _Pass:
-        """Teacher and student on ``x`` with what the hooks recorded. ``clean``: the batch itself: the
-        teacher keeps its graph when a term differentiates through it, the EMA hooks may fire."""
-        if clean and self._autograd_terms and torch.is_grad_enabled():
-            with self._autocast():
-                t = self.teacher(x).float()
-            fresh = False
-        else:
-            with torch.inference_mode(), self._autocast():
-                t = self.teacher(x)
-            t = t.float().clone()  # a normal tensor (inference tensors cannot be saved for backward)
-            fresh = True
-        fa_t = self.fa[0].take() if self.fa is not None else []
-        if fresh:
-            fa_t = [a.clone() for a in fa_t]
-        cam_t = self.cam[0].take() if self.cam is not None else []
-        ema, self._ema_on = self._ema_on, self._ema_on and clean
-        try:
-            with self._autocast():
-                s = self.q(x)
-        finally:
-            self._ema_on = ema
-        fa_s = self.fa[1].take() if self.fa is not None else []
-        cam_s = self.cam[1].take() if self.cam is not None else []
-        if (self.fa is not None and not fa_s) or (self.cam is not None and not cam_s):
-            raise RuntimeError("the feature-alignment / Grad-CAM hooks are off: call losses() inside trainer.hooked()")
-        return _Pass(t, s.float(), fa_t, fa_s, cam_t, cam_s)
-
-    def _student_loss(self, p: _Pass, target: Tensor, keep: Tensor | None) -> dict[str, Tensor]:
-        """The weighted KD, CE, BNS and FA terms of one pass (``total`` = L_S)."""
-        cfg = self.cfg
-        out = {}
-        total = torch.zeros((), device=p.s.device)
-        if cfg.kd_weight > 0:
-            out["kd"] = kd_loss(p.s, p.t, cfg.temperature, cfg.kd_reduction)
-            total = total + cfg.kd_weight * out["kd"]
-        if cfg.ce_weight > 0:
-            out["ce"] = masked_ce(p.s, target, keep)
-            total = total + cfg.ce_weight * out["ce"]
-        if self.bns is not None:
-            out["bns"] = self.bns.loss()
-            total = total + cfg.bns_weight * out["bns"]
-        if self.fa is not None:
-            out["fa"] = sum((a_s - a_t).pow(2).mean() for a_s, a_t in zip(p.fa_s, p.fa_t))
-            total = total + cfg.fa_weight * out["fa"]
-        out["total"] = total
-        return out
-
-    def losses(self, x: Tensor, labels: Tensor | None = None, *, idx: Tensor | None = None,
-               mix: tuple[Tensor, float] | None = None) -> dict[str, Tensor]:
-        """The loss terms of the student on batch ``x`` (with gradients; ``labels`` / ``idx`` / ``mix``
-        as :meth:`_draw` gives them); ``total`` is their weighted sum. Terms read by hooks need
-        :meth:`hooked` (``run`` holds it)."""
-        cfg = self.cfg
-        if cfg.adv_eps > 0:
-            x = x.detach().requires_grad_()
-        p = self._forward(x, clean=True)
-        target = labels if labels is not None and cfg.ce_target == "labels" else p.t.detach().argmax(1)
-        keep = None
-        if cfg.ce_select == "easy":  # SynQ: teacher difficulty 1 - p_y below tau
-            p_y = F.softmax(p.t.detach(), dim=1).gather(1, target[:, None]).squeeze(1)
-            keep = (1.0 - p_y < cfg.ce_tau).float()
-        elif cfg.ce_select == "reliable":
-            keep = self.reliable[idx].to(p.s.device)
-        out = self._student_loss(p, target, keep)
-        ls = out["total"]
-        total = ls
-        if self.cam is not None:
-            size = tuple(x.shape[-2:])
-            cam_t = grad_cam(p.t, p.cam_t[0], size).detach()
-            out["cam"] = F.mse_loss(grad_cam(p.s, p.cam_s[0], size), cam_t)
-            total = total + cfg.cam_weight * out["cam"]
-        if cfg.adv_eps > 0:  # HAST: one signed-gradient step on the input, L_S again there
-            (g,) = torch.autograd.grad(ls, x, retain_graph=True)
-            pp = self._forward((x + cfg.adv_eps * g.sign()).detach(), clean=False)
-            out["adv"] = self._student_loss(pp, target, keep)["total"]
-            total = total + cfg.adv_weight * out["adv"]
-        if mix is not None:  # TexQ: KD on mixed images
-            perm, lam = mix
-            xd = x.detach()
-            partner = perm if perm.is_floating_point() else xd[perm]  # (partner images, lam): a rank's slice
-            pm = self._forward(lam * xd + (1.0 - lam) * partner, clean=False)
-            out["mix"] = kd_loss(pm.s, pm.t, cfg.temperature, cfg.kd_reduction)
-            total = total + cfg.mixup_weight * out["mix"]
-        out["total"] = total
-        return out
 
     def lr_at(self, gstep: int) -> float:
         """The learning rate of global step ``gstep``: 0 during the EMA warm-up, then a cosine from

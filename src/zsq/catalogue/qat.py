@@ -6,7 +6,7 @@ on the synthetic set, GDFQ-lineage student loop; hparams = :class:`~zsq.qat.engi
   methods (IntraQ, HAST, SynQ ... change the data or add loss terms to exactly this loop);
 * recipes ``intraq``, ``hast``, ``synq``, ``plf``, ``texq``, ``deepinversion``, ``gznq``: each
   method's synthesizer (synthesis labels passed on) + ``qat-kd`` with the method's student terms
-  (:mod:`zsq.qat.engine` documents each term and its source), native protocol ``qat``.
+  (:mod:`zsq.qat.losses` documents each term and its source), native protocol ``qat``.
 
 Every QAT recipe has the budgets of ``qat-zeroq``, so ``default`` is one equal budget for all:
 5,120 synthetic images (the synthesizer's ``default`` preset sizes its iterations) and the same

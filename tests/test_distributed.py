@@ -97,11 +97,12 @@ def test_qat_two_ranks_close_to_one_process(qat_runs, resnet20):
     convolutions of 8 instead of 16 images). At W4A4 a last-bit difference can flip a rounding and
     grow over the steps, so "up to floating point" is measured on the machine: the one-process run
     with 2 threads instead of 1 (another summation order) gives the float-noise reference. The two-rank
-    run may differ from the one-process run by at most 3x that reference, and never by more than
-    1e-3 of the update (L2) or 1e-2 in any tensor element; wrong gradient scaling or unsynchronised
-    ranges differ by orders of magnitude more. Measured: AMD EPYC, max |diff| 7e-6 and 5e-7 of the
-    update, no reference difference; Intel Xeon, 2.1e-4 of the update for both the two ranks and
-    the 2-thread reference (one rounding flip)."""
+    run may differ from the one-process run by at most 3x that reference (at least 1e-4 of the
+    update), and never by more than 1e-2 of the update (L2) or 0.1 in any tensor element.
+    Measured: AMD EPYC (AVX-512), max |diff| 7e-6 and 5e-7 of the update, no reference difference;
+    Intel Xeon, 2.1e-4 of the update for both the two ranks and the 2-thread reference (one rounding
+    flip); AMD EPYC with AVX2 only (fp32 synthesis), two ranks 3.1e-3 of the update (L2 0.064, max
+    0.047 in one BN weight) and the 2-thread reference the same (0.065, 0.048): the flips grow there."""
     tmp, _, two = qat_runs
     a, b, r = (_weights(tmp / n)["state_dict"] for n in ("one", "two", "one-2threads"))
     fp = {k: v for k, v in resnet20.state_dict().items() if v.is_floating_point()}
@@ -116,9 +117,9 @@ def test_qat_two_ranks_close_to_one_process(qat_runs, resnet20):
     noise_l2 = dist(a, r, fp)
     noise_max = max(float((a[k] - r[k]).abs().max()) for k in floats)
     for k in floats:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=min(1e-2, max(1e-4, 3 * noise_max)),
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=min(0.1, max(1e-4, 3 * noise_max)),
                                    msg=lambda m, k=k: f"{k}: {m} (float-noise reference: {noise_max:.2e})")
-    assert dist(a, b, fp) <= min(1e-3 * update, max(1e-4 * update, 3 * noise_l2))
+    assert dist(a, b, fp) <= min(1e-2 * update, max(1e-4 * update, 3 * noise_l2))
     # rank 0 alone wrote OUT and reported
     assert two.stderr.count("saved ") == 1
     assert sorted(p.name for p in (tmp / "two").iterdir()) == ["qmodel.pt", "zsq.json"]  # no stale .ckpt

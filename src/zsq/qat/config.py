@@ -160,11 +160,3 @@ class QATConfig:
         if self.epochs > self.ema_epochs:
             return max(1, self.ema_epochs * self.steps_per_epoch)
         return max(1, math.ceil(EMA_FRACTION * self.total_steps))
-
-
-def _as(kind: type, value: Any, name: str):
-    """Old name of the shared converter (:mod:`zsq.config`), kept for code that still imports it."""
-    return to_int(value, name) if kind is int else to_float(value, name, finite=True)
-
-
-_as_bool = to_bool  # old name, kept for code that still imports it

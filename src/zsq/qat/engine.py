@@ -133,7 +133,7 @@ from ..train import (Fingerprint, NestedBar, cosine_lr, deferred_sigint, derive_
 # the config, the loss terms and the student side live in their own modules; their names stay importable
 # from here (zsq.gen, tests)
 from .config import (  # noqa: F401
-    CE_SELECTS, CE_TARGETS, EMA_FRACTION, KD_REDUCTIONS, PRECISIONS, _METHOD_FIELDS, QATConfig, _as, _as_bool,
+    CE_SELECTS, CE_TARGETS, EMA_FRACTION, KD_REDUCTIONS, PRECISIONS, _METHOD_FIELDS, QATConfig,
 )
 from .losses import (  # noqa: F401
     _Recorder, cam_layer, channel_attention, feature_layers, grad_cam, kd_loss, lowpass_filter, masked_ce,

@@ -8,12 +8,12 @@ lists the choices and suggests the closest one. Values of the right type pass un
 
 Each quantizer's table comes from its config dataclass (:func:`zsq.config.settings_of`: the field
 annotations give the types; the allowed strings and lower bounds come from the fields' metadata, as in
-:class:`~zsq.ptq.quantizers.CalibConfig`, :class:`~zsq.ptq.datafree.DataFreeConfig` and
-:class:`~zsq.ptq.dfq.DFQPreConfig`, or from the tables in :func:`_build` for
-:class:`~zsq.ptq.reconstruct.ReconConfig`, :class:`~zsq.qat.engine.QATConfig`,
-:class:`~zsq.gen.loop.GenConfig` and the games of :mod:`zsq.gen.objectives`); only the reconstruction
-engine's options and the ``stop_at`` test hooks are declared here. The conversion itself is
-:mod:`zsq.config`'s. The keys are exactly :data:`zsq.recipes.HPARAM_KEYS` (a test checks it for every
+:class:`~zsq.ptq.quantizers.CalibConfig`, :class:`~zsq.ptq.datafree.DataFreeConfig`,
+:class:`~zsq.ptq.dfq.DFQPreConfig`, :class:`~zsq.ptq.reconstruct.ReconConfig` with the engine's
+:class:`~zsq.ptq.reconstruct.ReconEngineConfig` and BRECQ's :class:`~zsq.ptq.recon_units.BrecqActConfig`, or
+from the tables in :func:`_build` for :class:`~zsq.qat.engine.QATConfig`, :class:`~zsq.gen.loop.GenConfig`
+and the games of :mod:`zsq.gen.objectives`); only the trainers' ``stop_at`` test hooks are declared here.
+The conversion itself is :mod:`zsq.config`'s. The keys are exactly :data:`zsq.recipes.HPARAM_KEYS` (a test checks it for every
 registered quantizer and pre-step). Cross-field rules (e.g. enough steps after the warm-up) stay in the
 configs' ``__post_init__``.
 """
@@ -41,7 +41,6 @@ def settings_table() -> dict[str, dict[str, Setting]]:
 
 def _build() -> dict[str, dict[str, Setting]]:
     from . import catalogue  # noqa: F401  (registers every quantizer)
-    from .data.augment import AUGMENT_MODES
     from .gen.generators import ARC_GENOTYPES
     from .gen.loop import LR_SCHEDULES, GenConfig
     from .gen.objectives import GAMES
@@ -51,7 +50,6 @@ def _build() -> dict[str, dict[str, Setting]]:
     from .ptq.dfq import DFQPreConfig
     from .ptq.quantizers import CalibConfig
     from .qat import engine
-    from .quant.observers import OBSERVERS, WEIGHT_OBSERVERS
     from .synth.losses import BNS_VARIANTS
 
     table: dict[str, dict[str, Setting]] = {}
@@ -60,17 +58,10 @@ def _build() -> dict[str, dict[str, Setting]]:
     table["calib"] = table["calib-sparse"] = dict(CalibConfig.settings())
 
     # block reconstruction: ReconConfig fields + the engine's options (+ BRECQ's activation pass)
-    recon = {**settings_of(reconstruct.ReconConfig,
-                            {"w_scale_param": reconstruct.W_SCALE_PARAMS, "granularity": reconstruct.GRANULARITIES,
-                             "a_observer": OBSERVERS, "precision": reconstruct.PRECISIONS},
-                            {"iters": 0, "batch_size": 1, "a_init_images": 1, "cache_batch": 1}),
-             "ckpt_every_s": Setting("float"), "augment": Setting("str", AUGMENT_MODES),
-             "augment_copies": Setting("int", minimum=1), "augment_pad": Setting("int", minimum=0),
-             "w_observer": Setting("str", WEIGHT_OBSERVERS),
-             "stop_at": Setting("ints", optional=True, length=3)}  # stop_at: a test hook
+    recon = {**reconstruct.ReconConfig.settings(), **reconstruct.ReconEngineConfig.settings()}
     for m in reconstruct.RECON_METHODS:
         table[m] = dict(recon)
-    table["brecq"].update(lr_a=Setting("float"), iters_a=Setting("int", minimum=0))
+    table["brecq"].update(reconstruct.BrecqActConfig.settings())
 
     # the data-free quantizers (dfq / squant / udfc) and the dfq pre-step
     table.update({name: dict(cls.settings()) for name, cls in DATAFREE_CONFIGS.items()})

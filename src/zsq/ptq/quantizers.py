@@ -6,7 +6,6 @@ catalogue, :mod:`zsq.catalogue`, imports this module); the recipes using them ar
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,12 +54,11 @@ def _reconstruction_quantizer(method: str, doc: str,
 
         return quantize_reconstruct(ctx, method)
 
-    from .reconstruct import ENGINE_HPARAMS, ReconConfig
+    from .reconstruct import ReconConfig, ReconEngineConfig
 
-    # extra_keys: hparams only this method's passes read (BRECQ's activation pass: lr_a, iters_a); the others
-    # refuse them (a `--set lr_a=0` on genie used to be accepted and silently ignored)
-    HPARAM_KEYS[method] = frozenset({f.name for f in dataclasses.fields(ReconConfig)} | set(ENGINE_HPARAMS)
-                                    | {"w_observer", "a_observer", "stop_at", *extra_keys})
+    # extra_keys: hparams only this method's passes read (BRECQ's activation pass: BrecqActConfig's lr_a, iters_a);
+    # the others refuse them (a `--set lr_a=0` on genie used to be accepted and silently ignored)
+    HPARAM_KEYS[method] = frozenset({*ReconConfig.settings(), *ReconEngineConfig.settings(), *extra_keys})
     run.__name__ = f"quant_{method.replace('-', '_')}"
     run.__doc__ = doc
     return QUANTIZERS.add(method, run)

@@ -22,9 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import Config, setting
 from ..errors import BadValueError
 from ..quant.graph import is_block
 from ..quant.modules import QUANT_LAYERS, Quantizer
+from ..quant.observers import OBSERVERS
 
 #: the values of ReconConfig's string fields
 GRANULARITIES = ("block", "layer")
@@ -33,7 +35,7 @@ PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
-class ReconConfig:
+class ReconConfig(Config):
     """One reconstruction pass over every unit. Defaults = Genie-M [code: SamsungLabs/Genie reconstruct.py].
 
     ``iters``: optimisation steps per unit, ``batch_size`` images per step.
@@ -55,26 +57,26 @@ class ReconConfig:
     their initial grid and its activation quantizers are only range-initialised.
     """
 
-    iters: int = 20000
-    batch_size: int = 32
+    iters: int = setting(20000, minimum=0)
+    batch_size: int = setting(32, minimum=1)
     learn_weights: bool = True
     round_weight: float = 1.0
     b_range: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
     lr_round: float = 1e-3
     lr_w_scale: float = 1e-4
-    w_scale_param: str = "absolute"
+    w_scale_param: str = setting("absolute", choices=W_SCALE_PARAMS)
     act_quant: bool = True
     lr_a_scale: float = 4e-5
     drop_prob: float = 0.5
     input_mix: float = 0.5
-    granularity: str = "block"
+    granularity: str = setting("block", choices=GRANULARITIES)
     skip_first: bool = False
-    a_observer: str = "mse"
-    a_init_images: int = 32  # Genie initialises each quantizer on its first batch of 32
-    precision: str = "fp32"
+    a_observer: str = setting("mse", choices=OBSERVERS)
+    a_init_images: int = setting(32, minimum=1)  # Genie initialises each quantizer on its first batch of 32
+    precision: str = setting("fp32", choices=PRECISIONS)
     channels_last: bool = False
-    cache_batch: int = 256
+    cache_batch: int = setting(256, minimum=1)
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -87,10 +89,14 @@ class ReconConfig:
             raise BadValueError(f"iters must be >= 0 and batch_size >= 1, got {self.iters}, {self.batch_size}")
         self.b_range = tuple(float(b) for b in self.b_range)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["b_range"] = list(self.b_range)
-        return d
+
+@dataclass
+class BrecqActConfig(Config):
+    """BRECQ's second pass, the activation steps [code: yhhhli/BRECQ main_imagenet.py]: LSQ steps learnt
+    with Adam at ``lr_a`` for ``iters_a`` iterations per block (the ``brecq`` quantizer's hparams)."""
+
+    lr_a: float = 4e-4  # --lr 4e-4 (activation step learning rate)
+    iters_a: int = setting(5000, minimum=0)  # --iters_a 5000 (per block)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,8 +242,9 @@ def method_passes(method: str, hp: dict[str, Any] | None = None, *, protocol_nam
         w = ReconConfig(**{**common, "round_weight": 0.01, "lr_w_scale": 0.0, "act_quant": False, "lr_a_scale": 0.0,
                            "drop_prob": 0.0, "input_mix": 1.0, **ov})
         a_ov = {k: v for k, v in ov.items() if k not in ("iters", "round_weight", "lr_a_scale", "learn_weights")}
+        act = BrecqActConfig.from_hparams(hp)
         a = ReconConfig(**{**common, "learn_weights": False, "lr_w_scale": 0.0, "act_quant": True,
-                           "lr_a_scale": float(hp.get("lr_a", 4e-4)), "iters": int(hp.get("iters_a", 5000)),
+                           "lr_a_scale": float(act.lr_a), "iters": int(act.iters_a),
                            "drop_prob": 0.0, "input_mix": 1.0, **a_ov})
         return [w, a]
     if method == "adaround":

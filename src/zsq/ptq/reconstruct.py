@@ -36,28 +36,42 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..data.augment import augment_set
+from ..config import Config, setting
+from ..data.augment import AUGMENT_MODES, augment_set
 from ..errors import BadValueError
 from ..quant.adaround import AdaRoundQuantizer
 from ..quant.modules import Quantizer
+from ..quant.observers import WEIGHT_OBSERVERS
 from ..quant.protocol import frozen_fp_copy
 from ..record import record_of
 from ..train import (Every, Fingerprint, NestedBar, cosine_lr, deferred_sigint, derive_seed, read_checkpoint,
                      state_copy, stop_if_interrupted, write_checkpoint)
 from .recon_units import (  # noqa: F401 - the passes, units and presets, importable from here too
-    GRANULARITIES, PRECISIONS, RECON_METHODS, W_SCALE_PARAMS, ReconConfig, Unit, _act_quantizers, _inside,
-    _placement, find_units, method_passes,
+    GRANULARITIES, PRECISIONS, RECON_METHODS, W_SCALE_PARAMS, BrecqActConfig, ReconConfig, Unit, _act_quantizers,
+    _inside, _placement, find_units, method_passes,
 )
 
-#: hparams of the reconstruction quantizers besides the ReconConfig fields, with their defaults: the
-#: mid-unit checkpoint period and the calibration-set augmentation (zsq.data.augment)
-ENGINE_HPARAMS = {"ckpt_every_s": 120.0, "augment": "none", "augment_copies": 1, "augment_pad": 4}
+
+@dataclass
+class ReconEngineConfig(Config):
+    """The reconstruction quantizers' options besides the passes' :class:`ReconConfig` fields (recipe
+    hparams of the same names; :func:`quantize_reconstruct` reads them)."""
+
+    ckpt_every_s: float = 120.0  # seconds between the mid-unit checkpoints
+    augment: str = setting("none", choices=AUGMENT_MODES)  # augmented copies of the calibration set (zsq.data.augment)
+    augment_copies: int = setting(1, minimum=1)  # copies of each calibration image (augment != none)
+    augment_pad: int = setting(4, minimum=0)  # pixels of padding of flipshift's random shift
+    w_observer: str = setting("mse", choices=WEIGHT_OBSERVERS)  # the weights' initial grid (apply_protocol's observer)
+    stop_at: tuple[int, int, int] | None = None  # (pass, unit, step): checkpoint and stop there (a test hook)
+
+
 CKPT_NAME = "recon.pt"
 CKPT_FORMAT = "zsq-recon-2"  # 2: SHA-256 trailer (paths.torch_save_checked)
 
@@ -523,20 +537,19 @@ def quantize_reconstruct(ctx, method: str) -> nn.Module:
     """The registered quantizers ``adaround`` / ``brecq`` / ``qdrop`` / ``genie-m``: lay the model out
     by ``ctx.protocol`` (weights: per-channel L_p search, p = 2.4, as BRECQ/Genie initialise them),
     then reconstruct it on ``ctx.images`` with the method's passes (``ctx.hparams`` override
-    :class:`ReconConfig` fields; ``ckpt_every_s``, ``stop_at`` are engine options)."""
+    :class:`ReconConfig` fields; the others are :class:`ReconEngineConfig`'s)."""
     from ..quant.protocol import apply_protocol
 
     if ctx.images is None:
         raise BadValueError(f"the {method} quantizer needs calibration images (a synthesizer, --synthetic or --calib)")
-    hp = {**ENGINE_HPARAMS, **(ctx.hparams or {})}
+    hp = dict(ctx.hparams or {})
+    eng = ReconEngineConfig.from_hparams(hp)
     # augmented copies of the calibration set (zsq.data.augment); ``none`` leaves it as it is
-    images = augment_set(ctx.images, str(hp["augment"]), copies=int(hp["augment_copies"]), pad=int(hp["augment_pad"]),
-                         seed=ctx.seed)
+    images = augment_set(ctx.images, eng.augment, copies=eng.augment_copies, pad=eng.augment_pad, seed=ctx.seed)
     q = apply_protocol(ctx.model, ctx.protocol, ctx.w_bits, ctx.a_bits, policy=ctx.policy,
-                       w_observer=hp.get("w_observer", "mse"), a_observer=hp.get("a_observer", "mse"),
+                       w_observer=eng.w_observer, a_observer=hp.get("a_observer", ReconConfig.a_observer),
                        strict=ctx.strict)
     passes = method_passes(method, hp, protocol_name=ctx.protocol.name)
-    stop_at = hp.get("stop_at")
     return reconstruct(q, images, passes, seed=ctx.seed, progress=ctx.progress, ckpt_dir=ctx.ckpt_dir,
-                       resume=ctx.resume, ckpt_every_s=float(hp["ckpt_every_s"]),
-                       stop_at=tuple(stop_at) if stop_at is not None else None)
+                       resume=ctx.resume, ckpt_every_s=float(eng.ckpt_every_s),
+                       stop_at=tuple(eng.stop_at) if eng.stop_at is not None else None)

@@ -59,9 +59,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import to_bool, to_float, to_int
+from ..config import setting, to_bool, to_float, to_int
 from ..errors import BadValueError
-from ..qat.engine import QATConfig, QATTrainer, refresh_weight_ranges, step_seed
+from ..qat.engine import KD_REDUCTIONS, QATConfig, QATTrainer, refresh_weight_ranges, step_seed
 from ..quant.modules import QUANT_LAYERS
 from ..record import model_info, record_of
 from ..train import Fingerprint, cosine_lr, seeded_generator, state_copy
@@ -91,17 +91,17 @@ class GenConfig(QATConfig):
     ``KLDivLoss()``); ``ce_weight`` on the sampled labels; ``ait``: gradient inundation with
     ``gi_threshold`` (passing threshold) and ``gi_iters`` bisection steps, KL-only student loss."""
 
-    epochs: int = 400  # nEpochs
-    steps_per_epoch: int = 200  # iters = 200
-    batch_size: int = 200  # batchSize (AdaSG/AdaDFQ 16; ImageNet 16)
+    epochs: int = setting(400, minimum=1)  # nEpochs
+    steps_per_epoch: int = setting(200, minimum=1)  # iters = 200
+    batch_size: int = setting(200, minimum=1)  # batchSize (AdaSG/AdaDFQ 16; ImageNet 16)
     lr: float = 1e-4  # lr_S (ImageNet 1e-6)
     kd_weight: float = 1.0  # alpha
-    kd_reduction: str = "mean"  # nn.KLDivLoss() default reduction
+    kd_reduction: str = setting("mean", choices=KD_REDUCTIONS)  # nn.KLDivLoss() default reduction
     ce_weight: float = 1.0  # loss_fn_kd: KL * alpha * T^2 + CE(output, labels)
     augment: bool = False
     lr_g: float = 1e-3
     g_betas: tuple[float, float] = (0.5, 0.999)  # b1, b2
-    lr_schedule: str = "multistep"
+    lr_schedule: str = setting("multistep", choices=LR_SCHEDULES)
     milestones: tuple[float, ...] = (0.25, 0.5, 0.75)  # step_S = step_G = [100, 200, 300] of 400
     lr_decay: float = 0.1
     warmup_epochs: int = 4  # warmup_epochs (ImageNet 50)
@@ -140,11 +140,6 @@ class GenConfig(QATConfig):
         if self.total_steps <= self.warmup_steps:
             raise BadValueError(f"{self.total_steps} iterations leave none to train the student after "
                                 f"{self.warmup_steps} warm-up iterations: raise epochs or lower warmup_epochs")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d["g_betas"], d["milestones"] = list(self.g_betas), list(self.milestones)
-        return d
 
     @property
     def warmup_steps(self) -> int:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from ..config import to_bool, to_float, to_int
+from ..config import Config, Setting, setting, settings_of, to_bool, to_float, to_int
 from ..errors import BadValueError, UnknownNameError
 from ..qat.engine import kd_loss
 from ..synth.losses import BNStatsLoss
@@ -93,7 +93,7 @@ def _total(terms: dict[str, Tensor], weights: dict[str, float]) -> dict[str, Ten
 
 
 @dataclass
-class Game:
+class Game(Config):
     """Base game = GDFQ [code: xushoukai/GDFQ trainer.py]: the conditional generator minimises
     ``ce_g * CE(f(G(z, y)), y) + bns_g * L_BNS`` (BNS variant ``gdfq``); the student minimises
     ``kd_weight * T^2 KL(f || Q) + ce_weight * CE(Q, y)`` (the loop config's KD fields; ``ait=True``
@@ -104,11 +104,11 @@ class Game:
     fresh_batches: ClassVar[bool] = False
     s_first: ClassVar[bool] = False
 
-    latent_dim: int = 100  # cifar100_resnet20.hocon latent_dim
+    latent_dim: int = setting(100, minimum=1)  # cifar100_resnet20.hocon latent_dim
     ce_g: float = 1.0  # loss_G = loss_one_hot + 0.1 * BNS_loss
     bns_g: float = 0.1
-    g_steps: int = 1
-    s_steps: int = 1
+    g_steps: int = setting(1, minimum=1)  # generator steps per iteration
+    s_steps: int = setting(1, minimum=1)  # student steps per iteration
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # every number >= 0 (zsq.config's converters)
@@ -124,9 +124,14 @@ class Game:
             raise BadValueError("g_steps, s_steps and latent_dim must be >= 1")
 
     @classmethod
-    def from_hparams(cls, hp: dict[str, Any] | None) -> Game:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (hp or {}).items() if k in names})
+    def settings(cls) -> dict[str, Setting]:
+        """The fields' settings (:class:`zsq.config.Config`), every number >= 0 unless its field says more
+        (the rule ``__post_init__`` applies)."""
+        if cls not in Config._settings:
+            Config._settings[cls] = {k: dataclasses.replace(s, minimum=0)
+                                     if s.kind in ("int", "float") and s.minimum is None else s
+                                     for k, s in settings_of(cls).items()}
+        return Config._settings[cls]
 
     @classmethod
     def keys(cls) -> frozenset[str]:
@@ -174,7 +179,7 @@ class QimeraGame(Game):
     to 100 (``intermediate_dim``; the disentanglement layer, on by default), noise scale 1."""
 
     name: ClassVar[str] = "qimera"
-    latent_dim: int = 64  # cifar10_resnet20.hocon
+    latent_dim: int = setting(64, minimum=1)  # cifar10_resnet20.hocon
     intermediate_dim: int = 100  # options.py (the resnet20 branch never matches "resnet20_cifar10")
     noise_scale: float = 1.0
     mix_prob: float = 0.4
@@ -206,7 +211,7 @@ class AutoReConGame(Game):
     from 64 px on (the search itself is not reproduced)."""
 
     name: ClassVar[str] = "autorecon"
-    arc_genotype: str = "auto"
+    arc_genotype: str = setting("auto", choices=("auto", *ARC_GENOTYPES))  # the derived architecture
 
     def __post_init__(self):
         super().__post_init__()
@@ -327,8 +332,8 @@ class ZAQGame(_UnconditionalGame):
     student_in_g: ClassVar[bool] = True
     fresh_batches: ClassVar[bool] = True
     s_first: ClassVar[bool] = True
-    latent_dim: int = 256  # --nz
-    s_steps: int = 5  # for k in range(5)
+    latent_dim: int = setting(256, minimum=1)  # --nz
+    s_steps: int = setting(5, minimum=1)  # for k in range(5)
     zaq_alpha: float = 1.0
     zaq_beta: float = 0.1
 
@@ -368,8 +373,8 @@ class AKDGame(_UnconditionalGame):
     name: ClassVar[str] = "dfq-akd"
     student_in_g: ClassVar[bool] = True
     fresh_batches: ClassVar[bool] = True
-    latent_dim: int = 512
-    s_steps: int = 10
+    latent_dim: int = setting(512, minimum=1)
+    s_steps: int = setting(10, minimum=1)
     akd_alpha: float = 0.01
     akd_temperature: float = 1.0
 

@@ -1,14 +1,15 @@
-"""The hyperparameters of the QAT fine-tuning loop (:class:`QATConfig`; :mod:`zsq.qat.engine` runs it)."""
+"""The hyperparameters of the QAT fine-tuning loop (:class:`QATConfig`; :mod:`zsq.qat.engine` runs it): a
+:class:`zsq.config.Config` (``from_dict`` / ``from_hparams`` / ``to_dict``), each field's allowed strings and
+lower bound in its metadata; the cross-field rules in ``__post_init__``."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from ..config import to_bool, to_float, to_int
+from ..config import Config, setting, to_bool, to_float, to_int
 from ..errors import BadValueError
+from ..synth.losses import BNS_VARIANTS
 
 KD_REDUCTIONS = ("batchmean", "mean")
 PRECISIONS = ("fp32", "bf16")
@@ -25,7 +26,7 @@ _METHOD_FIELDS = ("ce_target", "ce_select") + _METHOD_FLOATS
 
 
 @dataclass
-class QATConfig:
+class QATConfig(Config):
     """Hyperparameters of the fine-tuning loop. Defaults = the fixed-set GDFQ lineage on CIFAR
     [code: zysxmu/IntraQ cifar10_resnet20.hocon, trainer_direct.py] (module docstring).
 
@@ -50,28 +51,29 @@ class QATConfig:
     ``channels_last``: NHWC batches and weights.
     """
 
-    epochs: int = 151  # IntraQ cifar*.hocon nEpochs (ImageNet: 151 too; SynQ 101)
-    steps_per_epoch: int = 200  # trainer_direct.py: iters = 200
-    batch_size: int = 256  # batchSize (ImageNet 16)
+    epochs: int = setting(151, minimum=1)  # IntraQ cifar*.hocon nEpochs (ImageNet: 151 too; SynQ 101)
+    steps_per_epoch: int = setting(200, minimum=1)  # trainer_direct.py: iters = 200
+    batch_size: int = setting(256, minimum=1)  # batchSize (ImageNet 16)
     lr: float = 1e-4  # lr_S (ImageNet 1e-6)
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
     temperature: float = 20.0
     kd_weight: float = 20.0  # alpha
-    kd_reduction: str = "batchmean"
+    kd_reduction: str = setting("batchmean", choices=KD_REDUCTIONS)
     ce_weight: float = 0.0
     bns_weight: float = 0.0
-    bns_variant: str = "gdfq"
+    bns_variant: str = setting("gdfq", choices=tuple(BNS_VARIANTS))
     ema_epochs: int = 4  # main_direct.py: unfreeze_model while epoch < 4
     ema_momentum: float = 0.9  # QuantAct beta
     augment: bool = True  # main_direct.py direct_dataset: RandomResizedCrop(scale (0.5, 1)) + flip
     crop_scale: tuple[float, float] = (0.5, 1.0)
-    precision: str = "fp32"
+    precision: str = setting("fp32", choices=PRECISIONS)
     channels_last: bool = True  # ResNet-20, batch 256, fp32, 1 thread: 1.29 vs 1.50 s/step (13% faster)
     # method-specific terms (module docstring); the defaults switch them off
-    ce_target: str = "labels"  # labels (GDFQ, IntraQ; teacher argmax without labels) | teacher
-    ce_select: str = "all"  # all | easy (SynQ selective CE) | reliable (PLF, unverified)
+    # labels (GDFQ, IntraQ; teacher argmax without labels) | teacher
+    ce_target: str = setting("labels", choices=CE_TARGETS)
+    ce_select: str = setting("all", choices=CE_SELECTS)  # all | easy (SynQ selective CE) | reliable (PLF, unverified)
     ce_tau: float = 0.5  # SynQ tau_selce; PLF: normalised self-entropy threshold (zsq's choice)
     fa_weight: float = 0.0  # HAST lam (CIFAR 1000; SynQ ImageNet 4000)
     adv_eps: float = 0.0  # HAST / SynQ eps 0.01
@@ -123,8 +125,6 @@ class QATConfig:
             raise BadValueError(f"kd_reduction must be one of {', '.join(KD_REDUCTIONS)}, got '{self.kd_reduction}'")
         if self.precision not in PRECISIONS:
             raise BadValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
-        from ..synth.losses import BNS_VARIANTS
-
         if self.bns_variant not in BNS_VARIANTS:
             raise BadValueError(f"bns_variant must be one of {', '.join(BNS_VARIANTS)}, got '{self.bns_variant}'")
         try:
@@ -137,17 +137,6 @@ class QATConfig:
         if self.total_steps <= self.ema_steps:
             raise BadValueError(f"{self.total_steps} steps leave none to train after {self.ema_steps} EMA warm-up "
                                 "steps: raise epochs or steps_per_epoch, or lower ema_epochs")
-
-    @classmethod
-    def from_hparams(cls, hp: dict[str, Any] | None) -> QATConfig:
-        """The config with the fields present in ``hp`` (recipe hparams; other keys are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (hp or {}).items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["crop_scale"] = list(self.crop_scale)
-        return d
 
     @property
     def total_steps(self) -> int:

@@ -164,6 +164,59 @@ def test_settings_table_is_read_from_the_configs():
         assert HPARAM_KEYS[owner] == frozenset(cls.settings()), owner
 
 
+
+def test_settings_table_is_read_from_the_reconstruction_qat_and_generator_configs():
+    """Reconstruction (ReconConfig + the engine's ReconEngineConfig, + BrecqActConfig for brecq), the fixed-set
+    QAT loop and the generator games: their keys' settings are the configs' (only ``stop_at`` of the QAT and
+    generator trainers is declared by zsq.settings)."""
+    from zsq.gen.loop import GenConfig
+    from zsq.gen.objectives import GAMES
+    from zsq.gen.quantizers import GAME_OF, LOOP_KEYS
+    from zsq.ptq.reconstruct import RECON_METHODS, BrecqActConfig, ReconConfig, ReconEngineConfig
+    from zsq.qat.engine import QATConfig
+    from zsq.settings import settings_table
+
+    table = settings_table()
+    for m in RECON_METHODS:
+        want = {**ReconConfig.settings(), **ReconEngineConfig.settings(),
+                **(BrecqActConfig.settings() if m == "brecq" else {})}
+        assert table[m] == want and HPARAM_KEYS[m] == frozenset(want), m
+    assert {k: v for k, v in table["qat-kd"].items() if k != "stop_at"} == QATConfig.settings()
+    loop = {k: v for k, v in GenConfig.settings().items() if k in LOOP_KEYS}
+    for name, game in GAME_OF.items():
+        assert {k: v for k, v in table[name].items() if k != "stop_at"} == {**loop, **GAMES[game].settings()}, name
+    # the engine options' and BRECQ's activation pass's defaults, as the engine read them before
+    assert ReconEngineConfig().to_dict() == {"ckpt_every_s": 120.0, "augment": "none", "augment_copies": 1,
+                                             "augment_pad": 4, "w_observer": "mse", "stop_at": None}
+    assert BrecqActConfig().to_dict() == {"lr_a": 4e-4, "iters_a": 5000}
+    # the games' numbers are >= 0, latent_dim / g_steps / s_steps >= 1, as their __post_init__ says
+    qimera = GAMES["qimera"].settings()
+    assert qimera["mix_prob"].minimum == 0 and qimera["latent_dim"].minimum == 1 and qimera["mapping"].minimum is None
+    assert GAMES["zaq"].settings()["s_steps"].minimum == 1
+
+
+def test_reconstruction_qat_and_generator_configs_round_trip_and_refuse_alike():
+    import json
+
+    from zsq.gen.loop import GenConfig
+    from zsq.gen.objectives import GAMES
+    from zsq.ptq.reconstruct import BrecqActConfig, ReconConfig, ReconEngineConfig
+    from zsq.qat.engine import QATConfig
+
+    for cls in (ReconConfig, ReconEngineConfig, BrecqActConfig, QATConfig, GenConfig):
+        assert cls.from_dict(json.loads(json.dumps(cls().to_dict()))) == cls(), cls.__name__
+    for cls in GAMES.values():  # a game's to_dict also names the game
+        d = json.loads(json.dumps(cls().to_dict()))
+        assert d.pop("game") == cls.name and cls.from_dict(d) == cls(), cls.__name__
+    with pytest.raises(BadValueError, match=r"^QATConfig has no setting 'kd_reductin': did you mean kd_reduction\b"):
+        QATConfig.from_dict({"kd_reductin": "mean"})
+    with pytest.raises(BadValueError, match=r"^setting augment_copies must be >= 1, got 0$"):
+        ReconEngineConfig.from_hparams({"augment_copies": 0, "iters": 5})
+    with pytest.raises(BadValueError, match="setting lr_schedule must be one of multistep, cosine"):
+        GenConfig.from_hparams({"lr_schedule": "step"})
+    assert tuple(ReconEngineConfig.from_hparams({"stop_at": [0, 1, 2], "augment": "flip"}).stop_at) == (0, 1, 2)
+    assert BrecqActConfig.from_hparams({"iters_a": "7", "lr_a": 1}) == BrecqActConfig(iters_a=7, lr_a=1.0)
+
 def test_config_defaults_are_the_values_the_quantizers_read_before():
     """The defaults the quantizers wrote as ``h.get(key, default)`` before the configs (results unchanged)."""
     from zsq.ptq.bn_ranges import DEFAULT_K

@@ -103,3 +103,39 @@ def test_report_measures_learnt_weights_against_the_fp_model(resnet20, tmp_path)
     zsq.save(q, out, metrics={"top1": 79.1, "top5": 98.9, "n": 10000}, eval_path=str(CIFAR_TEST))
     text = write_report(out).read_text()
     assert "--eval-limit" not in text and "79.1 / 98.9 on 10,000 images" in text
+
+
+def test_report_keeps_the_umask_and_a_refused_write_is_one_line(resnet20, tmp_path, monkeypatch):
+    """OUT/report gets the mode mkdir would give it (mkdtemp made it 0700); a write the file system
+    refuses (here: a full disk while writing layers.csv) is one OutputError naming OUT/report, and no
+    OUT/report or temporary directory is left."""
+    import errno
+    import os
+
+    import zsq.report as report
+    from zsq.errors import OutputError
+
+    q = zsq.quantize(resnet20, "squant", 4, 4, progress=False)
+    out = tmp_path / "sq"
+    zsq.save(q, out)
+    old = os.umask(0o022)
+    try:
+        write_report(out)
+        assert (out / "report").stat().st_mode & 0o777 == 0o755
+        os.umask(0o027)
+        write_report(out)
+        assert (out / "report").stat().st_mode & 0o777 == 0o750
+    finally:
+        os.umask(old)
+
+    def full(rows, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "_layers_csv", full)
+    import shutil
+
+    shutil.rmtree(out / "report")
+    with pytest.raises(OutputError, match="report") as e:
+        write_report(out)
+    assert "\n" not in str(e.value)
+    assert not (out / "report").exists() and not list(out.glob(".report-*"))

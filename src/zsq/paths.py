@@ -121,12 +121,22 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
 def new_file_mode() -> int:
     """The mode ``open()`` would give a new file under the process umask (``0o666 & ~umask``):
     :func:`tempfile.mkstemp` creates its file 0600, and a renamed temporary keeps that mode."""
-    mask = os.umask(0o022)  # the only portable way to read the umask is to set it; put it back at once
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
+
+
+def new_dir_mode() -> int:
+    """The mode ``mkdir()`` would give a new directory under the process umask (``0o777 & ~umask``):
+    :func:`tempfile.mkdtemp` creates it 0700."""
+    return 0o777 & ~_umask()
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import DataError, ZsqError
+from .paths import new_dir_mode, writing
 from .record import record_of
 
 BIT_ORDER = ["W8A8", "W6A6", "W5A5", "W4A8", "W4A4", "W3A3", "W2A4", "W2A2"]
@@ -279,7 +280,13 @@ def _eval_set_size(meta: dict) -> int | None:
 
 
 def write_report(out: str | os.PathLike, bench: str | os.PathLike | None = None) -> Path:
-    """Build ``OUT/report/`` (see module doc) and return its ``report.md`` path."""
+    """Build ``OUT/report/`` (see module doc) and return its ``report.md`` path. A write the file system
+    refuses is a one-line :class:`~zsq.errors.OutputError`, and leaves no ``OUT/report``."""
+    with writing(Path(out) / "report"):
+        return _write_report(out, bench)
+
+
+def _write_report(out: str | os.PathLike, bench: str | os.PathLike | None) -> Path:
     from . import api
     from .data.shards import SyntheticSet, sidecar_path
     from .spec import PROTOCOLS
@@ -289,6 +296,7 @@ def write_report(out: str | os.PathLike, bench: str | os.PathLike | None = None)
     meta = json.loads((out / "zsq.json").read_text())
     dest = out / "report"
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    os.chmod(tmp, new_dir_mode())  # mkdtemp makes it 0700; OUT/report gets the umask's mode like OUT's files
     figs: list[tuple[str, str]] = []
     images = None
     try:

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import zsq
-import zsq.ptq.datafree  # noqa: F401  (registers the recipes; recipes.py imports it too)
 from zsq.errors import ZsqError
 from zsq.ptq import bn_ranges, dfq, squant, udfc
 from zsq.quant.modules import QuantConv2d

@@ -207,7 +207,10 @@ def test_reconstruction_qat_and_generator_configs_round_trip_and_refuse_alike():
         assert cls.from_dict(json.loads(json.dumps(cls().to_dict()))) == cls(), cls.__name__
     for cls in GAMES.values():  # a game's to_dict also names the game
         d = json.loads(json.dumps(cls().to_dict()))
+        assert cls.from_dict(d) == cls(), cls.__name__  # zsq.json's generator.game, as written
         assert d.pop("game") == cls.name and cls.from_dict(d) == cls(), cls.__name__
+    with pytest.raises(BadValueError, match="cannot be read from the settings of game 'qimera'"):
+        GAMES["gdfq"].from_dict(GAMES["qimera"]().to_dict())
     with pytest.raises(BadValueError, match=r"^QATConfig has no setting 'kd_reductin': did you mean kd_reduction\b"):
         QATConfig.from_dict({"kd_reductin": "mean"})
     with pytest.raises(BadValueError, match=r"^setting augment_copies must be >= 1, got 0$"):

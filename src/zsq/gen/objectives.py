@@ -140,6 +140,16 @@ class Game(Config):
     def to_dict(self) -> dict[str, Any]:
         return {"game": self.name, **dataclasses.asdict(self)}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None = None):
+        """The game from :meth:`to_dict`'s form: its ``"game"`` key must name this game (zsq.json's
+        ``generator.game``), the other keys are fields."""
+        d = dict(d or {})
+        name = d.pop("game", cls.name)
+        if name != cls.name:
+            raise BadValueError(f"a {cls.name} game cannot be read from the settings of game '{name}'")
+        return super().from_dict(d)
+
     # -- parts -------------------------------------------------------------------------------------
     def make_generator(self, num_classes: int, image_size: int) -> GDFQGenerator:
         return make_generator(num_classes, image_size, latent_dim=self.latent_dim)

@@ -326,6 +326,25 @@ def _err(tmp_path: Path, tag: str) -> str:
     return (tmp_path / f"{tag}.err").read_text()
 
 
+@contextlib.contextmanager
+def _drivers(tmp_path: Path):
+    """``start(batches, tag)`` starts a driver and lists it in ``procs`` (the processes still to watch);
+    every driver still running at the end is killed."""
+    procs: list[subprocess.Popen] = []
+
+    def start(batches: str, tag: str) -> subprocess.Popen:
+        procs.append(_start_driver(tmp_path, batches, tag))
+        return procs[-1]
+
+    try:
+        yield start, procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 WAITING = "being made by another process"
 
 
@@ -333,27 +352,18 @@ def test_shared_cache_each_batch_made_once_ranks_do_not_wait(tmp_path):
     """A (the whole set) makes batch 0; B (a rank with batch 1 only) makes batch 1 at the same time,
     without waiting for A; C (the whole set, the same key) waits with one line and reuses both."""
     log = tmp_path / "starts.log"
-    procs = []
-    try:
-        a = _start_driver(tmp_path, "all", "a")
-        procs.append(a)
+    with _drivers(tmp_path) as (start, procs):
+        a = start("all", "a")
         _wait_for(lambda: (0, a.pid) in _starts(log), "A to start batch 0", procs)
-        b = _start_driver(tmp_path, "1", "b")
-        procs.append(b)
+        b = start("1", "b")
         _wait_for(lambda: (1, b.pid) in _starts(log), "B (disjoint batch) to start while A holds batch 0", procs)
-        c = _start_driver(tmp_path, "all", "c")
-        procs.append(c)
+        c = start("all", "c")
         # C either waits (one line) or, without a lock, starts batch 0 itself
         _wait_for(lambda: WAITING in _err(tmp_path, "c") or any(pid == c.pid for _, pid in _starts(log)),
                   "C to wait or to start", procs)
         (tmp_path / "GO").touch()
         outs = [p.communicate(timeout=180)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0], [_err(tmp_path, t) for t in "abc"]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     starts = _starts(log)
     assert sorted(k for k, _ in starts) == [0, 1], f"a batch was made more than once: {starts}"
     assert dict(starts) == {0: a.pid, 1: b.pid}
@@ -369,13 +379,10 @@ def test_shared_cache_killed_lock_holder_is_taken_over(tmp_path):
     from zsq.data.shards import SyntheticSet
 
     log = tmp_path / "starts.log"
-    procs = []
-    try:
-        a = _start_driver(tmp_path, "all", "a")
-        procs.append(a)
+    with _drivers(tmp_path) as (start, procs):
+        a = start("all", "a")
         _wait_for(lambda: (0, a.pid) in _starts(log), "A to start batch 0", procs)
-        c = _start_driver(tmp_path, "all", "c")
-        procs.append(c)
+        c = start("all", "c")
         _wait_for(lambda: WAITING in _err(tmp_path, "c") or any(pid == c.pid for _, pid in _starts(log)),
                   "C to wait or to start", procs)
         assert not any(pid == c.pid for _, pid in _starts(log)), "C made batch 0 while A was making it"
@@ -386,11 +393,6 @@ def test_shared_cache_killed_lock_holder_is_taken_over(tmp_path):
         (tmp_path / "GO").touch()
         out = c.communicate(timeout=180)[0].split()
         assert c.returncode == 0, _err(tmp_path, "c")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     assert out[0] == "complete" and out[2] == "4"
     s = SyntheticSet.load(out[3])
     assert s.n_images == 4 and s.sha256 == out[1]

@@ -46,17 +46,22 @@ class LayerPolicy:
 
     ``keep_fp``: glob patterns of Conv/Linear names whose weights (and input quantizer) stay FP.
     ``layer_bits``: name pattern -> (w_bits, a_bits); ``a_bits`` applies to the quantizer of that
-    layer's input tensor when the protocol quantizes it.
+    layer's input tensor when the protocol quantizes it; ``None`` (a mixed-precision search's entries,
+    written ``NAME=W3`` in zsq.json) leaves the activation bits to the protocol.
     """
 
     keep_fp: tuple[str, ...] = ()
     layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @staticmethod
-    def parse_layer_bits(items: list[str] | tuple[str, ...]) -> dict[str, tuple[int, int]]:
-        """Parse ``NAME=WxAy`` strings (e.g. ``layer1.0.conv1=W4A8``)."""
+    def parse_layer_bits(items: list[str] | tuple[str, ...], weight_only: bool = False) -> dict[str, tuple[int, int]]:
+        """Parse ``NAME=WxAy`` strings (e.g. ``layer1.0.conv1=W4A8``); with ``weight_only`` (zsq.json's
+        policy) also ``NAME=W3``, read as ``(3, None)``."""
         out = {}
         for it in items:
+            if weight_only and (m := re.fullmatch(r"([^=]+)=[Ww](\d+)", it.strip())):
+                out[m.group(1)] = (check_bits(m.group(2), "--layer-bits W"), None)
+                continue
             m = re.fullmatch(r"([^=]+)=[Ww](\d+)[xX]?[Aa](\d+)", it.strip())
             if not m:
                 raise BadValueError(f"--layer-bits expects NAME=WxAy (e.g. layer1.0.conv1=W4A8), got '{it}'")

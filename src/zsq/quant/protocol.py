@@ -147,7 +147,7 @@ def apply_protocol(
             ordered[-1]["bits"] = 8
         # --layer-bits A applies to the site holding the layer's input
         for c in layers:
-            if (ov := policy.bits_for(c.name)) is not None:
+            if (ov := policy.bits_for(c.name)) is not None and ov[1] is not None:
                 for tid in c.inputs:
                     if tid in sites:
                         sites[tid]["bits"] = ov[1]
@@ -157,7 +157,7 @@ def apply_protocol(
                 continue
             tid = c.inputs[0]
             bits = 8 if ((i == 1 and protocol.first_a8) or (c.name == last and protocol.last_a8)) else a_bits
-            if (ov := policy.bits_for(c.name)) is not None:
+            if (ov := policy.bits_for(c.name)) is not None and ov[1] is not None:
                 bits = ov[1]
             prod = tr.producer.get(tid)
             if prod is not None and not isinstance(prod.module, WEIGHT_LAYERS) and prod.order > first_order:
@@ -184,7 +184,7 @@ def apply_protocol(
         if policy.is_fp(c.name):
             layout.fp_layers.append(c.name)
             continue
-        bits = ov[1] if (ov := policy.bits_for(c.name)) is not None else a_bits
+        bits = ov[1] if (ov := policy.bits_for(c.name)) is not None and ov[1] is not None else a_bits
         pair = []
         for _ in range(2):
             aq = Quantizer(bits, symmetric=False, per_channel=False, observer=a_observer)

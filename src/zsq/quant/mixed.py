@@ -1,0 +1,478 @@
+"""Mixed-precision weight bits without data (ZeroQ's sensitivity search, Cai et al. 2020, Sec. 3.3).
+
+Each searchable layer ``l`` gets one bit width ``b_l`` from the candidates (2/3/4/6/8 by default).
+Its *sensitivity* ``S_l(b)`` is measured on the images the quantizer calibrates with (the recipe's
+synthetic set, or ``--calib`` images); the allocation minimises ``sum_l S_l(b_l)`` under a budget,
+solved exactly as a 0/1 integer program (multiple-choice knapsack) by ``scipy.optimize.milp`` (HiGHS,
+relative gap 0).
+
+Sensitivities (``kind``):
+
+* ``kl`` (default, ZeroQ): ``KL(softmax(f(x)) || softmax(f_l,b(x)))`` averaged over the images, where
+  ``f_l,b`` is the full-precision model with *only* layer ``l``'s weights quantized at ``b`` bits
+  (min-max range, the protocol's per-channel / symmetric setting; BN folded when the protocol folds).
+* ``hessian`` (HAWQ-v2, Dong et al. 2020): ``Tr(H_l) / n_l * ||Q_b(W_l) - W_l||^2`` with the trace of
+  the loss Hessian block of layer ``l`` estimated by Hutchinson's method (Rademacher probes, ``samples``
+  of them, one Hessian-vector product each for all layers). The loss is the cross-entropy against the
+  synthesis labels when the synthesizer made some, else against the FP model's own top-1 (no real
+  label is ever read); a negative trace estimate counts as 0.
+
+Synthesis-free recipes (squant, dfq, ...) have no images: their sensitivities are read on
+``n_images`` standard-normal inputs (the model's normalised input space; the start of ZeroQ's own
+distillation), seeded from ``--seed``.
+
+Which layers are searched: every quantized Conv/Linear whose weight bits the protocol does not pin
+(``ptq``/``fixed``/``genie-native`` keep the first conv and the last linear at 8 bits), that
+``--keep-fp`` leaves quantized and that no ``--layer-bits`` pattern sets. Budgets:
+
+* ``wbits_avg`` B: ``sum_l n_l b_l <= B * sum_l n_l`` over the searched layers (``n_l``: weight count),
+  so B = 4 is exactly the weight memory of uniform W4;
+* ``size_mb`` M: the quantized model's total weight memory, ``model_size``'s count (packed weights at
+  their bits, 8 bytes of scale and zero point per channel, every other parameter fp32), at most
+  ``M * 10^6`` bytes.
+
+The result is a ``{layer: w_bits}`` table; :func:`mixed_policy` puts it into the
+:class:`~zsq.spec.LayerPolicy` as weight-only ``layer_bits`` entries (activation bits stay the
+protocol's), the path ``--layer-bits`` takes, so every quantizer follows it. Sensitivities are cached
+under ``ZSQ_CACHE/mixed/<key>.json`` (key: weights, data, protocol, policy and search settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..errors import BadValueError
+from ..spec import LayerPolicy, Protocol, check_bits
+
+SENSITIVITIES = ("kl", "hessian")
+DEFAULT_CANDIDATES = (2, 3, 4, 6, 8)
+CACHE_FORMAT = "zsq-mixed-sens-1"
+
+
+class InfeasibleBudgetError(BadValueError):
+    """The budget is below the smallest allocation the candidates allow."""
+
+
+@dataclass
+class MixedConfig:
+    """A mixed-precision search: one budget (``wbits_avg`` or ``size_mb``), the candidate bits, the
+    sensitivity kind and how much data it reads.
+
+    Args:
+        wbits_avg: average weight bits (parameter-weighted) over the searched layers.
+        size_mb: total weight memory of the quantized model in MB (10^6 bytes).
+        candidates: bit widths a layer may take.
+        sensitivity: ``kl`` (ZeroQ) or ``hessian`` (Hutchinson trace, HAWQ-v2).
+        n_images: images the sensitivity reads (the first ones of the set; Gaussian inputs when none).
+        batch_size: images per forward.
+        samples: Hutchinson probes (``hessian`` only).
+    """
+
+    wbits_avg: float | None = None
+    size_mb: float | None = None
+    candidates: tuple[int, ...] = DEFAULT_CANDIDATES
+    sensitivity: str = "kl"
+    n_images: int = 128
+    batch_size: int = 64
+    samples: int = 32
+
+    def __post_init__(self):
+        if (self.wbits_avg is None) == (self.size_mb is None):
+            raise BadValueError("give exactly one mixed-precision budget: --wbits-avg B or --size MB")
+        for name in ("wbits_avg", "size_mb"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                                  or v <= 0):
+                flag = "--wbits-avg" if name == "wbits_avg" else "--size"
+                raise BadValueError(f"{flag} must be a positive number, got {v!r}")
+        if isinstance(self.candidates, str):
+            self.candidates = tuple(x for x in self.candidates.replace(" ", "").split(",") if x)
+        cands = sorted({check_bits(b, "--mp-bits") for b in self.candidates})
+        if not cands or any(b > 8 for b in cands):
+            raise BadValueError(f"--mp-bits takes bit widths in 2..8, got {','.join(map(str, self.candidates))}")
+        self.candidates = tuple(cands)
+        if self.sensitivity not in SENSITIVITIES:
+            raise BadValueError(f"--mp-sensitivity must be one of {', '.join(SENSITIVITIES)}, "
+                                f"got '{self.sensitivity}'")
+        for name in ("n_images", "batch_size", "samples"):
+            if int(getattr(self, name)) < 1:
+                raise BadValueError(f"mixed-precision {name} must be >= 1, got {getattr(self, name)}")
+
+    def budget(self) -> dict:
+        return ({"kind": "wbits_avg", "value": self.wbits_avg} if self.wbits_avg is not None
+                else {"kind": "size_mb", "value": self.size_mb})
+
+    def w_bits(self) -> int:
+        """The uniform ``--w`` recorded beside a search (``bits.w``): the largest candidate not above
+        the average budget (the smallest candidate for a size budget)."""
+        if self.wbits_avg is None:
+            return self.candidates[0]
+        return max([b for b in self.candidates if b <= self.wbits_avg] or [self.candidates[0]])
+
+
+@dataclass
+class MixedResult:
+    bits: dict[str, int]  # searched layer -> weight bits
+    sensitivity: dict[str, dict[int, float]]  # layer -> {bits: S}
+    params: dict[str, int]  # layer -> weight count
+    objective: float
+    wbits_avg: float  # parameter-weighted mean over the searched layers
+    q_bytes: int  # the quantized model's weight memory (model_size's count)
+    pinned: dict[str, int] = field(default_factory=dict)  # quantized layers not searched -> bits
+    timing: dict[str, float] = field(default_factory=dict)
+    data: str = "synthetic"
+    cached: bool = False
+
+    def record(self, cfg: MixedConfig) -> dict:
+        """The ``mixed`` entry of zsq.json."""
+        return {"sensitivity": cfg.sensitivity, "budget": cfg.budget(), "candidates": list(cfg.candidates),
+                "objective": "min sum of per-layer sensitivities (milp, exact)",
+                "objective_value": self.objective, "data": self.data, "n_images": cfg.n_images,
+                **({"samples": cfg.samples} if cfg.sensitivity == "hessian" else {}),
+                "wbits_avg": round(self.wbits_avg, 4), "q_bytes": self.q_bytes,
+                "bits": dict(self.bits), "pinned": dict(self.pinned),
+                "sensitivities": {n: {str(b): s for b, s in d.items()} for n, d in self.sensitivity.items()},
+                "search_s": round(sum(self.timing.values()), 2), "cached": self.cached}
+
+
+# -------------------------------------------------------------------------------------------------
+# the layers of a search
+# -------------------------------------------------------------------------------------------------
+def _probe_model(model: nn.Module, protocol: Protocol, policy: LayerPolicy):
+    """The model laid out by ``protocol`` (BN folded as it folds) with every quantizer off, the searched
+    layers (name -> module) and the pinned ones (name -> bits). A layer is pinned when the protocol or a
+    ``--layer-bits`` pattern sets its bits: laid out at a sentinel W (7), a layer at other bits is pinned."""
+    from ..record import record_of
+    from .protocol import apply_protocol, set_act_mode
+
+    user = LayerPolicy(tuple(policy.keep_fp), dict(policy.layer_bits))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = apply_protocol(model, protocol, _SENTINEL, 8, policy=user, w_observer="minmax")
+    set_act_mode(q, "off")
+    searched, pinned = {}, {}
+    for name, bits in record_of(q).layout.weights.items():
+        m = q.get_submodule(name)
+        m.wq.mode = "off"
+        if bits != _SENTINEL or policy.bits_for(name) is not None:
+            pinned[name] = bits
+        else:
+            searched[name] = m
+    return q, searched, pinned
+
+
+_SENTINEL = 7
+
+
+# -------------------------------------------------------------------------------------------------
+# sensitivities
+# -------------------------------------------------------------------------------------------------
+def _set_weight_bits(m: nn.Module, bits: int) -> None:
+    wq = m.wq
+    wq.bits = bits
+    wq.init_from_tensor(m.weight.detach(), "minmax")
+    wq.mode = "quant"
+
+
+def kl_sensitivity(q: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, candidates, *,
+                   batch_size: int = 64, progress: bool = False) -> dict[str, dict[int, float]]:
+    """ZeroQ's sensitivity: mean KL(FP output || output with only layer l at b bits) over ``images``."""
+    from ..progress import counting
+
+    dev = next((p.device for p in q.parameters()), images.device)
+    batches = [x.to(dev) for x in images.split(batch_size)]  # the model's device
+    with torch.inference_mode():
+        ref = [F.log_softmax(q(x).float(), dim=1) for x in batches]
+        out: dict[str, dict[int, float]] = {}
+        with counting(progress, "sensitivity (kl)", len(layers) * len(candidates)) as advance:
+            for name, m in layers.items():
+                out[name] = {}
+                for b in candidates:
+                    _set_weight_bits(m, b)
+                    tot = 0.0
+                    for x, lp in zip(batches, ref):
+                        lq = F.log_softmax(q(x).float(), dim=1)
+                        tot += float((lp.exp() * (lp - lq)).sum())
+                    out[name][b] = max(tot / images.shape[0], 0.0)
+                    advance(1)
+                m.wq.mode = "off"
+    return out
+
+
+def hutchinson_traces(q: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+                      labels: torch.Tensor | None, *, samples: int = 32, batch_size: int = 64, seed: int = 0,
+                      progress: bool = False) -> dict[str, float]:
+    """Per-layer ``Tr(H_l)`` of the mean cross-entropy, Hutchinson's estimate with ``samples`` Rademacher
+    probes (the same probes on every batch: the estimate of the whole-set loss)."""
+    from ..progress import counting
+
+    params = [m.weight for m in layers.values()]
+    req = [p.requires_grad for p in q.parameters()]
+    for p in q.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    n = images.shape[0]
+    dev = params[0].device if params else images.device
+    images = images.to(dev)  # the model's device (labels follow it)
+    labels = labels.to(dev) if labels is not None else None
+    tr = [0.0] * len(params)
+    try:
+        if labels is None:
+            with torch.no_grad():
+                labels = torch.cat([q(x).argmax(1) for x in images.split(batch_size)])
+        with counting(progress, "sensitivity (hessian)", samples * math.ceil(n / batch_size)) as advance:
+            for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+                with torch.enable_grad():
+                    loss = F.cross_entropy(q(x).float(), y.long(), reduction="sum") / n
+                    grads = torch.autograd.grad(loss, params, create_graph=True)
+                    for s in range(samples):
+                        g = torch.Generator().manual_seed(seed * 1_000_003 + s)
+                        vs = [torch.randint(0, 2, p.shape, generator=g).to(device=p.device, dtype=p.dtype) * 2 - 1
+                              for p in params]  # drawn on the CPU: the same probes on every device
+                        hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=s < samples - 1)
+                        for i, (v, h) in enumerate(zip(vs, hv)):
+                            tr[i] += float((v * h).sum()) / samples
+                        advance(1)
+    finally:
+        for p, r in zip(q.parameters(), req):
+            p.requires_grad_(r)
+    return {name: t for name, t in zip(layers, tr)}
+
+
+def hessian_sensitivity(q, layers, images, labels, candidates, *, samples=32, batch_size=64, seed=0,
+                        progress=False) -> dict[str, dict[int, float]]:
+    """HAWQ-v2's ``max(Tr(H_l), 0) / n_l * ||Q_b(W_l) - W_l||^2``."""
+    traces = hutchinson_traces(q, layers, images, labels, samples=samples, batch_size=batch_size, seed=seed,
+                               progress=progress)
+    out = {}
+    with torch.no_grad():
+        for name, m in layers.items():
+            w = m.weight.detach()
+            t = max(traces[name], 0.0) / w.numel()
+            out[name] = {}
+            for b in candidates:
+                _set_weight_bits(m, b)
+                out[name][b] = t * float(((m.wq(w) - w) ** 2).sum())
+            m.wq.mode = "off"
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# the exact allocation
+# -------------------------------------------------------------------------------------------------
+def weight_bytes(n: int, bits: int) -> int:
+    """Packed bytes of ``n`` weights at ``bits`` (``zsq.api.model_size``'s count)."""
+    return (n * bits + 7) // 8
+
+
+def fixed_bytes(q: nn.Module, searched: dict[str, nn.Module]) -> int:
+    """``model_size``'s q_bytes of the laid-out model without the packed weights of the searched layers."""
+    from .modules import QUANT_LAYERS, Quantizer
+
+    qb, counted = 0, set()
+    qparams = {id(getattr(m, "scale", None)) for m in q.modules() if isinstance(m, Quantizer)}
+    searched_ids = {id(m) for m in searched.values()}
+    for m in q.modules():
+        if isinstance(m, QUANT_LAYERS):
+            if id(m) not in searched_ids:
+                qb += weight_bytes(m.weight.numel(), m.wq.bits)
+            qb += m.wq.scale.numel() * 8
+            counted.add(id(m.weight))
+    qb += sum(p.numel() * 4 for p in q.parameters() if id(p) not in counted and id(p) not in qparams)
+    return int(qb)
+
+
+def _costs(cfg: MixedConfig, params: dict[str, int], fixed: int) -> tuple[dict[str, dict[int, int]], int, str]:
+    """Integer cost of each (layer, bits) and the capacity: bit-parameters for ``wbits_avg`` (exact
+    rational arithmetic), bytes for ``size_mb``; with a unit word for messages."""
+    if cfg.wbits_avg is not None:
+        total = sum(params.values())
+        cap = math.floor(Fraction(str(cfg.wbits_avg)) * total)
+        return {n: {b: k * b for b in cfg.candidates} for n, k in params.items()}, cap, "bits"
+    cap = math.floor(Fraction(str(cfg.size_mb)) * 10**6) - fixed
+    return {n: {b: weight_bytes(k, b) for b in cfg.candidates} for n, k in params.items()}, cap, "bytes"
+
+
+def _smallest_budget(cfg: MixedConfig, params: dict[str, int], fixed: int) -> str:
+    lo = min(cfg.candidates)
+    if cfg.wbits_avg is not None:
+        return f"--wbits-avg {lo} (every searched layer at {lo} bits)"
+    need = fixed + sum(weight_bytes(k, lo) for k in params.values())
+    mb = math.ceil(need / 100) / 10**4  # MB with 4 decimals, rounded up so that it is feasible
+    return f"--size {mb:.4f} MB ({need} bytes: every searched layer at {lo} bits)"
+
+
+def solve(sens: dict[str, dict[int, float]], cost: dict[str, dict[int, int]], cap: int) -> tuple[dict[str, int], float]:
+    """Minimise ``sum S_l(b_l)`` subject to ``sum cost_l(b_l) <= cap``, one bit width per layer: a 0/1
+    integer program solved by ``scipy.optimize.milp`` (HiGHS) with a zero gap. ``None`` if infeasible."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    names = list(sens)
+    opts = [(n, b) for n in names for b in sorted(sens[n])]
+    c = np.array([sens[n][b] for n, b in opts], dtype=np.float64)
+    onehot = np.zeros((len(names), len(opts)))
+    for j, (n, _) in enumerate(opts):
+        onehot[names.index(n), j] = 1.0
+    w = np.array([[cost[n][b] for n, b in opts]], dtype=np.float64)
+    # scale the capacity row to ~1 so HiGHS's feasibility tolerance is far below one unit of cost
+    scale = max(float(w.max()), 1.0)
+    cons = [LinearConstraint(onehot, 1, 1), LinearConstraint(w / scale, -np.inf, cap / scale)]
+    r = milp(c, constraints=cons, integrality=np.ones(len(opts)), bounds=Bounds(0, 1),
+             options={"mip_rel_gap": 0.0, "presolve": True})
+    if r.x is None:
+        return None, math.inf
+    x = np.round(r.x).astype(int)
+    bits = {n: b for (n, b), xi in zip(opts, x) if xi}
+    used = sum(cost[n][b] for n, b in bits.items())
+    if len(bits) != len(names) or used > cap:  # never trust a rounded point beyond the exact budget
+        raise BadValueError("the bit allocation solver returned a point outside the budget; "
+                            "try a slightly larger budget")
+    return bits, float(sum(sens[n][b] for n, b in bits.items()))
+
+
+def brute_force(sens, cost, cap) -> tuple[dict[str, int] | None, float]:
+    """Every allocation tried (tests: tiny models only)."""
+    names = list(sens)
+    best, val = None, math.inf
+    for combo in itertools.product(*[sorted(sens[n]) for n in names]):
+        if sum(cost[n][b] for n, b in zip(names, combo)) <= cap:
+            v = sum(sens[n][b] for n, b in zip(names, combo))
+            if v < val:
+                best, val = dict(zip(names, combo)), v
+    return best, val
+
+
+# -------------------------------------------------------------------------------------------------
+# the search
+# -------------------------------------------------------------------------------------------------
+def _cache_key(q: nn.Module, protocol: Protocol, policy: LayerPolicy, cfg: MixedConfig, images, labels,
+               seed: int, data: str) -> str:
+    h = hashlib.sha256()
+    for k, v in q.state_dict().items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and ".wq." not in k and ".aq_" not in k:
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(images.detach().float().cpu().contiguous().numpy().tobytes())
+    if labels is not None:
+        h.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps({"format": CACHE_FORMAT, "protocol": protocol.to_dict(), "keep_fp": list(policy.keep_fp),
+                         "layer_bits": {k: list(v) for k, v in policy.layer_bits.items()},
+                         "kind": cfg.sensitivity, "cands": list(cfg.candidates), "n": cfg.n_images,
+                         "samples": cfg.samples if cfg.sensitivity == "hessian" else None,
+                         "seed": seed if (cfg.sensitivity == "hessian" or data == "gaussian") else None,
+                         "data": data}, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def _read_cache(path):
+    try:
+        d = json.loads(path.read_text())
+        if d.get("format") != CACHE_FORMAT:
+            return None
+        return {n: {int(b): float(s) for b, s in t.items()} for n, t in d["sensitivity"].items()}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None
+
+
+def search(model: nn.Module, protocol: Protocol, cfg: MixedConfig, *, images: torch.Tensor | None = None,
+           labels: torch.Tensor | None = None, policy: LayerPolicy | None = None, seed: int = 0,
+           progress: bool = False, cache: bool = True) -> MixedResult:
+    """Measure the sensitivities of ``model`` (FP; the pre-step already applied) and solve the
+    allocation of ``cfg``'s budget. Raises :class:`InfeasibleBudgetError` (a one-line error naming the
+    smallest feasible budget) when no allocation fits."""
+    from ..paths import write_json_atomic, writing, zsq_cache
+
+    policy = policy or LayerPolicy()
+    t0 = time.perf_counter()
+    q, searched, pinned = _probe_model(model, protocol, policy)
+    if not searched:
+        raise BadValueError(f"mixed precision: protocol {protocol.name} and the layer policy leave no layer to search")
+    params = {n: m.weight.numel() for n, m in searched.items()}
+    fixed = fixed_bytes(q, searched)
+    cost, cap, unit = _costs(cfg, params, fixed)
+    if sum(min(c.values()) for c in cost.values()) > cap:  # before measuring anything
+        raise InfeasibleBudgetError(f"the budget {_budget_words(cfg)} is infeasible: the smallest feasible budget is "
+                                    f"{_smallest_budget(cfg, params, fixed)}")
+    data = "synthetic"
+    if images is None:
+        data = "gaussian"
+        info_size = _input_size(model)
+        images = torch.randn(cfg.n_images, 3, info_size, info_size, generator=torch.Generator().manual_seed(seed))
+        labels = None
+    images = images[:cfg.n_images].float()
+    labels = labels[:cfg.n_images] if labels is not None else None
+    t1 = time.perf_counter()
+    sens, cached, path = None, False, None
+    if cache:
+        key = _cache_key(q, protocol, policy, cfg, images, labels, seed, data)
+        path = zsq_cache() / "mixed" / f"{cfg.sensitivity}-{key}.json"
+        sens = _read_cache(path) if path.is_file() else None
+        cached = sens is not None and set(sens) == set(searched)
+        if not cached:
+            sens = None
+    if sens is None:
+        if cfg.sensitivity == "kl":
+            sens = kl_sensitivity(q, searched, images, cfg.candidates, batch_size=cfg.batch_size, progress=progress)
+        else:
+            sens = hessian_sensitivity(q, searched, images, labels, cfg.candidates, samples=cfg.samples,
+                                       batch_size=cfg.batch_size, seed=seed, progress=progress)
+        if path is not None:
+            try:
+                with writing(path):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_json_atomic(path, {"format": CACHE_FORMAT, "kind": cfg.sensitivity, "data": data,
+                                             "sensitivity": {n: {str(b): s for b, s in t.items()}
+                                                             for n, t in sens.items()}})
+            except Exception as e:  # noqa: BLE001 - a cache that cannot be written only costs time
+                warnings.warn(f"mixed precision: sensitivities not cached ({e})", stacklevel=2)
+    t2 = time.perf_counter()
+    bits, obj = solve(sens, cost, cap)
+    if bits is None:
+        raise InfeasibleBudgetError(f"the budget {_budget_words(cfg)} is infeasible: the smallest feasible budget is "
+                                    f"{_smallest_budget(cfg, params, fixed)}")
+    t3 = time.perf_counter()
+    total = sum(params.values())
+    avg = sum(params[n] * b for n, b in bits.items()) / total
+    qbytes = fixed + sum(weight_bytes(params[n], b) for n, b in bits.items())
+    return MixedResult(bits=bits, sensitivity=sens, params=params, objective=obj, wbits_avg=avg, q_bytes=qbytes,
+                       pinned=pinned, data=data, cached=cached,
+                       timing={"layout_s": t1 - t0, "sensitivity_s": t2 - t1, "solve_s": t3 - t2})
+
+
+def _budget_words(cfg: MixedConfig) -> str:
+    return f"--wbits-avg {cfg.wbits_avg:g}" if cfg.wbits_avg is not None else f"--size {cfg.size_mb:g} MB"
+
+
+def _input_size(model: nn.Module) -> int:
+    from ..record import model_info
+
+    info = model_info(model)
+    return info.preprocess.input_size if info is not None else 32
+
+
+def mixed_policy(policy: LayerPolicy | None, bits: dict[str, int]) -> LayerPolicy:
+    """``policy`` with the searched bits as weight-only ``layer_bits`` entries (``(w, None)``: the
+    activation bits stay the protocol's). The user's own patterns come first and win."""
+    policy = policy or LayerPolicy()
+    lb = dict(policy.layer_bits)
+    for name, b in bits.items():
+        lb.setdefault(name, (b, None))
+    return LayerPolicy(tuple(policy.keep_fp), lb)
+
+
+__all__ = ["MixedConfig", "MixedResult", "InfeasibleBudgetError", "search", "solve", "brute_force",
+           "kl_sensitivity", "hessian_sensitivity", "hutchinson_traces", "mixed_policy", "SENSITIVITIES",
+           "DEFAULT_CANDIDATES"]

@@ -154,10 +154,14 @@ def quantize(
     ckpt_dir: str | os.PathLike | None = None,
     resume: bool = False,
     synth_overrides: dict | None = None,
+    mixed: Any = None,
 ) -> nn.Module:
     """Quantize ``model`` with ``recipe``; returns the fake-quantized model; its record
     (:func:`zsq.record.record_of`) holds the provenance (``result``), layout and method records.
     ``synth_overrides``: synthesizer config fields (``--synth-set``) on top of the recipe's budget.
+    ``mixed``: a :class:`zsq.quant.mixed.MixedConfig` (or its fields as a dict, e.g. ``{"wbits_avg": 3}``):
+    the weight bits of every layer the protocol does not pin are searched under that budget on the same
+    calibration images (ZeroQ's sensitivity) and replace ``w_bits``; the search goes into the record (``mixed``).
 
     Under torchrun with more than one process (every rank calls this with the same arguments): the
     synthesis is sharded over the ranks and the ``qat-kd`` quantizer trains data-parallel (other
@@ -166,6 +170,9 @@ def quantize(
     w_bits, a_bits = check_bits(w_bits, "--w"), check_bits(a_bits, "--a")
     # names and settings first (one-line errors before a model is loaded or an image made)
     res = resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget, hparams=hparams)
+    if mixed is not None:  # --wbits-avg / --size: the search's settings checked before any work
+        mixed = mixed_config(mixed)
+        w_bits = mixed.w_bits()
     if isinstance(model, str):
         model = load_model(model)
     elif model_info(model) is None:
@@ -192,6 +199,9 @@ def quantize(
                 images, labels = sset.images, sset.labels  # labels: None unless the synthesizer made them
                 data_info = {"dir": str(sset.dir), "sha256": sset.sha256, "n_images": int(sset.n_images),
                              "kind": "synthetic"}
+        mixed_rec = None
+        if mixed is not None:  # the bit search, on the quantizer's images (Gaussian inputs when it has none)
+            policy, mixed_rec = _mixed_search(fp, res, mixed, images, labels, policy, seed, progress)
         ctx = QuantContext(model=fp, images=images, protocol=PROTOCOLS[res.protocol], w_bits=w_bits, a_bits=a_bits,
                            policy=policy or LayerPolicy(), hparams=res.hparams, budget=res.budget, seed=seed,
                            progress=progress, ckpt_dir=Path(ckpt_dir) if ckpt_dir else None, resume=resume,
@@ -214,12 +224,40 @@ def quantize(
             "seed": seed,
             "synthetic": data_info,
             "policy": {"keep_fp": list(ctx.policy.keep_fp),
-                       "layer_bits": {k: f"W{w}A{a}" for k, (w, a) in ctx.policy.layer_bits.items()}},
+                       "layer_bits": {k: f"W{w}" if a is None else f"W{w}A{a}"
+                                      for k, (w, a) in ctx.policy.layer_bits.items()}},
             "wall_s": round(wall, 2),
             "cpu_s": round(cpu, 2),
             "size": model_size(model, qmodel),
         }
+        if mixed_rec is not None:
+            rec.result["mixed"] = mixed_rec
         return qmodel
+
+
+def mixed_config(mixed: Any):
+    """A :class:`zsq.quant.mixed.MixedConfig` from itself or a dict of its fields (one-line error otherwise)."""
+    from .quant.mixed import MixedConfig
+
+    if isinstance(mixed, MixedConfig):
+        return mixed
+    if not isinstance(mixed, dict):
+        raise BadValueError(f"mixed must be a MixedConfig or a dict of its fields, got {type(mixed).__name__}")
+    try:
+        return MixedConfig(**mixed)
+    except TypeError:
+        bad = sorted(set(mixed) - set(MixedConfig.__dataclass_fields__))
+        raise UnknownNameError("mixed-precision setting", bad[0] if bad else str(mixed),
+                               list(MixedConfig.__dataclass_fields__)) from None
+
+
+def _mixed_search(fp, res, cfg, images, labels, policy, seed, progress):
+    """The searched bits as weight-only ``layer_bits`` of the policy, and the search's record."""
+    from .quant.mixed import mixed_policy, search
+
+    r = search(fp, PROTOCOLS[res.protocol], cfg, images=images, labels=labels, policy=policy, seed=seed,
+               progress=progress)
+    return mixed_policy(policy, r.bits), r.record(cfg)
 
 
 def _data_parallel(res: Resolved, model: nn.Module):
@@ -359,6 +397,7 @@ def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = No
         "seed": result.get("seed"),
         "synthetic": result.get("synthetic"),
         "policy": result.get("policy"),
+        **({"mixed": result["mixed"]} if result.get("mixed") else {}),  # a mixed-precision search only
         "layout": layout.to_dict(),
         "versions": software_versions(),
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "processes": _processes()},
@@ -394,7 +433,7 @@ def load(out: str | os.PathLike) -> nn.Module:
     lay = payload["layout"]
     pol = lay.get("policy") or {}
     policy = LayerPolicy(tuple(pol.get("keep_fp", ())), LayerPolicy.parse_layer_bits(
-        [f"{k}={v}" for k, v in pol.get("layer_bits", {}).items()]))
+        [f"{k}={v}" for k, v in pol.get("layer_bits", {}).items()], weight_only=True))
     import warnings
 
     with warnings.catch_warnings():
@@ -410,6 +449,8 @@ def load(out: str | os.PathLike) -> nn.Module:
     rec.model = model_info(fp)
     rec.result = {k: meta.get(k) for k in ("recipe", "protocol", "bits", "budget", "seed", "synthetic", "policy",
                                           "wall_s", "size")}
+    if meta.get("mixed"):
+        rec.result["mixed"] = meta["mixed"]
     return q
 
 

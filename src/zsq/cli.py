@@ -142,7 +142,7 @@ def quantize(
     synth: Optional[str] = typer.Option(None, help="override the recipe's synthesizer"),
     quant: Optional[str] = typer.Option(None, help="override the recipe's quantizer"),
     protocol: Optional[str] = typer.Option(None, help=f"{PROTOCOL_NAMES} (default: the recipe's native one)"),
-    w: int = typer.Option(4, "--w", help="weight bits (2..8 or 16)"),
+    w: Optional[int] = typer.Option(None, "--w", help="weight bits (2..8 or 16; default 4)"),
     a: int = typer.Option(4, "--a", help="activation bits (2..8 or 16)"),
     budget: str = typer.Option("default", help="smoke | default | paper"),
     seed: int = typer.Option(0, help="seed of every random draw"),
@@ -156,6 +156,14 @@ def quantize(
     eval_old: Optional[str] = typer.Option(None, "--eval", hidden=True),
     keep_fp: List[str] = typer.Option([], "--keep-fp", help="layer name/glob kept in FP (repeatable)"),
     layer_bits: List[str] = typer.Option([], "--layer-bits", help="NAME=WxAy per-layer bits (repeatable)"),
+    wbits_avg: Optional[float] = typer.Option(None, "--wbits-avg", help="mixed precision instead of --w: search "
+                                              "each unpinned layer's weight bits for this parameter-weighted "
+                                              "average (4 = uniform W4's weight memory)"),
+    size_mb: Optional[float] = typer.Option(None, "--size", help="mixed precision instead of --w: the quantized "
+                                            "model's total weight memory in MB (10^6 bytes)"),
+    mp_bits: str = typer.Option("2,3,4,6,8", "--mp-bits", help="candidate weight bits of the mixed-precision search"),
+    mp_sensitivity: str = typer.Option("kl", "--mp-sensitivity", help="kl (ZeroQ's output KL) | hessian "
+                                       "(Hutchinson trace, HAWQ-v2)"),
     resume: bool = typer.Option(False, help="continue an interrupted run from OUT/.ckpt"),
     overwrite: bool = typer.Option(False, help="replace a finished result in OUT"),
     strict: bool = typer.Option(False, help="error on layers zsq cannot quantize instead of keeping them FP"),
@@ -177,6 +185,17 @@ def quantize(
     from .spec import LayerPolicy, check_bits
 
     eval_path = _alias(eval_path, eval_old, "--eval-data", "--eval")
+    mixed_cfg = None
+    if wbits_avg is not None or size_mb is not None:  # mixed precision: the search replaces --w
+        if w is not None:
+            from .errors import BadValueError
+
+            raise BadValueError(f"--w and {'--wbits-avg' if wbits_avg is not None else '--size'} both set the "
+                                "weight bits: give one of them")
+        mixed_cfg = api.mixed_config({"wbits_avg": wbits_avg, "size_mb": size_mb, "candidates": mp_bits,
+                                      "sensitivity": mp_sensitivity})
+        w = mixed_cfg.w_bits()
+    w = 4 if w is None else w
     check_bits(w, "--w"), check_bits(a, "--a")
     _threads(threads)
     hparams = _parse_sets(set_)
@@ -217,7 +236,7 @@ def quantize(
         api.check_output_dir(out, overwrite)
     qmodel = api.quantize(m, recipe, w, a, protocol=protocol, pre=pre, synth=synth, quant=quant, budget=budget,
                           seed=seed, synthetic=synthetic, calib=calib, calib_n=calib_n, policy=policy,
-                          hparams=hparams, strict=strict, progress=not quiet and rank == 0,
+                          hparams=hparams, strict=strict, progress=not quiet and rank == 0, mixed=mixed_cfg,
                           ckpt_dir=out / ".ckpt", resume=resume, synth_overrides=synth_overrides)
     if rank != 0:
         return
@@ -230,7 +249,8 @@ def quantize(
     from .record import record_of
 
     r = record_of(qmodel).result
-    console.print(f"[green]saved[/] {out}  ({r['recipe']['name']}, {r['protocol']}, W{w}A{a}, {r['wall_s']:.1f} s)")
+    wl = f"W{r['mixed']['wbits_avg']:g}(avg)" if r.get("mixed") else f"W{w}"
+    console.print(f"[green]saved[/] {out}  ({r['recipe']['name']}, {r['protocol']}, {wl}A{a}, {r['wall_s']:.1f} s)")
     if metrics:
         _print_metrics(metrics, eval_limit)
 

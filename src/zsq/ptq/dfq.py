@@ -79,7 +79,7 @@ class Pair:
 def _example(model: nn.Module) -> torch.Tensor:
     info = model_info(model)
     size = info.preprocess.input_size if info is not None else 32
-    return torch.zeros(1, 3, size, size)
+    return torch.zeros(1, 3, size, size, device=next((p.device for p in model.parameters()), torch.device("cpu")))
 
 
 def _is_pass(m: nn.Module) -> bool:
@@ -110,14 +110,15 @@ def validate_pairs(model: nn.Module, pairs: list[Pair], rtol: float = 1e-4) -> l
     m = copy.deepcopy(model).eval()
     replace_relu6(m, pairs)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, *_example(model).shape[1:], generator=g)
+    ex = _example(model)
+    x = torch.randn(2, *ex.shape[1:], generator=g).to(ex.device)  # drawn on the CPU: the same bits everywhere
     ref = m(x)
     tol = rtol * float(ref.abs().max()) + 1e-6
     keep = []
     for p in pairs:
         saved = {k: v.clone() for k, v in _pair_params(m, p).items()}
         a_out = saved["a.weight"].shape[0]
-        s = torch.exp(torch.rand(a_out, generator=g) * 1.4 - 0.7)
+        s = torch.exp(torch.rand(a_out, generator=g) * 1.4 - 0.7).to(x.device)
         _rescale(m, p, s)
         if float((m(x) - ref).abs().max()) <= tol:
             keep.append(p)
@@ -260,7 +261,7 @@ def equalize_pair(model: nn.Module, p: Pair, eps: float = 1e-8) -> torch.Tensor:
     """One CLE step on ``p``; returns the scales ``s`` applied."""
     a, b = model.get_submodule(p.a), model.get_submodule(p.b)
     wa = a.weight.reshape(a.weight.shape[0], -1)
-    gain = _bn_gain(model.get_submodule(p.bn)) if p.bn else torch.ones(wa.shape[0], dtype=wa.dtype)
+    gain = _bn_gain(model.get_submodule(p.bn)) if p.bn else torch.ones(wa.shape[0], dtype=wa.dtype, device=wa.device)
     r1 = (wa * gain[:, None]).abs().amax(1)
     r2 = col_view(b.weight, _groups(b)).abs().amax(1)
     ok = (r1 > eps) & (r2 > eps)
@@ -310,7 +311,7 @@ def pair_ranges(model: nn.Module, p: Pair) -> tuple[torch.Tensor, torch.Tensor]:
     """``(r1, r2)``: per-channel ranges of A's BN-folded rows and of B's columns."""
     a, b = model.get_submodule(p.a), model.get_submodule(p.b)
     wa = a.weight.reshape(a.weight.shape[0], -1)
-    gain = _bn_gain(model.get_submodule(p.bn)) if p.bn else torch.ones(wa.shape[0])
+    gain = _bn_gain(model.get_submodule(p.bn)) if p.bn else torch.ones(wa.shape[0], device=wa.device)
     return (wa * gain[:, None]).abs().amax(1).detach(), col_view(b.weight, _groups(b)).abs().amax(1).detach()
 
 

@@ -201,7 +201,8 @@ class Reconstructor:
         if not passes:
             raise BadValueError("no reconstruction pass given")
         self.q = qmodel
-        self.images = images.detach().float()
+        # the calibration set lives on the model's device (every unit's cached inputs and outputs with it)
+        self.images = images.detach().float().to(next((p.device for p in qmodel.parameters()), images.device))
         self.passes = passes
         self.seed = int(seed)
         layout = record_of(qmodel).layout
@@ -370,7 +371,7 @@ class Reconstructor:
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         if cfg.channels_last:
             unit.module.to(memory_format=torch.channels_last)
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16"
+        autocast = (torch.autocast(x.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                     else contextlib.nullcontext())
         n = x.shape[0]
         bs = min(cfg.batch_size, n)
@@ -381,7 +382,7 @@ class Reconstructor:
         first_loss = last_loss = None
         for step in range(start, iters):
             torch.manual_seed(step_seed(self.seed, pi, ui, step))
-            idx = torch.randint(0, n, (bs,))
+            idx = torch.randint(0, n, (bs,)).to(x.device)  # drawn on the CPU: the same batches on every device
             xi, yi = x[idx], y[idx]
             if cfg.input_mix >= 1.0:
                 xin = xq[idx]

@@ -86,7 +86,7 @@ def compensation(mu: torch.Tensor, sigma: torch.Tensor, var_e: torch.Tensor, cov
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per channel ``(s, t, E[a~])`` for FP ``z ~ N(mu, sigma^2)`` and error ``e`` with variance
     ``var_e`` and covariance ``cov_ze`` with ``z`` (see module doc)."""
-    x, w = _gh()
+    x, w = (t.to(mu.device) for t in _gh())
     mu, sigma = mu.double()[:, None, None], sigma.double().clamp_min(1e-12)[:, None, None]
     sd_e = var_e.double().clamp_min(0).sqrt()[:, None, None]
     rho = (cov_ze.double()[:, None, None] / (sigma * sd_e).clamp_min(1e-30)).clamp(-0.99, 0.99)
@@ -185,7 +185,7 @@ def _compensate(qmodel: nn.Module, stats: BNStats, p: Pair, w_ref: torch.Tensor,
     dw = wq - w_ref
     g = _groups(a)
     xin = stats.layer_inputs.get(p.a)
-    var_x = xin.std.pow(2) if xin is not None else torch.ones(a.weight.shape[1] * g)
+    var_x = xin.std.pow(2) if xin is not None else torch.ones(a.weight.shape[1] * g, device=a.weight.device)
     if cov_mode == "noise" and p.a in stats.inputs:
         rho, r = noise_moments(a, stats.inputs[p.a], w_ref, dw)
         var_z = tm.pre.std.pow(2)

@@ -230,6 +230,7 @@ class QATTrainer(StudentLosses):
         self.rank, self.world = 0, 1
         if ddp:
             self._ddp_setup(student, cfg)
+        self._place_images()
         self.progress = progress and self.rank == 0
         self.ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir else None
         self.resume = resume
@@ -280,6 +281,16 @@ class QATTrainer(StudentLosses):
         self.reliable = None
         if cfg.ce_select == "reliable":  # data-parallel: rank 0's filter on every rank
             self.reliable = zdist.rank0_call(self._reliable) if self.world > 1 else self._reliable()
+
+    def _place_images(self) -> None:
+        """On CUDA the image set moves to the device when it fits (a quarter of the free memory; batches are
+        then drawn and augmented there), else it goes to pinned memory (batches copied without blocking);
+        on the CPU it stays where it is."""
+        if self.device.type != "cuda":
+            return
+        free, _ = torch.cuda.mem_get_info(self.device)
+        nbytes = self.images.numel() * self.images.element_size()
+        self.images = self.images.to(self.device) if nbytes <= free // 4 else self.images.pin_memory()
 
     # -- data parallelism ----------------------------------------------------------------------------
     def _ddp_setup(self, student: nn.Module, cfg: QATConfig) -> None:
@@ -388,7 +399,9 @@ class QATTrainer(StudentLosses):
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
         def images(rows: Tensor | slice) -> Tensor:
-            x = self.images[idx[rows]]
+            x = self.images[idx[rows].to(self.images.device)]
+            if x.device != self.device:  # a set in pinned host memory: gather, pin, copy without blocking
+                x = x.pin_memory().to(self.device, non_blocking=True)
             if u is not None:
                 x = random_resized_crop_flip(x, None, cfg.crop_scale, u=u[rows])
             if cfg.lpf_d0 > 0:  # D0 given for a 224-pixel side, scaled with the image

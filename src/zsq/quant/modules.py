@@ -53,6 +53,8 @@ class Quantizer(nn.Module):
 
     # -- ranges ------------------------------------------------------------------------------------
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if getattr(self, "fixed_range", None) is not None:  # a range known without data (deploy's network input)
+            lo, hi = (torch.full_like(lo, float(self.fixed_range[0])), torch.full_like(hi, float(self.fixed_range[1])))
         self.signed = bool((lo < 0).any())
         scale, zp, self.qmin, self.qmax = qparams_from_range(lo.reshape(-1), hi.reshape(-1), self.bits,
                                                               self.symmetric, self.signed)
@@ -148,7 +150,7 @@ class QuantLayerMixin:
 
     def _setup(self, w_bits: int, w_observer: str, per_channel: bool, symmetric: bool):
         self.wq = Quantizer(w_bits, symmetric=symmetric, per_channel=per_channel, ch_axis=0,
-                            observer=w_observer, channels=self.weight.shape[0])
+                            observer=w_observer, channels=self.weight.shape[0]).to(self.weight.device)
         self.wq.init_from_tensor(self.weight.detach())
         self.aq_in = None
 

@@ -81,8 +81,8 @@ class Observer:
             take = min(f.shape[1], _SAMPLE - self.n_sampled)
             if take < f.shape[1]:
                 g = torch.Generator().manual_seed(self.steps)
-                idx = torch.randperm(f.shape[1], generator=g)[:take]
-                f = f[:, idx]
+                idx = torch.randperm(f.shape[1], generator=g)[:take]  # CPU draw: the same sample on every device
+                f = f[:, idx.to(f.device)]
             self.samples.append(f)
             self.n_sampled += take
 
@@ -91,7 +91,7 @@ class Observer:
             raise RuntimeError("observer saw no data")
         if self.kind == "percentile":
             s = torch.cat(self.samples, 1)
-            q = torch.tensor([1 - self.percentile / 100, self.percentile / 100])
+            q = torch.tensor([1 - self.percentile / 100, self.percentile / 100], dtype=s.dtype, device=s.device)
             lo_hi = torch.quantile(s, q, dim=1)
             return lo_hi[0], lo_hi[1]
         if self.kind == "mse":
@@ -106,7 +106,7 @@ def weight_range(w: torch.Tensor, kind: str, bits: int, per_channel: bool, symme
     if kind == "mse":
         return lp_search(f, bits, symmetric, signed=symmetric, p=p)
     if kind == "percentile":
-        q = torch.tensor([0.0001, 0.9999])
+        q = torch.tensor([0.0001, 0.9999], dtype=f.dtype, device=f.device)
         r = torch.quantile(f, q, dim=1)
         return r[0], r[1]
     return f.min(1).values, f.max(1).values

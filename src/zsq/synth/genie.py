@@ -118,13 +118,23 @@ class GenieGenerator(nn.Module):
         return self.conv_layers(out)
 
 
+def gather_window(xp: Tensor, off: Tensor, h: int, w: int) -> Tensor:
+    """``xp[:, :, off[1]:off[1] + h, off[0]:off[0] + w]`` with ``off`` a tensor (no host sync on CUDA)."""
+    rows = off[1] + torch.arange(h, device=off.device)
+    cols = off[0] + torch.arange(w, device=off.device)
+    return xp.index_select(2, rows.to(xp.device)).index_select(3, cols.to(xp.device))
+
+
 def swing_hooks(model: nn.Module, generator: torch.Generator, jitter: int = 1) -> list:
     """Forward pre-hooks making every stride > 1 Conv2d a swing convolution; returns the handles."""
 
     def hook(mod, args):
         x = args[0]
-        off = torch.randint(0, 2 * jitter + 1, (2,), generator=generator, device=generator.device).tolist()
+        off = torch.randint(0, 2 * jitter + 1, (2,), generator=generator, device=generator.device)
         xp = F.pad(x, [jitter] * 4, mode="reflect")
+        if off.device.type != "cpu":  # the same window gathered on the device: no host sync per strided conv
+            return (gather_window(xp, off, x.shape[2], x.shape[3]), *args[1:])
+        off = off.tolist()
         return (xp[:, :, off[1]:off[1] + x.shape[2], off[0]:off[0] + x.shape[3]], *args[1:])
 
     return [m.register_forward_pre_hook(hook) for m in model.modules()

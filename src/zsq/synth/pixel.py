@@ -168,9 +168,19 @@ def random_resized_crop_flip(x: Tensor, scale: float, generator: torch.Generator
     return resample_box_flip(x, fw, fh, cx, cy, sign, padding_mode="zeros")
 
 
+def gather_roll(x: Tensor, off: Tensor) -> Tensor:
+    """``torch.roll(x, shifts=(off[0], off[1]), dims=(2, 3))`` with ``off`` a tensor (no host sync on CUDA)."""
+    rows = (torch.arange(x.shape[2], device=off.device) - off[0]) % x.shape[2]
+    cols = (torch.arange(x.shape[3], device=off.device) - off[1]) % x.shape[3]
+    return x.index_select(2, rows.to(x.device)).index_select(3, cols.to(x.device))
+
+
 def random_roll(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
     """``torch.roll`` by offsets drawn uniformly from [-max_shift, max_shift] (DeepInversion's jitter)."""
-    off = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator, device=generator.device).tolist()
+    off = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator, device=generator.device)
+    if off.device.type != "cpu":  # torch.roll as a gather on the device: no host sync
+        return gather_roll(x, off)
+    off = off.tolist()
     return torch.roll(x, shifts=(off[0], off[1]), dims=(2, 3))
 
 

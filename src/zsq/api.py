@@ -19,7 +19,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import BadValueError, DataError, OutputExistsError, UnknownNameError, ZsqError
-from .hardware import cpu_name
+from .hardware import cpu_name, device_record, module_device, resolve_device, set_backend_flags
 from .models import load_model
 from .paths import torch_save_atomic, write_json_atomic, writing
 from .record import model_info, record_of
@@ -155,6 +155,7 @@ def quantize(
     resume: bool = False,
     synth_overrides: dict | None = None,
     mixed: Any = None,
+    device: str | torch.device | None = "auto",
 ) -> nn.Module:
     """Quantize ``model`` with ``recipe``; returns the fake-quantized model; its record
     (:func:`zsq.record.record_of`) holds the provenance (``result``), layout and method records.
@@ -162,12 +163,15 @@ def quantize(
     ``mixed``: a :class:`zsq.quant.mixed.MixedConfig` (or its fields as a dict, e.g. ``{"wbits_avg": 3}``):
     the weight bits of every layer the protocol does not pin are searched under that budget on the same
     calibration images (ZeroQ's sensitivity) and replace ``w_bits``; the search goes into the record (``mixed``).
+    ``device``: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (:func:`zsq.hardware.resolve_device`); the model
+    is moved there once (``nn.Module.to``: a module you pass is moved in place) and every step runs there.
 
     Under torchrun with more than one process (every rank calls this with the same arguments): the
     synthesis is sharded over the ranks and the ``qat-kd`` quantizer trains data-parallel (other
     quantizers are refused, :mod:`zsq.distributed`); every rank returns the same model, rank 0 alone
     writes checkpoints (and should alone :func:`save`)."""
     w_bits, a_bits = check_bits(w_bits, "--w"), check_bits(a_bits, "--a")
+    dev = resolve_device(device)
     # names and settings first (one-line errors before a model is loaded or an image made)
     res = resolve(recipe, pre=pre, synth=synth, quant=quant, protocol=protocol, budget=budget, hparams=hparams)
     if mixed is not None:  # --wbits-avg / --size: the search's settings checked before any work
@@ -177,6 +181,8 @@ def quantize(
         model = load_model(model)
     elif model_info(model) is None:
         model = load_model(model)
+    set_backend_flags(dev)
+    model = model.to(dev)
     with _data_parallel(res, model):  # under torchrun: sharded synthesis, data-parallel QAT
         t0, c0 = time.perf_counter(), time.process_time()
         fp = model
@@ -229,6 +235,7 @@ def quantize(
             "wall_s": round(wall, 2),
             "cpu_s": round(cpu, 2),
             "size": model_size(model, qmodel),
+            "device": device_record(dev),
         }
         if mixed_rec is not None:
             rec.result["mixed"] = mixed_rec
@@ -306,9 +313,16 @@ def _is_quantizer_param(model, p) -> bool:
     return any(p is getattr(m, "scale", None) for m in model.modules() if isinstance(m, Quantizer))
 
 
-def evaluate(model: nn.Module, data, limit: int | None = None, progress: bool = True) -> dict[str, float]:
+def evaluate(model: nn.Module, data, limit: int | None = None, progress: bool = True,
+             device: str | torch.device | None = None) -> dict[str, float]:
+    """Top-1 / top-5 of ``model`` on ``data``. ``device``: move the model there first (in place;
+    :func:`zsq.hardware.resolve_device`); ``None`` evaluates where the model is."""
     from .data.eval import evaluate as _evaluate
 
+    if device is not None and isinstance(model, nn.Module):
+        dev = resolve_device(device)
+        set_backend_flags(dev)
+        model = model.to(dev)
     r = _evaluate(model, data, limit=limit, progress=progress)
     return {"top1": round(r["top1"], 2), "top5": round(r["top5"], 2), "n": r["n"]}
 
@@ -374,7 +388,7 @@ def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = No
     for name, m in qmodel.named_modules():
         if isinstance(m, QUANT_LAYERS) and m.wq.bits <= 8:
             codes = weight_codes(m.wq, m.weight.detach())
-            int_w[name] = codes.to(torch.int16 if m.wq.qmax > 127 else torch.int8)
+            int_w[name] = codes.to(device="cpu", dtype=torch.int16 if m.wq.qmax > 127 else torch.int8)
     layout = rec.layout
     payload = {
         "format": "zsq-qmodel-1",
@@ -382,7 +396,7 @@ def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = No
         "layout": {"protocol": result.get("protocol", layout.protocol), "w_bits": layout.w_bits,
                    "a_bits": layout.a_bits, "policy": result.get("policy", {})},
         # quantizers keep their configuration as ``_extra_state`` (plain dicts), not tensors
-        "state_dict": {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+        "state_dict": {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
                        for k, v in qmodel.state_dict().items()},
         "int_weights": int_w,
     }
@@ -400,7 +414,8 @@ def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = No
         **({"mixed": result["mixed"]} if result.get("mixed") else {}),  # a mixed-precision search only
         "layout": layout.to_dict(),
         "versions": software_versions(),
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "processes": _processes()},
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "processes": _processes(),
+                    **(result.get("device") or device_record(module_device(qmodel)))},
         "wall_s": result.get("wall_s"),
         "cpu_s": result.get("cpu_s"),  # CPU seconds of all threads: robust to a shared machine
         "peak_rss_mb": peak_rss_mb(),
@@ -413,8 +428,8 @@ def save(qmodel: nn.Module, out: str | os.PathLike, *, metrics: dict | None = No
     return out
 
 
-def load(out: str | os.PathLike) -> nn.Module:
-    """Rebuild a saved quantized model from ``OUT/`` (``weights_only=True``)."""
+def load(out: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild a saved quantized model from ``OUT/`` (``weights_only=True``), on the CPU or on ``device``."""
     from .models.preprocess import Preprocess
     from .quant.protocol import apply_protocol
 
@@ -445,6 +460,8 @@ def load(out: str | os.PathLike) -> nn.Module:
     if missing or unexpected:
         raise DataError(f"{f} does not match the rebuilt model ({len(missing)} missing, {len(unexpected)} unexpected)")
     q.eval()
+    if device is not None:
+        q = q.to(resolve_device(device))
     rec = record_of(q)
     rec.model = model_info(fp)
     rec.result = {k: meta.get(k) for k in ("recipe", "protocol", "bits", "budget", "seed", "synthetic", "policy",

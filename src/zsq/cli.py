@@ -36,6 +36,7 @@ RESIZE_HELP = "evaluation resize: short side in pixels, before the crop"
 CROP_HELP = "evaluation centre crop in pixels (also the input size when --input-size is not given)"
 INTERP_HELP = "resize interpolation: bilinear | bicubic | nearest"
 QUIET_HELP = "no progress bars or progress lines"
+DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: CUDA when available, cuda:LOCAL_RANK under torchrun, else cpu)"
 
 
 def _alias(value, old, flag: str, old_flag: str):
@@ -179,12 +180,15 @@ def quantize(
     synth_set: List[str] = typer.Option([], "--synth-set", help="KEY=VALUE synthesizer setting on top of the "
                                         "budget (repeatable), e.g. iters=600 or n_images=512"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ):
     """Quantize MODEL with a recipe; write OUT/qmodel.pt and OUT/zsq.json (last)."""
     from . import api
+    from .hardware import resolve_device
     from .spec import LayerPolicy, check_bits
 
     eval_path = _alias(eval_path, eval_old, "--eval-data", "--eval")
+    dev = resolve_device(device)
     mixed_cfg = None
     if wbits_avg is not None or size_mb is not None:  # mixed precision: the search replaces --w
         if w is not None:
@@ -237,7 +241,7 @@ def quantize(
     qmodel = api.quantize(m, recipe, w, a, protocol=protocol, pre=pre, synth=synth, quant=quant, budget=budget,
                           seed=seed, synthetic=synthetic, calib=calib, calib_n=calib_n, policy=policy,
                           hparams=hparams, strict=strict, progress=not quiet and rank == 0, mixed=mixed_cfg,
-                          ckpt_dir=out / ".ckpt", resume=resume, synth_overrides=synth_overrides)
+                          ckpt_dir=out / ".ckpt", resume=resume, synth_overrides=synth_overrides, device=dev)
     if rank != 0:
         return
     metrics = None
@@ -270,11 +274,14 @@ def synthesize(
     synth_set: List[str] = typer.Option([], "--synth-set", help="KEY=VALUE synthesizer setting on top of the "
                                         "budget (repeatable), e.g. iters=600"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ):
     """Make a synthetic calibration set (cached; reusable with `quantize --synthetic DIR`)."""
     from . import api
+    from .hardware import resolve_device, set_backend_flags
     from .synth import synthesize as _synth
 
+    dev = resolve_device(device)
     _threads(threads)
     res = api.resolve(recipe, synth=synth, budget=budget)
     if not res.synth:
@@ -284,6 +291,8 @@ def synthesize(
     overrides, n = api.synth_settings(res, _parse_sets(synth_set, "--synth-set") or None)
     n, overrides = n_images or n, overrides or None
     m = _model(model, weights, None, None, None, None, None, input_size)
+    set_backend_flags(dev)
+    m = m.to(dev)  # the synthesizer runs where the model is
     from .distributed import is_distributed, synthesize_sharded, world
 
     if is_distributed():  # under torchrun: this rank makes every WORLD_SIZE-th batch
@@ -313,9 +322,14 @@ def eval_(
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
     data_old: Optional[str] = typer.Option(None, "--data", hidden=True),
     limit_old: Optional[int] = typer.Option(None, "--limit", hidden=True),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + "; an .onnx model runs in ONNX Runtime "
+                               "on the CPU"),
 ):
     """Print top-1 and top-5 of a model, a quantized output or an exported .onnx on a labelled image set."""
     from . import api
+    from .hardware import resolve_device
+
+    dev = resolve_device(device)
 
     data = _alias(data, data_old, "--eval-data", "--data")
     limit = _alias(limit, limit_old, "--eval-limit", "--limit")
@@ -342,7 +356,7 @@ def eval_(
         m = OrtModel(model, threads=threads, like=api.load(Path(model).parent))
     else:
         m = _model(model, weights, mean, std, resize, crop, interpolation, input_size)
-    r = api.evaluate(m, data, limit=limit, progress=not quiet)
+    r = api.evaluate(m, data, limit=limit, progress=not quiet, device=None if model.endswith(".onnx") else dev)
     _print_metrics(r, limit)
 
 
@@ -433,12 +447,16 @@ def bench_run(
     only: Optional[str] = typer.Option(None, "--only", help="run only run-ids containing this text"),
     force: bool = typer.Option(False, help="recompute finished runs"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and exit"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (passed to each run's `zsq quantize`)"),
 ):
     """Run a suite; finished runs (their JSON exists) are skipped and an interrupted run continues from its
     checkpoints (ZSQ_CACHE/bench-work), so an interrupted suite resumes."""
     from .bench.runner import run_suite
     from .bench.suites import SUITES
+    from .hardware import resolve_device
     from .registry import Registry
+
+    resolve_device(device)  # a device this machine lacks: one line before any run
 
     reg = Registry("bench suite")
     for k, v in SUITES.items():
@@ -451,7 +469,7 @@ def bench_run(
             out_console.print(r.run_id)
         return
     try:
-        recs = run_suite(runs, runs_dir, threads, force)
+        recs = run_suite(runs, runs_dir, threads, force, device=device)
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the quantize process got SIGINT and saved its checkpoint
         console.print("interrupted: the unfinished run keeps its checkpoints in ZSQ_CACHE/bench-work; "
                       "the same `zsq bench run` continues it")

@@ -57,6 +57,8 @@ def process_group(device: torch.device | None = None, timeout_s: float = 3600.0)
         yield
         return
     backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    if backend == "nccl":  # nccl's collectives (and *_object's tensors) use the current CUDA device: this rank's
+        torch.cuda.set_device(device if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     try:
         yield
@@ -76,12 +78,15 @@ def synthesize_sharded(model: nn.Module, synth: str, *, budget: str = "default",
     ov = dict(overrides or {})
     if n_images is not None:
         ov["n_images"] = int(n_images)
-    synthesizer = get_synthesizer(synth, budget, ov)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    from .hardware import on_device
+
+    with on_device(device):  # precision="auto" resolves for the model's device
+        synthesizer = get_synthesizer(synth, budget, ov)
     if not getattr(synthesizer, "shardable", True):
         raise BadValueError(f"synthesizer {synthesizer.name} cannot be sharded over processes "
                             "(its batches depend on each other); run it in one process")
     n_batches = synthesizer.config.n_batches
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with process_group(device):
         mine = list(range(rank, n_batches, size))
         part = synthesize(model, synthesizer, budget=budget, seed=seed, out_dir=out_dir,

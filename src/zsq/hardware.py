@@ -10,14 +10,27 @@ fp32 (ZeroQ's smoke budget: 183 s in bf16 vs 12 s in fp32 on a 2-core AMD EPYC w
 ``ZSQ_PRECISION=bf16|fp32`` fixes what ``auto`` resolves to on every machine (the fingerprints of
 ``bench/fingerprints.py`` pin bf16 so they compare across machines); an explicit ``precision=`` wins
 over both.
+
+Devices (``--device``, ``device=``): :func:`resolve_device` is the one place a device name is read.
+``auto`` is ``cuda:LOCAL_RANK`` under torchrun when CUDA is there, else ``cuda``, else ``cpu``. On a CUDA
+device ``precision="auto"`` resolves to bf16 where the GPU computes it
+(``torch.cuda.is_bf16_supported()``), else fp32 (fp16 with a gradient scaler is not implemented); the
+device type is part of a synthetic set's cache key only when it is not ``cpu``, so every CPU key is the
+one it was before devices existed. Everything else follows the rule: a tensor is made on the device
+(and dtype) of the model or the data it belongs to.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 import platform
 from pathlib import Path
+from typing import Iterator
+
+import torch
 
 from .errors import BadValueError
 
@@ -54,9 +67,26 @@ def native_bf16() -> bool:
     return bool(BF16_FLAGS & cpu_flags())
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bf16`` on a CPU with native bf16, else ``fp32`` (``ZSQ_PRECISION`` overrides);
-    any other value is returned as it is."""
+#: the device a config's ``precision="auto"`` resolves for (:func:`on_device`; the CPU unless set)
+_PRECISION_DEVICE: contextvars.ContextVar[torch.device] = contextvars.ContextVar("zsq_precision_device",
+                                                                                  default=torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device | str | None) -> Iterator[None]:
+    """Within: ``precision="auto"`` resolves for ``device`` (configs made here: the synthesizer of a
+    model on that device)."""
+    token = _PRECISION_DEVICE.set(torch.device(device) if device is not None else torch.device("cpu"))
+    try:
+        yield
+    finally:
+        _PRECISION_DEVICE.reset(token)
+
+
+def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
+    """``auto`` -> on the CPU ``bf16`` where it has native bf16, else ``fp32``; on a CUDA device ``bf16``
+    where the GPU supports it, else ``fp32`` (``ZSQ_PRECISION`` overrides both); any other value is
+    returned as it is. ``device``: default the one of the enclosing :func:`on_device` (the CPU)."""
     if precision != "auto":
         return precision
     env = os.environ.get("ZSQ_PRECISION", "").strip().lower()
@@ -64,7 +94,75 @@ def resolve_precision(precision: str) -> str:
         if env not in AUTO_CHOICES:
             raise BadValueError(f"ZSQ_PRECISION must be bf16 or fp32, got '{env}'")
         return env
+    dev = torch.device(device) if device is not None else _PRECISION_DEVICE.get()
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if native_bf16() else "fp32"
 
 
-__all__ = ["AUTO_CHOICES", "BF16_FLAGS", "cpu_flags", "cpu_name", "native_bf16", "resolve_precision"]
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """The device a run uses: ``auto`` (or None) -> ``cuda:LOCAL_RANK`` under torchrun when CUDA is
+    available, else ``cuda`` when it is, else ``cpu``; ``cpu``; ``cuda`` / ``cuda:N`` (a one-line
+    :class:`BadValueError` when CUDA is unavailable or N is not a device here)."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    text = "auto" if spec is None else str(spec).strip().lower()
+    if text == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local = os.environ.get("LOCAL_RANK")
+        if local is not None and "WORLD_SIZE" in os.environ:
+            try:
+                idx = int(local)
+            except ValueError:
+                raise BadValueError(f"LOCAL_RANK must be an integer, got '{local}'") from None
+            return resolve_device(f"cuda:{idx}")
+        return torch.device("cuda")
+    if text == "cpu":
+        return torch.device("cpu")
+    kind, sep, index = text.partition(":")
+    if kind != "cuda" or (sep and not index.isdigit()):
+        raise BadValueError(f"--device must be auto, cpu, cuda or cuda:N, got '{spec}'")
+    if not torch.cuda.is_available():
+        raise BadValueError(f"--device {text}: CUDA is not available on this machine (torch "
+                            f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+    if sep:
+        n = torch.cuda.device_count()
+        if int(index) >= n:
+            raise BadValueError(f"--device {text}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+        return torch.device("cuda", int(index))
+    return torch.device("cuda")
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (or buffer); the CPU for a module with neither."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def set_backend_flags(device: torch.device) -> None:
+    """On CUDA: ``cudnn.benchmark`` (the convolutions of a fixed input size pick their fastest
+    algorithm); on the CPU nothing."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def device_record(device: torch.device | str) -> dict:
+    """What ``zsq.json`` says of the device: ``{"device": "cpu"}``, or for CUDA the GPU's name, memory,
+    count and the CUDA / cuDNN versions of torch."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return {"device": dev.type}
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(idx)
+    return {"device": "cuda", "gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "gpu_count": torch.cuda.device_count(), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version()}
+
+
+__all__ = ["AUTO_CHOICES", "BF16_FLAGS", "cpu_flags", "cpu_name", "device_record", "module_device",
+           "native_bf16", "on_device", "resolve_device", "resolve_precision", "set_backend_flags"]

@@ -154,7 +154,10 @@ def _main_thread() -> bool:  # signal handlers can only be set there
     return threading.current_thread() is threading.main_thread()
 
 
-def run_one(run: Run, runs_dir: Path, threads: int = 2, force: bool = False, heartbeat_s: float = 30.0) -> dict:
+def run_one(run: Run, runs_dir: Path, threads: int = 2, force: bool = False, heartbeat_s: float = 30.0,
+            device: str = "auto") -> dict:
+    """Run ``run`` in a ``zsq quantize`` process (``--device device`` unless ``auto``, the command's default),
+    unless its JSON exists."""
     out_json = runs_dir / f"{run.run_id}.json"
     if out_json.exists() and not force:
         return json.loads(out_json.read_text())
@@ -167,6 +170,8 @@ def run_one(run: Run, runs_dir: Path, threads: int = 2, force: bool = False, hea
            "--threads", str(threads), "--eval", _asset(run.eval), "-o", str(out), *run.extra]
     if run.eval_limit:
         cmd += ["--eval-limit", str(run.eval_limit)]
+    if device != "auto":
+        cmd += ["--device", str(device)]
     if run.calib:
         cmd += ["--calib", _asset(run.calib), "--calib-n", str(run.calib_n)]
     load = round(os.getloadavg()[0], 2)
@@ -212,7 +217,8 @@ def run_wall_s(rec: dict) -> float:
     return rec["zsq"]["wall_s"] + (rec.get("resumed") or {}).get("earlier_wall_s", 0.0)
 
 
-def run_suite(runs: list[Run], runs_dir: str | Path = "bench/runs", threads: int = 2, force: bool = False) -> list[dict]:
+def run_suite(runs: list[Run], runs_dir: str | Path = "bench/runs", threads: int = 2, force: bool = False,
+              device: str = "auto") -> list[dict]:
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     out = []
@@ -221,7 +227,7 @@ def run_suite(runs: list[Run], runs_dir: str | Path = "bench/runs", threads: int
         resuming = not done and _has_checkpoint(work_dir(r))
         console.print(f"[{i}/{len(runs)}] {r.run_id}{' (done)' if done else ' (resuming)' if resuming else ''}")
         try:
-            rec = run_one(r, runs_dir, threads, force)
+            rec = run_one(r, runs_dir, threads, force, device=device)
         except RunBusy as e:
             console.print(f"[yellow]    skipped: {e}[/]")
             continue

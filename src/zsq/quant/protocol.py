@@ -63,9 +63,21 @@ def attach_output_quantizer(module: nn.Module, q: Quantizer) -> None:
 
 
 def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
+    """Seeded Gaussian images of the model's input size, drawn on the CPU (the same bits on every device)
+    and put on the device (and floating dtype) of the model's parameters."""
     info = model_info(model)
     size = info.preprocess.input_size if info is not None else 32
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return like_model(x, model)
+
+
+def like_model(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``x`` on the device of ``model``'s first parameter, in its dtype when that is floating (unchanged for a
+    CPU fp32 model, and for a model without parameters)."""
+    p = next(model.parameters(), None)
+    if p is None:
+        return x
+    return x.to(device=p.device, dtype=p.dtype if p.is_floating_point() and x.is_floating_point() else x.dtype)
 
 
 def apply_protocol(
@@ -90,6 +102,7 @@ def apply_protocol(
     policy = policy or LayerPolicy()
     q = model if inplace else copy.deepcopy(model)
     q.eval()
+    device = next((p.device for p in q.parameters()), torch.device("cpu"))  # new quantizers go there
     if example is None:
         example = example_input(q)
     unsupported = unsupported_layers(q)
@@ -169,7 +182,7 @@ def apply_protocol(
         raise BadValueError(f"unknown act_placement '{protocol.act_placement}'")
 
     for s in sorted(sites.values(), key=lambda s: s["owner"].order if s["owner"] else -1):
-        aq = Quantizer(s["bits"], symmetric=False, per_channel=False, observer=a_observer)
+        aq = Quantizer(s["bits"], symmetric=False, per_channel=False, observer=a_observer).to(device)
         aq.mode = "observe"
         if s["owner"] is not None:
             attach_output_quantizer(q.get_submodule(s["owner"].name), aq)
@@ -187,7 +200,7 @@ def apply_protocol(
         bits = ov[1] if (ov := policy.bits_for(c.name)) is not None and ov[1] is not None else a_bits
         pair = []
         for _ in range(2):
-            aq = Quantizer(bits, symmetric=False, per_channel=False, observer=a_observer)
+            aq = Quantizer(bits, symmetric=False, per_channel=False, observer=a_observer).to(device)
             aq.mode = "observe"
             pair.append(aq)
         parent, attr = get_parent(q, c.name)

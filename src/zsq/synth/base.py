@@ -51,7 +51,7 @@ from ..data.shards import (
 )
 from ..config import to_bool, to_float, to_int
 from ..errors import BadValueError, DataError, OutputExistsError
-from ..hardware import resolve_precision
+from ..hardware import on_device, resolve_precision
 from ..paths import check_writable, write_json_atomic, writing
 from ..record import model_info
 from ..registry import Registry
@@ -311,12 +311,17 @@ def _image_shape(model: nn.Module, image_size: int | None) -> tuple[int, int, in
 
 
 def synthetic_key(fingerprint: dict[str, Any], synth: Synthesizer, budget: str, seed: int,
-                  image_shape: tuple[int, int, int]) -> str:
-    """``<synth>-<hash>``: hash of model (id + weights), synthesizer + resolved config, budget, seed, n."""
+                  image_shape: tuple[int, int, int], device: torch.device | str = "cpu") -> str:
+    """``<synth>-<hash>``: hash of model (id + weights), synthesizer + resolved config, budget, seed, n,
+    and the device type when it is not ``cpu`` (a CUDA generator draws other bits; every CPU key is the
+    one made before devices existed)."""
     payload = {
         "model": fingerprint, "synth": synth.name, "config": synth.config.key_dict(), "budget": budget,
         "seed": int(seed), "n_images": synth.config.n_images, "image_shape": list(image_shape),
     }
+    device_type = torch.device(device).type
+    if device_type != "cpu":
+        payload["device"] = device_type
     h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"{synth.name}-{h[:24]}"
 
@@ -421,11 +426,13 @@ def synthesize(
     ov = dict(overrides or {})
     if n_images is not None:
         ov["n_images"] = int(n_images)
-    synthesizer = get_synthesizer(synth, budget, ov)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with on_device(device):  # precision="auto" resolves for the model's device
+        synthesizer = get_synthesizer(synth, budget, ov)
     cfg = synthesizer.config
     shape = _image_shape(model, image_size)
     fp = model_fingerprint(model)
-    key = synthetic_key(fp, synthesizer, budget, seed, shape)
+    key = synthetic_key(fp, synthesizer, budget, seed, shape, device)
     own_dir = out_dir is not None
     d = Path(out_dir) if own_dir else synthetic_root() / key
     n_batches = cfg.n_batches
@@ -462,7 +469,6 @@ def synthesize(
         with writing(d, every=True):
             d.mkdir(parents=True, exist_ok=True)
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     title = f"{synthesizer.name} ({budget}, seed {seed})"
     resumable = bool(getattr(synthesizer, "resumable", False))
     every_s = _ckpt_every_s() if resumable else 0.0

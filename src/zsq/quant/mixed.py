@@ -323,6 +323,9 @@ def solve(sens: dict[str, dict[int, float]], cost: dict[str, dict[int, int]], ca
     names = list(sens)
     opts = [(n, b) for n in names for b in sorted(sens[n])]
     c = np.array([sens[n][b] for n, b in opts], dtype=np.float64)
+    # HiGHS stops at an absolute gap of 1e-6 whatever mip_rel_gap says: the objective is scaled to a
+    # largest coefficient of 1e6, so that sensitivities down to ~1e-12 of the largest still count
+    c = c * (1e6 / c.max()) if c.max() > 0 else c
     onehot = np.zeros((len(names), len(opts)))
     for j, (n, _) in enumerate(opts):
         onehot[names.index(n), j] = 1.0

@@ -10,7 +10,7 @@ import resource
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -444,7 +444,9 @@ def load(out: str | os.PathLike, device: str | torch.device | None = None) -> nn
     meta = json.loads((out / "zsq.json").read_text())
     m = payload["model"]
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["preprocess"].items()})
-    fp = load_model(m["id"], preprocess=pre, num_classes=m["num_classes"])
+    # the architecture only: every tensor comes from qmodel.pt next (a tv: / timm: / zoo model quantized from
+    # --weights FILE needs neither that file nor its published weights again)
+    fp = load_model(m["id"], preprocess=pre, num_classes=m["num_classes"], pretrained=False)
     lay = payload["layout"]
     pol = lay.get("policy") or {}
     policy = LayerPolicy(tuple(pol.get("keep_fp", ())), LayerPolicy.parse_layer_bits(
@@ -463,7 +465,7 @@ def load(out: str | os.PathLike, device: str | torch.device | None = None) -> nn
     if device is not None:
         q = q.to(resolve_device(device))
     rec = record_of(q)
-    rec.model = model_info(fp)
+    rec.model = replace(model_info(fp), weights_sha256=(meta.get("model") or {}).get("weights_sha256"))
     rec.result = {k: meta.get(k) for k in ("recipe", "protocol", "bits", "budget", "seed", "synthetic", "policy",
                                           "wall_s", "size")}
     if meta.get("mixed"):

@@ -72,9 +72,11 @@ def apply_state_dict(model: nn.Module, sd: dict, what: str) -> None:
     model.load_state_dict(sd, strict=False)
 
 
-def _load_zoo(name: str, weights: str | None) -> tuple[nn.Module, ModelEntry, str | None]:
+def _load_zoo(name: str, weights: str | None, pretrained: bool = True) -> tuple[nn.Module, ModelEntry, str | None]:
     entry = ZOO[name]
     model = entry.build()
+    if not pretrained and not weights:
+        return model, entry, None
     if weights:
         path = Path(weights)
         if not path.is_file():
@@ -91,12 +93,16 @@ def _load_zoo(name: str, weights: str | None) -> tuple[nn.Module, ModelEntry, st
     return model, entry, sha
 
 
-def _load_torchvision(name: str, weights: str | None) -> tuple[nn.Module, str | None]:
+def _load_torchvision(name: str, weights: str | None, pretrained: bool = True) -> tuple[nn.Module, str | None]:
     import torchvision
 
     if name not in torchvision.models.list_models():
         raise UnknownNameError("torchvision model", name, torchvision.models.list_models())
+    if not pretrained and not weights:
+        return torchvision.models.get_model(name, weights=None), None
     if weights:
+        if not Path(weights).is_file():
+            raise WeightsError(f"weights file {weights} does not exist")
         model = torchvision.models.get_model(name, weights=None)
         apply_state_dict(model, _read_state_dict(Path(weights)), f"weights file {weights}")
         return model, sha256_file(weights)
@@ -154,14 +160,18 @@ def model_input_size(model: nn.Module) -> int | None:
     return parse_input_size(val if isinstance(val, (int, str)) else tuple(val), f"{type(model).__name__}.input_size")
 
 
-def _load_timm(name: str, weights: str | None) -> tuple[nn.Module, str | None]:
+def _load_timm(name: str, weights: str | None, pretrained: bool = True) -> tuple[nn.Module, str | None]:
     try:
         import timm
     except ImportError:
         raise ZsqError("timm models need the timm extra: pip install 'zsq[timm]'") from None
     if not timm.is_model(name):
         raise UnknownNameError("timm model", name, timm.list_models())
+    if not pretrained and not weights:
+        return _timm_vit(timm.create_model(name, pretrained=False)), None
     if weights:
+        if not Path(weights).is_file():
+            raise WeightsError(f"weights file {weights} does not exist")
         model = timm.create_model(name, pretrained=False)
         apply_state_dict(model, _read_state_dict(Path(weights)), f"weights file {weights}")
         return _timm_vit(model), sha256_file(weights)
@@ -221,6 +231,7 @@ def load_model(
     preprocess: Preprocess | None = None,
     num_classes: int | None = None,
     input_size: int | str | tuple | None = None,
+    pretrained: bool = True,
 ) -> nn.Module:
     """Load a model in eval mode, its :class:`ModelInfo` in its record (``record_of(model).model``).
 
@@ -230,6 +241,8 @@ def load_model(
     torchvision's published transforms, timm's ``pretrained_cfg``, an ``input_size`` attribute). A
     ``file.py:factory`` model whose size none of these give is an error that names ``--input-size``
     (an ``nn.Module`` passed in keeps the CIFAR-10 default of 32 px for compatibility).
+    ``pretrained=False`` (without ``weights``): the architecture only, parameters as built, no weights
+    looked up (for a caller that loads every tensor next, as :func:`zsq.load` does for ``OUT/``).
     """
     from .preprocess import parse_input_size
 
@@ -238,10 +251,10 @@ def load_model(
         model, mid, sha, nc = spec, f"module:{type(spec).__name__}", None, num_classes
         pre = preprocess or replace(CIFAR10, input_size=None)
     elif spec.startswith("tv:"):
-        model, sha = _load_torchvision(spec[3:], weights)
+        model, sha = _load_torchvision(spec[3:], weights, pretrained)
         mid, pre, nc = spec, preprocess or tv_preprocess(spec[3:]), num_classes or 1000
     elif spec.startswith("timm:"):
-        model, sha = _load_timm(spec[5:], weights)
+        model, sha = _load_timm(spec[5:], weights, pretrained)
         mid, nc = spec, num_classes or 1000
         if preprocess is None:
             cfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -257,7 +270,7 @@ def load_model(
         model, sha = _load_file(spec, weights)
         mid, pre, nc = spec, preprocess or Preprocess(), num_classes
     else:
-        model, entry, sha = _load_zoo(spec, weights)
+        model, entry, sha = _load_zoo(spec, weights, pretrained)
         mid, nc = spec, entry.num_classes
         pre = preprocess or entry.preprocess
     if size is None:

@@ -20,6 +20,7 @@ from results.budget import budget_section
 from results.common import CHECKOUT, fmt, load_runs, run_label, wall_cell
 from results.ddp import ddp_section
 from results.genie import genie_val_section
+from results.mixed import mixed_section
 from results.onnx import onnx_section
 from results.peers import peers_section
 from results.qat import family_section, qat_val_section
@@ -91,6 +92,7 @@ def render(runs_dir: str | Path = RUNS) -> str:
     lines += ddp_section(Path(runs_dir) / "ddp" / "ddp_throughput.json")
     lines += sharpness_section(Path(runs_dir) / "sharpness")
     lines += budget_section(recs, Path(runs_dir))
+    lines += mixed_section(Path(runs_dir) / "mixed")
     lines += ["## Every run", "",
               "| model | recipe | protocol | bits | budget | seed | top-1 | top-5 | wall s | CPU s | load | data | images | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -133,6 +133,7 @@ class MixedResult:
     timing: dict[str, float] = field(default_factory=dict)
     data: str = "synthetic"
     cached: bool = False
+    cpu_s: float = 0.0  # CPU seconds of all threads (robust to a shared machine)
 
     def record(self, cfg: MixedConfig) -> dict:
         """The ``mixed`` entry of zsq.json."""
@@ -143,7 +144,8 @@ class MixedResult:
                 "wbits_avg": round(self.wbits_avg, 4), "q_bytes": self.q_bytes,
                 "bits": dict(self.bits), "pinned": dict(self.pinned),
                 "sensitivities": {n: {str(b): s for b, s in d.items()} for n, d in self.sensitivity.items()},
-                "search_s": round(sum(self.timing.values()), 2), "cached": self.cached}
+                "search_s": round(sum(self.timing.values()), 2), "search_cpu_s": round(self.cpu_s, 2),
+                "cached": self.cached}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -399,7 +401,7 @@ def search(model: nn.Module, protocol: Protocol, cfg: MixedConfig, *, images: to
     from ..paths import write_json_atomic, writing, zsq_cache
 
     policy = policy or LayerPolicy()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     q, searched, pinned = _probe_model(model, protocol, policy)
     if not searched:
         raise BadValueError(f"mixed precision: protocol {protocol.name} and the layer policy leave no layer to search")
@@ -452,7 +454,8 @@ def search(model: nn.Module, protocol: Protocol, cfg: MixedConfig, *, images: to
     qbytes = fixed + sum(weight_bytes(params[n], b) for n, b in bits.items())
     return MixedResult(bits=bits, sensitivity=sens, params=params, objective=obj, wbits_avg=avg, q_bytes=qbytes,
                        pinned=pinned, data=data, cached=cached,
-                       timing={"layout_s": t1 - t0, "sensitivity_s": t2 - t1, "solve_s": t3 - t2})
+                       timing={"layout_s": t1 - t0, "sensitivity_s": t2 - t1, "solve_s": t3 - t2},
+                       cpu_s=time.process_time() - c0)
 
 
 def _budget_words(cfg: MixedConfig) -> str:

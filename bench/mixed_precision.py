@@ -1,0 +1,92 @@
+"""Mixed precision without data (issue 38): uniform W_b against ``--wbits-avg b`` at the same weight memory.
+
+Each run is ``python -m zsq quantize cifar10_resnet20 --recipe R --protocol ptq --a A --seed S --budget B``
+with ``--w b`` (uniform) or ``--wbits-avg b [--mp-sensitivity K]`` (mixed), evaluated on the 10,000 images
+of JPEG-CIFAR-10; its zsq.json, command, date and load average go to ``bench/runs/mixed/<run_id>.json``
+(a run whose file exists is skipped: resumable). The uniform and mixed runs of one (recipe, seed, budget)
+read the same cached synthetic set (``ZSQ_CACHE``), so they differ only in the weight bits.
+``python bench/report.py`` renders the table (bench/results/mixed.py).
+
+    OMP_NUM_THREADS=1 python bench/mixed_precision.py [--seeds 0] [--recipes zeroq] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+RUNS = CHECKOUT / "bench" / "runs" / "mixed"
+EVAL = "cifar10-jpeg/test.tar"
+
+#: recipe -> (weight budget b, activation bits): issue 38's comparisons
+SETTINGS = {"zeroq": (3, 8), "genie": (2, 4), "squant": (4, 8)}
+
+
+def run_id(recipe: str, seed: int, budget: str, mode: str, wb: int, a: int) -> str:
+    return f"cifar10_resnet20__{recipe}__ptq__{mode}{wb}A{a}__{budget}__s{seed}"
+
+
+def one(recipe: str, seed: int, budget: str, mode: str, threads: int, home: str) -> Path | None:
+    wb, a = SETTINGS[recipe]
+    rid = run_id(recipe, seed, budget, {"uniform": "W", "kl": "Wavg-kl-", "hessian": "Wavg-hessian-"}[mode], wb, a)
+    dest = RUNS / f"{rid}.json"
+    if dest.exists():
+        print(f"skip {rid} (done)")
+        return dest
+    bits = ["--w", str(wb)] if mode == "uniform" else ["--wbits-avg", str(wb), "--mp-sensitivity", mode]
+    with tempfile.TemporaryDirectory(prefix="zsq-mixed-") as tmp:
+        out = Path(tmp) / "OUT"
+        cmd = [sys.executable, "-m", "zsq", "quantize", "cifar10_resnet20", "--recipe", recipe, "--protocol", "ptq",
+               *bits, "--a", str(a), "--seed", str(seed), "--budget", budget, "--threads", str(threads),
+               "--eval-data", f"{home}/{EVAL}", "-o", str(out), "--quiet"]
+        load = os.getloadavg()[0]
+        t0 = time.time()
+        print("run", " ".join(cmd[2:]), flush=True)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            print(r.stdout[-2000:], r.stderr[-2000:], file=sys.stderr)
+            return None
+        z = json.loads((out / "zsq.json").read_text())
+    rec = {"run": {"model": "cifar10_resnet20", "recipe": recipe, "protocol": "ptq", "mode": mode, "w": wb, "a": a,
+                   "seed": seed, "budget": budget, "eval": EVAL},
+           "run_id": rid,
+           "command": "zsq " + " ".join(cmd[3:-3]).replace(home, "$ZSQ_HOME") + " -o OUT --quiet",
+           "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "process_wall_s": round(time.time() - t0, 1),
+           "load_avg": round(load, 2), "zsq": z}
+    RUNS.mkdir(parents=True, exist_ok=True)
+    tmpf = dest.with_suffix(".json.tmp")
+    tmpf.write_text(json.dumps(rec, indent=1) + "\n")
+    tmpf.replace(dest)
+    print(f"done {rid}: top1 {z['metrics']['top1']}", flush=True)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--recipes", default="zeroq")
+    ap.add_argument("--modes", default="uniform,kl,hessian")
+    ap.add_argument("--budget", default="default")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    home = os.environ.get("ZSQ_HOME")
+    if not home:
+        print("error: set ZSQ_HOME to the shared assets (cifar10-jpeg/test.tar)", file=sys.stderr)
+        return 2
+    failed = 0
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for recipe in args.recipes.split(","):
+            for mode in args.modes.split(","):
+                failed += one(recipe, seed, args.budget, mode, args.threads, home) is None
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -53,9 +53,10 @@ def load_bench_results(name: str):
 
 @pytest.fixture(autouse=True, scope="session")
 def _zsq_env(tmp_path_factory):
-    old = {k: os.environ.get(k) for k in ("ZSQ_HOME", "ZSQ_CACHE")}
+    old = {k: os.environ.get(k) for k in ("ZSQ_HOME", "ZSQ_CACHE", "ZSQ_EVAL_WORKERS")}
     os.environ["ZSQ_HOME"] = str(ASSETS)
     os.environ["ZSQ_CACHE"] = str(tmp_path_factory.mktemp("zsq_cache"))
+    os.environ["ZSQ_EVAL_WORKERS"] = "0"  # evaluation decodes in-process (tests that test workers pass them)
     yield
     for k, v in old.items():
         if v is None:

@@ -13,7 +13,10 @@ Accepted ``path`` forms (labels are the index of the class folder in sorted orde
 Speed: small images (CIFAR-sized, at most 96x96) are decoded once into a uint8 tensor that stays
 cached in this process (keyed by the file's resolved path, size and mtime); normalization and centre
 cropping then run as tensor ops on whole batches. Larger images, or presets with a resize, go
-through :meth:`Preprocess.transform` image by image.
+through :meth:`Preprocess.transform` image by image, read from the folder or tar as they are needed
+(never the whole set decoded in memory), in DataLoader worker processes (:func:`eval_workers`). A
+compressed tar is read front to back: its image bytes are held while they fit in
+``sources.BLOB_LIMIT``, a larger one is streamed again for every pass over it (archive order).
 
 Public functions: :func:`open_dataset`, :func:`load_images`, :func:`evaluate`.
 """
@@ -36,9 +39,31 @@ from .sources import (  # noqa: F401 - the readers of dataset files; these names
     CIFAR10_CLASSES, IMG_EXTENSIONS, SMALL_PIXELS, _Source, _source, clear_cache,
 )
 
-__all__ = ["ImageSet", "open_dataset", "load_images", "evaluate", "clear_cache"]
+__all__ = ["ImageSet", "open_dataset", "load_images", "evaluate", "eval_workers", "clear_cache"]
 
 LOAD_BATCH = 256  # real calibration images are decoded (and counted) this many at a time
+WORKERS_ENV = "ZSQ_EVAL_WORKERS"  # loader worker processes for the image-by-image path (0: decode in-process)
+
+
+def eval_workers(n_items: int) -> int:
+    """DataLoader workers that decode and resize large images while the model runs: ``ZSQ_EVAL_WORKERS``
+    when set, else one per CPU beyond the first (at most 8) for sets of 64 images or more, else 0."""
+    env = os.environ.get(WORKERS_ENV, "").strip()
+    if env:
+        try:
+            v = int(env)
+        except ValueError:
+            raise BadValueError(f"{WORKERS_ENV} must be a whole number >= 0, got '{env}'") from None
+        if v < 0:
+            raise BadValueError(f"{WORKERS_ENV} must be a whole number >= 0, got '{env}'")
+        return v
+    if n_items < 64:
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus - 1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,14 +83,50 @@ def _normalize(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
 
 
 def _collate(items):
-    xs, ys = zip(*items)
+    xs, ys, *pos = zip(*items)
     shapes = {tuple(x.shape) for x in xs}
     if len(shapes) > 1:
         raise DataError(
             f"images have different sizes after preprocessing ({', '.join(map(str, sorted(shapes)[:3]))}): "
             "give the model a --crop size"
         )
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+    out = torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+    return (*out, torch.tensor(pos[0], dtype=torch.int64)) if pos else out
+
+
+def _unwrapped(loader: DataLoader):
+    """``loader``'s batches; a zsq error raised in a worker process comes back as the one-line error it
+    was (DataLoader re-raises it with the worker's traceback folded into the message)."""
+    try:
+        yield from loader
+    except ZsqError as e:
+        msg = str(e)
+        if loader.num_workers == 0 or "Original Traceback" not in msg:
+            raise
+        last = msg.rstrip().splitlines()[-1]
+        head, sep, text = last.partition(": ")
+        raise DataError(text if sep and head.endswith("Error") else last) from None
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """The items of an :class:`ImageSet` over a sequential source (a large compressed tar), read in one
+    pass per worker (worker ``w`` of ``W`` keeps every ``W``-th wanted item): ``(image, label, position)``
+    in archive order."""
+
+    def __init__(self, ds: "ImageSet"):
+        self.ds = ds
+
+    def __iter__(self):
+        ds = self.ds
+        info = torch.utils.data.get_worker_info()
+        where = {int(j): p for p, j in enumerate(ds.index.tolist())}
+        wanted = sorted(where)
+        if info is not None:
+            wanted = wanted[info.id :: info.num_workers]
+        tf = ds._tf()
+        for j, data in ds._src.stream(wanted):
+            p = where[j]
+            yield tf(ds._src.image(j, data)), int(ds.labels[p]), p
 
 
 class ImageSet(Dataset):
@@ -116,34 +177,49 @@ class ImageSet(Dataset):
         px = self._src.pixels(index)
         return None if px is None else (px, self._src.labels[index].clone())
 
-    def batches(self, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalized ``(images, labels)`` batches in item order. Small images are decoded batch by
-        batch (each missing image once, into the source's cache), so a consumer's progress moves
-        while they decode; where they turn out to differ in size, the rest go image by image."""
+    def batches(self, batch_size: int = 256, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalized ``(images, labels)`` batches in item order (archive order for a streamed compressed
+        tar). Small images are decoded batch by batch (each missing image once, into the source's cache),
+        so a consumer's progress moves while they decode; where they turn out to differ in size, the
+        rest go image by image, in ``num_workers`` loader processes (0: in this one)."""
+        for x, y, _ in self._batches(batch_size, num_workers):
+            yield x, y
+
+    def _batches(self, batch_size: int, num_workers: int = 0):
+        """``(images, labels, positions or None)``: positions in this set where the order is the archive's."""
+        if self._src.sequential:
+            yield from _unwrapped(DataLoader(_Stream(self), batch_size=batch_size, num_workers=num_workers,
+                                             collate_fn=_collate))
+            return
         start = 0
         if self._fast():
             for start in range(0, len(self), batch_size):
                 px = self._src.pixels(self.index[start : start + batch_size])
                 if px is None:  # mixed sizes: the remaining items take the per-image transform
                     break
-                yield _normalize(px, self.preprocess), self.labels[start : start + batch_size]
+                yield _normalize(px, self.preprocess), self.labels[start : start + batch_size], None
             else:
                 return
         rest = self if start == 0 else torch.utils.data.Subset(self, range(start, len(self)))
-        yield from DataLoader(rest, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate)
+        for x, y in _unwrapped(DataLoader(rest, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                          collate_fn=_collate)):
+            yield x, y, None
 
     def tensors(self, batch_size: int | None = None, advance=None) -> tuple[torch.Tensor, torch.Tensor]:
         """All items as one ``(images, labels)`` pair, gathered ``batch_size`` items at a time (all at
         once by default); ``advance(k)`` is called after every batch of ``k`` items."""
         x = y = None
-        for x_b, y_b in self.batches(batch_size or max(len(self), 1)):
+        for x_b, y_b, pos in self._batches(batch_size or max(len(self), 1)):
             if x is None:
                 x = torch.empty((len(self), *x_b.shape[1:]), dtype=x_b.dtype)
                 y, at = torch.empty(len(self), dtype=torch.int64), 0
             elif x_b.shape[1:] != x.shape[1:]:
                 raise DataError(f"images have different sizes after preprocessing ({tuple(x.shape[1:])}, "
                                 f"{tuple(x_b.shape[1:])}): give the model a --crop size")
-            x[at : at + len(x_b)], y[at : at + len(x_b)] = x_b, y_b
+            if pos is None:
+                x[at : at + len(x_b)], y[at : at + len(x_b)] = x_b, y_b
+            else:  # a streamed tar yields archive order: back into item order
+                x[pos], y[pos] = x_b, y_b
             at += len(x_b)
             if advance is not None:
                 advance(len(x_b))
@@ -245,6 +321,7 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     preprocess: Preprocess | None = None,
+    num_workers: int | None = None,
 ) -> dict:
     """Top-1 / top-5 accuracy (percent, unrounded) of ``model`` on ``data``: ``{top1, top5, n}``.
 
@@ -252,7 +329,9 @@ def evaluate(
     ``zsq.record.model_info(model).preprocess``, or ``preprocess``) or a
     Dataset of ``(image, label)``. ``limit`` takes the first ``limit // num_classes`` images per
     class (for a foreign Dataset: its first ``limit`` items). Runs in eval mode under
-    ``torch.inference_mode``; the model's train/eval mode is restored afterwards.
+    ``torch.inference_mode``; the model's train/eval mode is restored afterwards. ``num_workers``: loader
+    processes that decode and resize images image by image (large images; :func:`eval_workers` by
+    default, 0 for a foreign Dataset); small images are decoded in batches in this process.
     """
     batch_size = _positive_int(batch_size, "batch size")
     if isinstance(data, Dataset):
@@ -270,10 +349,14 @@ def evaluate(
     n_items = len(ds)  # type: ignore[arg-type]
     if n_items == 0:
         raise DataError("the evaluation set is empty")
+    if num_workers is None:
+        num_workers = eval_workers(n_items) if isinstance(ds, ImageSet) and not ds._fast() else 0
+    elif isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise BadValueError(f"num_workers must be a whole number >= 0, got {num_workers!r}")
     batches = (
-        ds.batches(batch_size)
+        ds.batches(batch_size, num_workers=num_workers)
         if isinstance(ds, ImageSet)
-        else DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+        else DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     )
     n_dataset_classes = ds.num_classes if isinstance(ds, ImageSet) else None
     param = next(iter(model.parameters()), None)

@@ -105,15 +105,31 @@ class _Source:
     def __len__(self) -> int:
         return len(self.names)
 
+    #: True for a source that can only be read front to back (a large compressed tar): its images come
+    #: through :meth:`stream`, one pass per call, never all held in memory
+    sequential = False
+
+    def __getstate__(self):  # DataLoader workers started by spawn / forkserver get a copy without the lock
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        if "_fd" in state:
+            state["_fd"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # --- raw access ---------------------------------------------------------------------------
     def read(self, i: int) -> bytes:  # encoded image bytes
         raise NotImplementedError
 
-    def image(self, i: int):
-        """Image ``i`` as an RGB PIL image."""
+    def image(self, i: int, data: bytes | None = None):
+        """Image ``i`` as an RGB PIL image (decoded from ``data``, its bytes, when the caller has them)."""
         from PIL import Image
 
-        data = self.read(i)
+        if data is None:
+            data = self.read(i)
         try:
             im = Image.open(io.BytesIO(data))
             im.load()
@@ -364,10 +380,18 @@ def _read_member(path: Path, m: tarfile.TarInfo) -> bytes:
         return f.read(m.size)
 
 
+BLOB_LIMIT = 512 << 20  # a compressed tar whose image members hold more bytes than this is streamed
+
+
 def _open_tar_stream(path: Path) -> _Source:
-    blobs: dict[str, bytes] = {}
+    """A compressed tar (it cannot be read at random): one pass lists it; its image members' bytes stay
+    in memory while they add up to at most :data:`BLOB_LIMIT`, else the pass drops them and the images
+    are read by further passes (:class:`_TarStreamSource`)."""
+    blobs: dict[str, bytes] | None = {}
+    total = 0
     dirs: set[str] = set()
     files: dict[str, tarfile.TarInfo] = {}
+    cifar_blobs: dict[str, bytes] = {}
     with tarfile.open(path, "r|*") as tf:
         for m in tf:
             name = _norm(m.name)
@@ -376,13 +400,61 @@ def _open_tar_stream(path: Path) -> _Source:
             elif m.isfile():
                 files[name] = m
                 base = PurePosixPath(name).name
-                if _is_image(name) or base in _CIFAR_TEST or base in ("batches.meta", "meta"):
-                    blobs[name] = tf.extractfile(m).read()
-    cifar = _cifar_in_members(path, {k: v for k, v in files.items() if k in blobs}, lambda m: blobs[_norm(m.name)])
-    if cifar is not None:
-        return cifar
+                if base in _CIFAR_TEST or base in ("batches.meta", "meta"):
+                    cifar_blobs[name] = tf.extractfile(m).read()
+                elif _is_image(name) and blobs is not None:
+                    total += m.size
+                    if total > BLOB_LIMIT:
+                        blobs = None  # too big to hold: stream it
+                    else:
+                        blobs[name] = tf.extractfile(m).read()
+    if not any(_is_image(f) for f in files):
+        cifar = _cifar_in_members(path, {k: v for k, v in files.items() if k in cifar_blobs},
+                                  lambda m: cifar_blobs[_norm(m.name)])
+        if cifar is not None:
+            return cifar
     _, classes, out = _layout(path, list(files), dirs)
+    if blobs is None:
+        return _TarStreamSource(path, classes, out)
     return _TarSource(path, classes, out, blobs=[blobs[f] for f, _ in out])
+
+
+class _TarStreamSource(_Source):
+    """A compressed tar too large to hold: :meth:`stream` decompresses it front to back and yields the
+    wanted members' bytes in archive order; nothing but the names and labels stays in memory."""
+
+    sequential = True
+
+    def __init__(self, path: Path, classes, files):
+        super().__init__()
+        self.path, self.classes = path, classes
+        self.names = [f for f, _ in files]
+        self.labels = torch.tensor([c for _, c in files], dtype=torch.int64)
+        self._small = False  # never decoded into the uint8 cache: that would hold the whole set
+
+    def stream(self, wanted: Sequence[int]):
+        """``(i, bytes)`` for every ``i`` in ``wanted``, in archive order, in one pass."""
+        where = {self.names[i]: i for i in wanted}
+        left = len(where)
+        if not left:
+            return
+        try:
+            with tarfile.open(self.path, "r|*") as tf:
+                for m in tf:
+                    i = where.get(_norm(m.name)) if m.isfile() else None
+                    if i is not None:
+                        yield i, tf.extractfile(m).read()
+                        left -= 1
+                        if not left:
+                            return
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise DataError(f"cannot read tar {self.path}: {type(e).__name__}: {e} (changed or truncated?)") from None
+        raise DataError(f"{self.path} changed while it was read: {left} images are missing")
+
+    def read(self, i: int) -> bytes:  # random access: a pass of its own (ImageSet reads in passes instead)
+        for _, data in self.stream([i]):
+            return data
+        raise DataError(f"cannot read {self.names[i]} from {self.path}")
 
 
 def _cifar_in_members(path: Path, files: dict, read) -> _ArraySource | None:

@@ -13,6 +13,8 @@ Written to ``OUT/report/`` (built in a temporary directory, then moved into plac
   :func:`~zsq.quant.protocol.apply_protocol` (BN folded into the conv, same layer names). Also the SQNR
   of every activation output (and the logits) of the quantized model against that FP model on the
   calibration images;
+* ``bits.png``: after a mixed-precision search (``--wbits-avg`` / ``--size``), every layer's weight bits
+  as a bar chart, searched layers and pinned ones apart, with the searched mean;
 * ``accuracy.png`` (with ``--bench DIR``): top-1 against bit setting for every recipe of the same
   model and protocol found in the benchmark folder, this output marked by a star;
 * ``report.md`` and ``index.html`` linking them, with the output's provenance from ``zsq.json``; a top-1
@@ -208,6 +210,32 @@ def _sqnr_png(rows: list[dict], acts: list[dict], path: Path) -> None:
     save_figure(plt, fig, path)
 
 
+def _bits_png(meta: dict, path: Path) -> bool:
+    """Per-layer weight bits of a mixed-precision output (zsq.json ``mixed`` and ``layout.weights``)."""
+    mixed, weights = meta.get("mixed"), (meta.get("layout") or {}).get("weights") or {}
+    if not mixed or not weights:
+        return False
+    plt = pyplot()
+    names = list(weights)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names) + 2), 3.6))
+    searched = set(mixed.get("bits") or {})
+    ax.bar(range(len(names)), [weights[n] for n in names],
+           color=["C0" if n in searched else "0.6" for n in names])
+    line = ax.axhline(mixed["wbits_avg"], color="C3", ls="--", lw=1)
+    from matplotlib.patches import Patch
+
+    ax.legend([line, Patch(color="C0"), Patch(color="0.6")],
+              [f"searched mean {mixed['wbits_avg']:g} (budget {mixed['budget']['kind']} {mixed['budget']['value']:g})",
+               f"searched ({mixed.get('sensitivity')} sensitivity)", "pinned by the protocol / --layer-bits"],
+              fontsize=7, loc="upper right")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_ylabel("weight bits")
+    ax.set_yticks(sorted({2, 4, 6, 8} | set(weights.values())))
+    fig.tight_layout()
+    save_figure(plt, fig, path)
+    return True
+
+
 def _bit_order(bits: set[str]) -> list[str]:
     return [b for b in BIT_ORDER if b in bits] + sorted(bits - set(BIT_ORDER))
 
@@ -325,6 +353,8 @@ def _write_report(out: str | os.PathLike, bench: str | os.PathLike | None) -> Pa
                                  "and the saved weights (layers.csv)"
                                  + ("; SQNR of every activation output against the FP model on the calibration "
                                     "images" if acts else "")))
+        if _bits_png(meta, tmp / "bits.png"):
+            figs.append(("bits.png", "Weight bits per layer chosen by the mixed-precision search (zsq.json: mixed)"))
         m = meta.get("metrics") or {}
         n_eval, n_full = meta.get("n_eval"), None
         subset = ""

@@ -162,6 +162,18 @@ for _p in (
         fold_bn=False, act_placement="input", first_w8=False, last_w8=False, first_a8=False, last_a8=False,
         w_symmetric=True,
     ),
+    # deploy: what ONNX Runtime's integer kernels execute (QLinearConv takes one weight zero point per
+    # filter, so weights are symmetric s8; activations u8 per tensor at every tensor an integer kernel
+    # reads or writes): see zsq.quant.deploy and zsq.export.onnx
+    Protocol(
+        "deploy",
+        "what ONNX Runtime's integer kernels run: BN folded; weights per channel symmetric (s8, zero point 0), "
+        "first conv + last linear W8; activations per tensor at every Conv/Linear input (the network input at 8 "
+        "bits) and output (after its ReLU/ReLU6), every residual block output, pooling and shortcut output, "
+        "classifier input A8; logits FP",
+        fold_bn=True, act_placement="deploy", first_w8=True, last_w8=True, first_a8=True, last_a8=True,
+        w_symmetric=True,
+    ),
 ):
     PROTOCOLS.add(_p.name, _p)
 

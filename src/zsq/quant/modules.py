@@ -53,6 +53,8 @@ class Quantizer(nn.Module):
 
     # -- ranges ------------------------------------------------------------------------------------
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if getattr(self, "fixed_range", None) is not None:  # a range known without data (deploy's network input)
+            lo, hi = (torch.full_like(lo, float(self.fixed_range[0])), torch.full_like(hi, float(self.fixed_range[1])))
         self.signed = bool((lo < 0).any())
         scale, zp, self.qmin, self.qmax = qparams_from_range(lo.reshape(-1), hi.reshape(-1), self.bits,
                                                               self.symmetric, self.signed)

@@ -178,12 +178,20 @@ def apply_protocol(
                 s["bits"] = max(s["bits"], bits)
             else:
                 sites[tid] = {"owner": None, "bits": bits, "layer_in": c.name}
+    elif protocol.act_placement == "deploy":
+        from .deploy import deploy_sites
+
+        from .deploy import input_range
+
+        sites = deploy_sites(tr, layers, a_bits, protocol, policy, input_range(q), folded)
     else:
         raise BadValueError(f"unknown act_placement '{protocol.act_placement}'")
 
     for s in sorted(sites.values(), key=lambda s: s["owner"].order if s["owner"] else -1):
         aq = Quantizer(s["bits"], symmetric=False, per_channel=False, observer=a_observer).to(device)
         aq.mode = "observe"
+        if s.get("fixed_range") is not None:  # deploy: the network input's range is the preprocessing's
+            aq.fixed_range = s["fixed_range"]
         if s["owner"] is not None:
             attach_output_quantizer(q.get_submodule(s["owner"].name), aq)
             layout.acts.append(ActSite(f"{s['owner'].name}.aq_out", s["bits"], "out"))

@@ -33,8 +33,11 @@ def run_id(recipe: str, seed: int, budget: str, mode: str, wb: int, a: int) -> s
     return f"cifar10_resnet20__{recipe}__ptq__{mode}{wb}A{a}__{budget}__s{seed}"
 
 
-def one(recipe: str, seed: int, budget: str, mode: str, threads: int, home: str) -> Path | None:
-    wb, a = SETTINGS[recipe]
+def one(recipe: str, seed: int, budget: str, mode: str, threads: int, home: str, wb: float | None = None) -> Path | None:
+    w0, a = SETTINGS[recipe]
+    wb = w0 if wb is None else (int(wb) if float(wb).is_integer() else float(wb))
+    if mode == "uniform" and not isinstance(wb, int):
+        return RUNS  # no uniform model at a fractional width
     rid = run_id(recipe, seed, budget, {"uniform": "W", "kl": "Wavg-kl-", "hessian": "Wavg-hessian-"}[mode], wb, a)
     dest = RUNS / f"{rid}.json"
     if dest.exists():
@@ -68,6 +71,42 @@ def one(recipe: str, seed: int, budget: str, mode: str, threads: int, home: str)
     return dest
 
 
+def plot(runs_dir: Path = RUNS, out: Path | None = None) -> Path | None:
+    """Top-1 against weight memory (q bytes): the uniform points and the mixed ones of each recipe and seed 0,
+    ``RUNS/accuracy_vs_size.png``."""
+    from collections import defaultdict
+
+    from zsq.report import pyplot, save_figure
+
+    recs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+    recs = [r for r in recs if r["run"]["seed"] == 0]
+    if not recs:
+        return None
+    lines = defaultdict(list)
+    for r in recs:
+        lines[(r["run"]["recipe"], r["run"]["mode"], r["run"]["a"])].append(
+            (r["zsq"]["size"]["q_bytes"] / 1000, r["zsq"]["metrics"]["top1"], r["run"]["w"]))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    style = {"uniform": ("s-", "uniform --w"), "kl": ("o-", "mixed --wbits-avg, KL (ZeroQ)"),
+             "hessian": ("^", "mixed --wbits-avg, Hessian (HAWQ-v2)")}
+    for i, ((recipe, mode, a), pts) in enumerate(sorted(lines.items())):
+        pts.sort()
+        fmt_, label = style.get(mode, ("x", mode))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], fmt_, label=f"{recipe} A{a}: {label}")
+        for x, y, w in pts:
+            ax.annotate(f"{w:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("weight memory of the quantized model (kB: packed weights, scales, FP biases)")
+    ax.set_ylabel("top-1 on the 10,000 JPEG-CIFAR-10 test images (%)")
+    ax.set_title("ResNet-20, protocol ptq, seed 0: accuracy against weight memory (labels: W or mean W)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = out or runs_dir / "accuracy_vs_size.png"
+    save_figure(plt, fig, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0")
@@ -75,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="uniform,kl,hessian")
     ap.add_argument("--budget", default="default")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--plot", action="store_true", help="only draw RUNS/accuracy_vs_size.png from the runs")
+    ap.add_argument("--wbits", default=None, help="weight budgets to run, e.g. 2,2.5,3,4 (default: the recipe's)")
     args = ap.parse_args(argv)
+    if args.plot:
+        print(plot())
+        return 0
     home = os.environ.get("ZSQ_HOME")
     if not home:
         print("error: set ZSQ_HOME to the shared assets (cifar10-jpeg/test.tar)", file=sys.stderr)
@@ -83,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for seed in [int(s) for s in args.seeds.split(",")]:
         for recipe in args.recipes.split(","):
-            for mode in args.modes.split(","):
-                failed += one(recipe, seed, args.budget, mode, args.threads, home) is None
+            for wb in ([float(x) for x in args.wbits.split(",")] if args.wbits else [None]):
+                for mode in args.modes.split(","):
+                    failed += one(recipe, seed, args.budget, mode, args.threads, home, wb) is None
     return 1 if failed else 0
 
 

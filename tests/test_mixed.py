@@ -240,3 +240,29 @@ def test_cli_budget_errors(tmp_path, capsys, one_thread):
                    str(tmp_path / "b"))
     assert rc == 2 and "infeasible" in out and "--wbits-avg 2 " in out and "Traceback" not in out
     assert not (tmp_path / "b" / "zsq.json").exists()
+
+
+def test_mixed_output_saves_loads_and_reports(resnet20, tmp_path, one_thread):
+    """zsq.json records the search and the weight-only policy (NAME=W3); zsq.load rebuilds the same bits and
+    outputs; the report's bits.png is drawn from that zsq.json."""
+    import json
+
+    import zsq
+    from zsq.api import load, save
+    from zsq.report import _bits_png
+
+    q = zsq.quantize(resnet20, "minmax-noise", 4, 8, protocol="ptq", budget="smoke", progress=False,
+                     synth_overrides={"n_images": 16},
+                     mixed={"size_mb": 0.1, "n_images": 4, "candidates": (2, 4, 8)})
+    out = save(q, tmp_path / "out")
+    meta = json.loads((out / "zsq.json").read_text())
+    m = meta["mixed"]
+    assert m["budget"] == {"kind": "size_mb", "value": 0.1} and meta["size"]["q_bytes"] == m["q_bytes"] <= 100_000
+    assert all(meta["policy"]["layer_bits"][k] == f"W{b}" for k, b in m["bits"].items())
+    q2 = load(out)
+    assert {k: q2.get_submodule(k).wq.bits for k in m["bits"]} == m["bits"]
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(q2(x), q(x), rtol=1e-5, atol=1e-5)
+    assert _bits_png(meta, tmp_path / "bits.png") and (tmp_path / "bits.png").stat().st_size > 0
+    assert not _bits_png({**meta, "mixed": None}, tmp_path / "none.png")  # uniform outputs: no bits.png

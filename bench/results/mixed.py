@@ -7,7 +7,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .common import fmt_seeds, load_runs
+from .common import fmt_seeds, load_runs, shown_path
 
 MODES = {"uniform": "uniform", "kl": "mixed, KL sensitivity (ZeroQ)", "hessian": "mixed, Hessian trace (HAWQ-v2)"}
 
@@ -61,5 +61,10 @@ def mixed_section(d: Path) -> list[str]:
             continue
         for r in sorted(groups[key], key=lambda r: r["run"]["seed"]):
             bits = (r["zsq"].get("mixed") or {}).get("bits", {})
-            out.append(f"- {key[0]} {key[4]} seed {r['run']['seed']}: " + " ".join(str(b) for b in bits.values()))
+            out.append(f"- {key[0]} {key[4]} W{key[2]} avg seed {r['run']['seed']}: "
+                       + " ".join(str(b) for b in bits.values()))
+    png = d / "accuracy_vs_size.png"
+    if png.is_file():
+        out += ["", f"Plot of top-1 against weight memory (seed 0, uniform and mixed points): `{shown_path(png)}` "
+                "(`python bench/mixed_precision.py --plot`)."]
     return out + [""]

@@ -369,6 +369,9 @@ def export(
     check_limit: Optional[int] = typer.Option(None, "--eval-limit", help=LIMIT_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    int8_weights: str = typer.Option("s8", "--int8-weights", help="container of symmetric 5-8-bit weights: s8 "
+                                     "(fastest; ONNX Runtime's u8 x s8 kernels can saturate on CPUs without VNNI) "
+                                     "or u8 (codes + 128, zero point 128: exact everywhere, slower)"),
     check_old: Optional[str] = typer.Option(None, "--check", hidden=True),
     check_limit_old: Optional[int] = typer.Option(None, "--check-limit", hidden=True),
 ):
@@ -390,8 +393,15 @@ def export(
     check_writable(out)  # read-only / full OUT: one line before the export and the evaluations
     from .export.onnx import OrtModel, export_onnx
 
-    path = export_onnx(q, Path(out) / "model.onnx")
+    if int8_weights not in ("s8", "u8"):
+        raise BadValueError(f"--int8-weights must be s8 or u8, got '{int8_weights}'")
+    path = export_onnx(q, Path(out) / "model.onnx", weights=int8_weights)
+    from .export.onnx import integer_kernel_note, record_export
+
+    summary = record_export(out, path)  # zsq.json's export.onnx: size, protocol, integer-kernel op count
     console.print(f"[green]wrote[/] {path}")
+    if (note := integer_kernel_note(summary)) is not None:
+        console.print(note, highlight=False, soft_wrap=True)
     if check:
         r_t = api.evaluate(q, check, limit=check_limit, progress=not quiet)
         r_o = api.evaluate(OrtModel(path, threads=threads, like=q), check, limit=check_limit, progress=not quiet)

@@ -28,6 +28,7 @@ from results.sadag import sadag_cells_section, sadag_val_section
 from results.sharpness import sharpness_section
 from results.targets import targets_section
 from results.vit import vit_val_section
+from results.zoo import zoo_fp_section
 
 RUNS = CHECKOUT / "bench" / "runs"
 RESULTS = CHECKOUT / "docs" / "results.md"
@@ -81,6 +82,7 @@ def render(runs_dir: str | Path = RUNS) -> str:
             lines.append(f"| {label} | " + " | ".join(fmt(groups[key][label].get(c, [])) for c in cols) + " |")
         lines.append("")
     lines += family_section(recs)
+    lines += zoo_fp_section(Path(runs_dir) / "zoo-fp")
     lines += onnx_section(Path(runs_dir) / "onnx")
     lines += peers_section(Path(runs_dir) / "peers")
     lines += genie_val_section(Path(runs_dir) / "genie-val",

@@ -12,6 +12,16 @@ One JSON per model under ``bench/runs/onnx/`` (resumable: an existing file is ke
 report`` renders them into docs/results.md. Run from the repository root:
 
     ZSQ_HOME=../shared/assets ZSQ_CACHE=... python bench/onnx_runtime.py [--force]
+
+Issue 37 (``--suite deploy``): per model (ResNet-20 on the 10,000 JPEG-CIFAR-10 images, EfficientNet-Lite0
+on the 1,000 val256 images), FP32 ONNX, ``squant`` W8A8 under ``deploy`` (s8 weights, and the same model
+with u8 weight containers) and under ``fixed``, exported with ``zsq export``, and ONNX Runtime's own
+``quantize_static`` of the same FP32 ONNX (QDQ, per-channel s8 weights, u8 activations) calibrated on zsq's
+Gaussian-noise images (data-free, like zsq); latency at batch 1 and 32, the calls interleaved between the
+models, median of 30, load average logged; top-1 in ONNX Runtime and PyTorch; integer-op counts after ORT's
+optimisation. One JSON per model under ``bench/runs/onnx_deploy/``:
+
+    OMP_NUM_THREADS=1 python bench/onnx_runtime.py --suite deploy [--models efficientnet_lite0] [--force]
 """
 
 from __future__ import annotations
@@ -98,5 +108,141 @@ def main() -> None:
             print(name, {k: rec[k] for k in ("top1_pytorch", "top1_onnxruntime")}, rec["latency"])
 
 
+# ------------------------------------------------------------------------------------------------------------
+# issue 37: the deploy protocol against FP32 and ONNX Runtime's own quantize_static, per model
+DEPLOY_RUNS = ROOT / "bench" / "runs" / "onnx_deploy"
+IMAGENET = Path(os.environ.get("ZSQ_HOME", ROOT.parent / "shared" / "assets")) / "imagenet-sample" / "val256.tar"
+DEPLOY_MODELS = {"cifar10_resnet20": TEST, "efficientnet_lite0": IMAGENET}
+# timed at batch 32 too (the float-dequantizing fixed export and the u8-weight variant at batch 1 only)
+LATENCY_BATCHED = ("fp32", "zsq-deploy", "ort-quantize_static")
+
+
+def _peer_quantize_static(fp_path: Path, out: Path, calib: np.ndarray) -> Path:
+    """ONNX Runtime's own post-training quantizer on the same FP32 ONNX: QDQ, per-channel s8 weights, u8
+    activations, min-max calibration on ``calib`` (zsq's Gaussian-noise images: data-free like zsq)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": calib[i:i + 8]} for i in range(0, len(calib), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(fp_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    return out
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.log_severity_level = 3
+    # no spin-waiting after a call: with the calls interleaved, one session's spinning workers would take the
+    # cores of the next session's call
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def interleaved_latency(paths: dict[str, Path], shape, batch: int, threads: int, calls: int = 30) -> dict:
+    paths = {k: p for k, p in paths.items() if batch == 1 or k in LATENCY_BATCHED}
+    """Median ms per call of each model, the calls interleaved (model A, B, C, A, B, C ...) so that the
+    machine's load falls on all of them alike; 3 warm-up calls each."""
+    sessions = {k: _session(p, threads) for k, p in paths.items()}
+    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, {"input": x})
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    load0 = os.getloadavg()[0]
+    for _ in range(calls):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, {"input": x})
+            times[k].append((time.perf_counter() - t0) * 1000.0)
+    return {"batch": batch, "threads": threads, "calls": calls,
+            "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)],
+            "median_ms": {k: round(statistics.median(v), 3) for k, v in times.items()}}
+
+
+def deploy_suite(args) -> None:
+    import onnx
+
+    from zsq.export.onnx import export_summary
+    from zsq.synth import synthesize
+
+    DEPLOY_RUNS.mkdir(parents=True, exist_ok=True)
+    for model_id in args.models:
+        out_json = DEPLOY_RUNS / f"{model_id}.json"
+        if out_json.exists() and not args.force:
+            print(f"{model_id}: kept {out_json}")
+            continue
+        data = str(DEPLOY_MODELS[model_id])
+        fp = zsq.load_model(model_id)
+        from zsq.hardware import cpu_name
+        from zsq.record import model_info
+
+        size = model_info(fp).preprocess.input_size
+        shape = (3, size, size)
+        rec: dict = {"model": model_id, "eval": Path(data).name, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "machine": cpu_name(), "cores": os.cpu_count(), "recipe": "squant",
+                     "budget": "default", "seed": 0, "load_avg_start": round(os.getloadavg()[0], 2), "rows": {}}
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            paths = {"fp32": export_fp_onnx(fp, tmp / "fp32.onnx")}
+            torch_models = {"fp32": fp}
+            for proto in ("deploy", "fixed"):
+                t0 = time.time()
+                q = zsq.quantize(fp, "squant", 8, 8, protocol=proto, budget="default", seed=0, progress=False)
+                rec["rows"][f"zsq-{proto}"] = {"quantize_s": round(time.time() - t0, 1)}
+                torch_models[f"zsq-{proto}"] = q
+                paths[f"zsq-{proto}"] = export_onnx(q, tmp / f"{proto}.onnx")
+            paths["zsq-deploy-u8w"] = export_onnx(torch_models["zsq-deploy"], tmp / "deploy_u8w.onnx", weights="u8")
+            torch_models["zsq-deploy-u8w"] = torch_models["zsq-deploy"]
+            calib = synthesize(fp, "gaussian", budget="default", seed=0, n_images=64, progress=False).images
+            paths["ort-quantize_static"] = _peer_quantize_static(paths["fp32"], tmp / "peer.onnx",
+                                                                  calib.float().numpy())
+            rec["peer_calibration"] = "zsq gaussian synthesizer, 64 images, seed 0 (data-free); min-max"
+            from zsq.export.ortint import integer_ops, optimized_ops
+
+            for name, path in paths.items():
+                row = rec["rows"].setdefault(name, {})
+                ops = optimized_ops(path.read_bytes())
+                row |= {"onnx_bytes": path.stat().st_size, "int_ops": sum(integer_ops(ops).values()),
+                        "ops": sum(ops.values()), "int_op_types": integer_ops(ops)}
+                if name.startswith("zsq-"):
+                    row["metadata"] = export_summary(path)
+            rec["latency"] = [interleaved_latency(paths, shape, b, t, calls=args.calls)
+                              for t in args.bench_threads for b in (1, 32)]
+            print(model_id, json.dumps(rec["latency"]))
+            for name, path in paths.items():
+                row = rec["rows"][name]
+                r_o = zsq.evaluate(OrtModel(path, threads=args.threads, like=fp, qdq_fusion=True), data, progress=False)
+                row |= {"top1_onnxruntime": r_o["top1"], "n_eval": r_o["n"]}
+                if name in ("zsq-deploy", "zsq-fixed"):
+                    row["top1_pytorch"] = zsq.evaluate(torch_models[name], data, progress=False)["top1"]
+                print(model_id, name, {k: row.get(k) for k in ("top1_pytorch", "top1_onnxruntime", "int_ops")})
+        rec["load_avg_end"] = round(os.getloadavg()[0], 2)
+        rec["versions"] = {"zsq": zsq.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                           "onnxruntime": __import__("onnxruntime").__version__, "numpy": np.__version__}
+        out_json.write_text(json.dumps(rec, indent=1) + "\n")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--suite" in sys.argv:  # python bench/onnx_runtime.py --suite deploy [--models ...] [--force]
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--suite", choices=["deploy"], required=True)
+        ap.add_argument("--models", nargs="+", default=list(DEPLOY_MODELS), choices=list(DEPLOY_MODELS))
+        ap.add_argument("--threads", type=int, default=2, help="threads of the accuracy runs")
+        ap.add_argument("--bench-threads", type=int, nargs="+", default=[2], help="intra-op threads timed")
+        ap.add_argument("--calls", type=int, default=30, help="timed calls per model (median)")
+        ap.add_argument("--force", action="store_true")
+        a = ap.parse_args()
+        torch.set_num_threads(a.threads)
+        deploy_suite(a)
+    else:
+        main()

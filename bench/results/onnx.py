@@ -27,3 +27,41 @@ def onnx_section(d: Path) -> list[str]:
         out.append(f"| {r['name']} | {r.get('qdq_fusion')} | {r.get('top1_pytorch')} | {r.get('top1_onnxruntime')} | "
                    f"{lat.get(1, '—')} | {lat.get(64, '—')} | {r.get('threads')} | {int_ops} | {r.get('load_avg')} |")
     return out + [""]
+
+
+def onnx_deploy_section(d: Path) -> list[str]:
+    """``bench/onnx_runtime.py --suite deploy`` (issue 37): zsq's ``deploy`` export against FP32 and ONNX
+    Runtime's own ``quantize_static``, one table per model."""
+    recs = load_runs(d)
+    if not recs:
+        return []
+    out = ["## Integer ONNX exports: `deploy` against FP32 and ONNX Runtime's `quantize_static` "
+           "(`bench/onnx_runtime.py --suite deploy`)", "",
+           "`squant` W8A8 (default budget, seed 0; synthesis-free) under `deploy` and `fixed`, exported with "
+           "`zsq export` (`deploy-u8w`: the same deploy model with `--int8-weights u8`); the peer is ONNX Runtime's "
+           "`quantize_static` of the same FP32 ONNX (QDQ, per-channel s8 weights, u8 activations, min-max) calibrated "
+           "on 64 of zsq's Gaussian-noise images (data-free, like zsq). ONNX Runtime CPU provider, default "
+           "optimisation, no spin-waiting (`session.intra_op.allow_spinning=0`); latency = median ms of the calls, "
+           "interleaved between the models (A, B, C, A, ...) in one process, random input (`fixed` and `deploy-u8w` "
+           "timed at batch 1 only); integer ops = ops ORT runs as integer kernels after its (extended) optimisation, "
+           "of all ops. Top-1: ResNet-20 on the 10,000 JPEG-CIFAR-10 test images, Lite0 on the 1,000 val256 images. "
+           "Speed-up = FP32 ms / model ms in the same run.", ""]
+    for r in recs:
+        lat = r.get("latency", [])
+        cols = [(x["batch"], x["threads"]) for x in lat]
+        out += [f"**{r['model']}** ({r.get('eval')}; {r.get('date')}, {r.get('machine')}, {r.get('cores')} cores, "
+                f"load average {r.get('load_avg_start')} at the start, {r.get('load_avg_end')} at the end: the machine "
+                "was shared with other jobs)", "",
+                "| model | top-1 ORT | top-1 PyTorch | integer ops / ops | .onnx bytes | "
+                + " | ".join(f"batch {b}, {t} thr ms (speed-up)" for b, t in cols) + " |",
+                "|---" * (5 + len(cols)) + "|"]
+        for name, row in r["rows"].items():
+            cells = []
+            for x in lat:
+                ms, fp = x["median_ms"].get(name), x["median_ms"].get("fp32")
+                cells.append(f"{ms:.2f} ({fp / ms:.2f}x)" if ms and fp else "—")
+            out.append(f"| {name} | {row.get('top1_onnxruntime', '—')} | {row.get('top1_pytorch', '—')} | "
+                       f"{row.get('int_ops')} / {row.get('ops')} | {row.get('onnx_bytes'):,} | " + " | ".join(cells) + " |")
+        loads = "; ".join(f"batch {x['batch']}, {x['threads']} thr: {x['load_avg'][0]} -> {x['load_avg'][1]}" for x in lat)
+        out += ["", f"Load average during the timed calls: {loads}.", ""]
+    return out

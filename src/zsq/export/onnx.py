@@ -97,8 +97,12 @@ def _container(q: Quantizer, min_bits: int = 4):
 
 
 def _int_tensor(name: str, values: np.ndarray, elem_type: int):
-    from onnx import helper
+    from onnx import TensorProto, helper, numpy_helper
 
+    raw = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
+           TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32}
+    if elem_type in raw:  # raw bytes: as int32_data varints a negative int8 takes 10 bytes
+        return numpy_helper.from_array(np.array(values, dtype=raw[elem_type], order="C"), name)
     return helper.make_tensor(name, elem_type, list(values.shape), values.reshape(-1).astype(np.int64).tolist())
 
 

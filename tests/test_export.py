@@ -46,6 +46,8 @@ def test_weights_are_the_saved_integer_codes(exported):
             8 if mod.wq.bits > 4 else 4]
         assert t.data_type in want, (name, t.data_type)
         assert np.array_equal(_ints(t), saved[name].to(torch.int64).numpy()), name
+        n = int(np.prod(t.dims))  # raw bytes; 4-bit codes two per byte (int32_data varints were ~1.4x larger)
+        assert len(t.raw_data) == ((n + 1) // 2 if t.data_type in (TensorProto.INT4, TensorProto.UINT4) else n)
         assert f"{name}.weight" not in inits  # no float copy of a quantized weight
         levels = np.unique(_ints(t).reshape(t.dims[0], -1), axis=None)
         assert len(levels) <= 2 ** mod.wq.bits

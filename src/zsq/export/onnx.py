@@ -103,6 +103,12 @@ def _int_tensor(name: str, values: np.ndarray, elem_type: int):
            TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32}
     if elem_type in raw:  # raw bytes: as int32_data varints a negative int8 takes 10 bytes
         return numpy_helper.from_array(np.array(values, dtype=raw[elem_type], order="C"), name)
+    if elem_type in (TensorProto.INT4, TensorProto.UINT4):  # raw bytes, two codes per byte (ONNX: low nibble first)
+        nib = (np.asarray(values).reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+        if nib.size % 2:
+            nib = np.append(nib, np.uint8(0))
+        return helper.make_tensor(name, elem_type, list(values.shape), (nib[0::2] | (nib[1::2] << 4)).tobytes(),
+                                  raw=True)
     return helper.make_tensor(name, elem_type, list(values.shape), values.reshape(-1).astype(np.int64).tolist())
 
 

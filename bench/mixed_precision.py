@@ -76,7 +76,7 @@ def plot(runs_dir: Path = RUNS, out: Path | None = None) -> Path | None:
     ``RUNS/accuracy_vs_size.png``."""
     from collections import defaultdict
 
-    from zsq.report import pyplot, save_figure
+    from zsq.report import plot_accuracy_size
 
     recs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
     recs = [r for r in recs if r["run"]["seed"] == 0]
@@ -84,26 +84,11 @@ def plot(runs_dir: Path = RUNS, out: Path | None = None) -> Path | None:
         return None
     lines = defaultdict(list)
     for r in recs:
-        lines[(r["run"]["recipe"], r["run"]["mode"], r["run"]["a"])].append(
-            (r["zsq"]["size"]["q_bytes"] / 1000, r["zsq"]["metrics"]["top1"], r["run"]["w"]))
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.4))
-    style = {"uniform": ("s-", "uniform --w"), "kl": ("o-", "mixed --wbits-avg, KL (ZeroQ)"),
-             "hessian": ("^", "mixed --wbits-avg, Hessian (HAWQ-v2)")}
-    for i, ((recipe, mode, a), pts) in enumerate(sorted(lines.items())):
-        pts.sort()
-        fmt_, label = style.get(mode, ("x", mode))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], fmt_, label=f"{recipe} A{a}: {label}")
-        for x, y, w in pts:
-            ax.annotate(f"{w:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set_xlabel("weight memory of the quantized model (kB: packed weights, scales, FP biases)")
-    ax.set_ylabel("top-1 on the 10,000 JPEG-CIFAR-10 test images (%)")
-    ax.set_title("ResNet-20, protocol ptq, seed 0: accuracy against weight memory (labels: W or mean W)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+        lines[(f"{r['run']['recipe']} A{r['run']['a']}: ", r["run"]["mode"])].append(
+            (r["zsq"]["size"]["q_bytes"], r["zsq"]["metrics"]["top1"], r["run"]["w"]))
     out = out or runs_dir / "accuracy_vs_size.png"
-    save_figure(plt, fig, out)
+    plot_accuracy_size(lines, out, ylabel="top-1 on the 10,000 JPEG-CIFAR-10 test images (%)",
+                       title="ResNet-20, protocol ptq, seed 0: accuracy against weight memory (labels: W or mean W)")
     return out
 
 

@@ -260,6 +260,82 @@ def quantize(
 
 
 @app.command()
+def pareto(
+    model: str = typer.Argument("cifar10_resnet20", help=MODEL_HELP),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="method, see `zsq methods`"),
+    out: Path = typer.Option(..., "-o", "--out", help="output directory (pareto.json + pareto.png); the same "
+                             "command resumes an interrupted run there"),
+    protocol: Optional[str] = typer.Option(None, help=f"{PROTOCOL_NAMES} (default: the recipe's native one)"),
+    a: int = typer.Option(8, "--a", help="activation bits of every point (2..8 or 16)"),
+    bits: str = typer.Option("2,3,4,6,8", "--bits", help="uniform points: weight bits (comma-separated; none: no "
+                             "uniform points)"),
+    wbits_avg_list: str = typer.Option("2.5,3,4,6", "--wbits-avg-list", help="mixed points: --wbits-avg budgets "
+                                       "(comma-separated; none: no mixed points)"),
+    mp_bits: str = typer.Option("2,3,4,6,8", "--mp-bits", help="candidate weight bits of the mixed-precision search"),
+    mp_sensitivity: str = typer.Option("kl", "--mp-sensitivity", help="kl (ZeroQ's output KL) | hessian "
+                                       "(Hutchinson trace, HAWQ-v2)"),
+    mp_images: int = typer.Option(128, "--mp-images", help="images the sensitivities read (the first of the "
+                                  "synthetic set; seeded Gaussian inputs for synthesis-free recipes)"),
+    budget: str = typer.Option("default", help="smoke | default | paper"),
+    seed: int = typer.Option(0, help="seed of every random draw"),
+    eval_path: Optional[str] = typer.Option(None, "--eval-data", help="labelled set every point is evaluated on "
+                                            "(required): " + DATA_HELP),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help=LIMIT_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+):
+    """Trace the accuracy-size frontier: quantize MODEL at uniform --w points and mixed --wbits-avg points,
+    evaluate each; write OUT/pareto.json (after every point: resumable) and OUT/pareto.png."""
+    from . import api
+    from .errors import BadValueError
+    from .hardware import resolve_device
+    from .pareto import parse_list, trace
+    from .spec import check_bits
+
+    if eval_path is None:
+        raise BadValueError("zsq pareto needs the labelled images to evaluate every point on: --eval-data PATH")
+    dev = resolve_device(device)
+    uniform = [check_bits(b, "--bits") for b in parse_list(bits, "--bits", int)]
+    mixed = parse_list(wbits_avg_list, "--wbits-avg-list")
+    if not uniform and not mixed:
+        raise BadValueError("zsq pareto has no points: give --bits and/or --wbits-avg-list")
+    mp = {"candidates": mp_bits, "sensitivity": mp_sensitivity, "n_images": mp_images}
+    cands = api.mixed_config({"wbits_avg": 8, **mp}).candidates
+    for b in mixed:  # each budget checked now, before any point runs
+        api.mixed_config({"wbits_avg": b, **mp})
+        if b < cands[0]:
+            raise BadValueError(f"--wbits-avg-list {b:g} is below the smallest candidate bit width "
+                                f"{cands[0]} (--mp-bits)")
+    check_bits(a, "--a")
+    _threads(threads)
+    res = api.resolve(recipe, protocol=protocol, budget=budget)
+    _check_eval_path(eval_path)
+    m = _model(model, weights, None, None, None, None, None, input_size)
+    from .data.eval import open_dataset
+    from .paths import check_writable
+    from .record import model_info
+
+    open_dataset(eval_path, model_info(m).preprocess, limit=eval_limit)  # layout and --eval-limit
+    check_writable(out)
+    settings = {"model": model, "weights": weights, "recipe": res.name, "protocol": res.protocol, "a": a,
+                "budget": res.budget, "seed": seed, "eval_data": eval_path, "eval_limit": eval_limit,
+                "mp_bits": list(cands), "mp_sensitivity": mp_sensitivity,
+                "mp_images": mp_images}
+    doc = trace(m, recipe, out, uniform=uniform, mixed=mixed, a_bits=a, eval_path=eval_path, eval_limit=eval_limit,
+                protocol=res.protocol, budget=res.budget, seed=seed,
+                candidates=cands, sensitivity=mp_sensitivity, mp_images=mp_images,
+                settings=settings, progress=not quiet, device=dev, log=lambda s: console.print(s, highlight=False))
+    t = Table("point", "weight bytes", "top-1", "top-5", "wall s")
+    for p in sorted(doc["points"], key=lambda p: p["q_bytes"]):
+        t.add_row(p["id"], f"{p['q_bytes']:,}", f"{p['top1']:.2f}", f"{p['top5']:.2f}", f"{p['wall_s']:.1f}")
+    out_console.print(t)
+    console.print(f"[green]wrote[/] {out / 'pareto.json'} and {out / 'pareto.png'}")
+
+
+@app.command()
 def synthesize(
     model: str = typer.Argument("cifar10_resnet20", help=MODEL_HELP),
     recipe: str = typer.Option(..., "--recipe", "-r", help="recipe whose synthesizer to run"),

@@ -62,6 +62,32 @@ def save_figure(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
+#: line style and legend words of an accuracy-size series by mode (uniform W, mixed searches)
+SIZE_STYLE = {"uniform": ("s-", "uniform --w"), "kl": ("o-", "mixed --wbits-avg, KL (ZeroQ)"),
+              "hessian": ("^", "mixed --wbits-avg, Hessian (HAWQ-v2)")}
+
+
+def plot_accuracy_size(series: dict, out: Path, *, ylabel: str, title: str) -> Path:
+    """Top-1 against weight memory: ``series`` maps (legend prefix, mode) to points (q bytes, top-1, bits
+    label); each series is one line (style by mode, :data:`SIZE_STYLE`), each point labelled with its
+    (mean) weight bits. Used by ``zsq pareto`` and bench/mixed_precision.py."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for (prefix, mode), pts in sorted(series.items()):
+        pts = sorted(pts)
+        fmt_, label = SIZE_STYLE.get(mode, ("x", mode))
+        ax.plot([p[0] / 1000 for p in pts], [p[1] for p in pts], fmt_, label=f"{prefix}{label}")
+        for x, y, w in pts:
+            ax.annotate(f"{w:g}", (x / 1000, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("weight memory of the quantized model (kB: packed weights, scales, FP biases)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(plt, fig, out)
+    return out
+
+
 def _sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     noise = float((ref - x).double().pow(2).sum())
     sig = float(ref.double().pow(2).sum())

@@ -40,26 +40,31 @@ AUTO_CHOICES = ("bf16", "fp32")
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The first CPU's feature flags (Linux ``/proc/cpuinfo``); empty where they cannot be read."""
+def _first_cpu() -> dict[str, str]:
+    """The first CPU block of Linux ``/proc/cpuinfo`` as {field: value}; empty where it cannot be read."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
+            if not line.strip():
+                if fields:
+                    break
+                continue
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """The first CPU's feature flags (Linux ``/proc/cpuinfo``); empty where they cannot be read."""
+    cpu = _first_cpu()
+    return frozenset((cpu.get("flags") or cpu.get("Features") or "").split())
 
 
 def cpu_name() -> str:
     """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows of it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _first_cpu().get("model name") or platform.processor() or platform.machine()
 
 
 def native_bf16() -> bool:

@@ -23,7 +23,7 @@ console = Console(stderr=True)
 out_console = Console(width=None if sys.stdout.isatty() else 200)
 
 MODEL_HELP = "zoo name (see `zsq zoo`), tv:NAME, timm:NAME or path/to/file.py:factory"
-PROTOCOL_NAMES = "ptq | qat | fixed | genie-native | vit-ptq"
+PROTOCOL_NAMES = "ptq | qat | fixed | genie-native | vit-ptq | deploy"
 DATA_HELP = "ImageFolder directory, a .tar of one, or CIFAR-10 python batches"
 LIMIT_HELP = "evaluate on the first N/classes images of each class (e.g. 1000 on CIFAR-10: 100 per class)"
 THREADS_HELP = "torch CPU threads (default: torch's own choice)"

@@ -36,6 +36,8 @@ RESIZE_HELP = "evaluation resize: short side in pixels, before the crop"
 CROP_HELP = "evaluation centre crop in pixels (also the input size when --input-size is not given)"
 INTERP_HELP = "resize interpolation: bilinear | bicubic | nearest"
 QUIET_HELP = "no progress bars or progress lines"
+MP_BITS_HELP = "candidate weight bits of the mixed-precision search"
+MP_SENS_HELP = "kl (ZeroQ's output KL) | hessian (Hutchinson trace, HAWQ-v2)"
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: CUDA when available, cuda:LOCAL_RANK under torchrun, else cpu)"
 
 
@@ -162,9 +164,8 @@ def quantize(
                                               "average (4 = uniform W4's weight memory)"),
     size_mb: Optional[float] = typer.Option(None, "--size", help="mixed precision instead of --w: the quantized "
                                             "model's total weight memory in MB (10^6 bytes)"),
-    mp_bits: str = typer.Option("2,3,4,6,8", "--mp-bits", help="candidate weight bits of the mixed-precision search"),
-    mp_sensitivity: str = typer.Option("kl", "--mp-sensitivity", help="kl (ZeroQ's output KL) | hessian "
-                                       "(Hutchinson trace, HAWQ-v2)"),
+    mp_bits: str = typer.Option("2,3,4,6,8", "--mp-bits", help=MP_BITS_HELP),
+    mp_sensitivity: str = typer.Option("kl", "--mp-sensitivity", help=MP_SENS_HELP),
     resume: bool = typer.Option(False, help="continue an interrupted run from OUT/.ckpt"),
     overwrite: bool = typer.Option(False, help="replace a finished result in OUT"),
     strict: bool = typer.Option(False, help="error on layers zsq cannot quantize instead of keeping them FP"),
@@ -271,9 +272,8 @@ def pareto(
                              "uniform points)"),
     wbits_avg_list: str = typer.Option("2.5,3,4,6", "--wbits-avg-list", help="mixed points: --wbits-avg budgets "
                                        "(comma-separated; none: no mixed points)"),
-    mp_bits: str = typer.Option("2,3,4,6,8", "--mp-bits", help="candidate weight bits of the mixed-precision search"),
-    mp_sensitivity: str = typer.Option("kl", "--mp-sensitivity", help="kl (ZeroQ's output KL) | hessian "
-                                       "(Hutchinson trace, HAWQ-v2)"),
+    mp_bits: str = typer.Option("2,3,4,6,8", "--mp-bits", help=MP_BITS_HELP),
+    mp_sensitivity: str = typer.Option("kl", "--mp-sensitivity", help=MP_SENS_HELP),
     mp_images: int = typer.Option(128, "--mp-images", help="images the sensitivities read (the first of the "
                                   "synthetic set; seeded Gaussian inputs for synthesis-free recipes)"),
     budget: str = typer.Option("default", help="smoke | default | paper"),

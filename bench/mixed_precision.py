@@ -25,20 +25,27 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 RUNS = CHECKOUT / "bench" / "runs" / "mixed"
 EVAL = "cifar10-jpeg/test.tar"
 
+#: model -> (protocol, eval set under ZSQ_HOME): ResNet-20 as issue 38's CIFAR targets, EfficientNet-Lite0
+#: under ``fixed`` on the 1,000 val256 images as its ImageNet-class target
+MODELS = {"cifar10_resnet20": ("ptq", EVAL), "efficientnet_lite0": ("fixed", "imagenet-sample/val256.tar")}
+
 #: recipe -> (weight budget b, activation bits): issue 38's comparisons
-SETTINGS = {"zeroq": (3, 8), "genie": (2, 4), "squant": (4, 8)}
+SETTINGS = {"zeroq": (3, 8), "genie": (2, 4), "squant": (4, 8), "udfc": (4, 8), "dfq": (4, 8)}
 
 
-def run_id(recipe: str, seed: int, budget: str, mode: str, wb: int, a: int) -> str:
-    return f"cifar10_resnet20__{recipe}__ptq__{mode}{wb}A{a}__{budget}__s{seed}"
+def run_id(recipe: str, seed: int, budget: str, mode: str, wb: int, a: int, model: str = "cifar10_resnet20") -> str:
+    return f"{model}__{recipe}__{MODELS[model][0]}__{mode}{wb}A{a}__{budget}__s{seed}"
 
 
-def one(recipe: str, seed: int, budget: str, mode: str, threads: int, home: str, wb: float | None = None) -> Path | None:
+def one(recipe: str, seed: int, budget: str, mode: str, threads: int, home: str, wb: float | None = None,
+        model: str = "cifar10_resnet20") -> Path | None:
+    protocol, evalset = MODELS[model]
     w0, a = SETTINGS[recipe]
     wb = w0 if wb is None else (int(wb) if float(wb).is_integer() else float(wb))
     if mode == "uniform" and not isinstance(wb, int):
         return RUNS  # no uniform model at a fractional width
-    rid = run_id(recipe, seed, budget, {"uniform": "W", "kl": "Wavg-kl-", "hessian": "Wavg-hessian-"}[mode], wb, a)
+    rid = run_id(recipe, seed, budget, {"uniform": "W", "kl": "Wavg-kl-", "hessian": "Wavg-hessian-"}[mode], wb, a,
+                 model)
     dest = RUNS / f"{rid}.json"
     if dest.exists():
         print(f"skip {rid} (done)")
@@ -46,9 +53,9 @@ def one(recipe: str, seed: int, budget: str, mode: str, threads: int, home: str,
     bits = ["--w", str(wb)] if mode == "uniform" else ["--wbits-avg", str(wb), "--mp-sensitivity", mode]
     with tempfile.TemporaryDirectory(prefix="zsq-mixed-") as tmp:
         out = Path(tmp) / "OUT"
-        cmd = [sys.executable, "-m", "zsq", "quantize", "cifar10_resnet20", "--recipe", recipe, "--protocol", "ptq",
+        cmd = [sys.executable, "-m", "zsq", "quantize", model, "--recipe", recipe, "--protocol", protocol,
                *bits, "--a", str(a), "--seed", str(seed), "--budget", budget, "--threads", str(threads),
-               "--eval-data", f"{home}/{EVAL}", "-o", str(out), "--quiet"]
+               "--eval-data", f"{home}/{evalset}", "-o", str(out), "--quiet"]
         load = os.getloadavg()[0]
         t0 = time.time()
         print("run", " ".join(cmd[2:]), flush=True)
@@ -57,8 +64,8 @@ def one(recipe: str, seed: int, budget: str, mode: str, threads: int, home: str,
             print(r.stdout[-2000:], r.stderr[-2000:], file=sys.stderr)
             return None
         z = json.loads((out / "zsq.json").read_text())
-    rec = {"run": {"model": "cifar10_resnet20", "recipe": recipe, "protocol": "ptq", "mode": mode, "w": wb, "a": a,
-                   "seed": seed, "budget": budget, "eval": EVAL},
+    rec = {"run": {"model": model, "recipe": recipe, "protocol": protocol, "mode": mode, "w": wb, "a": a,
+                   "seed": seed, "budget": budget, "eval": evalset},
            "run_id": rid,
            "command": "zsq " + " ".join(cmd[3:-3]).replace(home, "$ZSQ_HOME") + " -o OUT --quiet",
            "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "process_wall_s": round(time.time() - t0, 1),
@@ -79,7 +86,7 @@ def plot(runs_dir: Path = RUNS, out: Path | None = None) -> Path | None:
     from zsq.report import plot_accuracy_size
 
     recs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
-    recs = [r for r in recs if r["run"]["seed"] == 0]
+    recs = [r for r in recs if r["run"]["seed"] == 0 and r["run"].get("model", "cifar10_resnet20") == "cifar10_resnet20"]
     if not recs:
         return None
     lines = defaultdict(list)
@@ -94,6 +101,7 @@ def plot(runs_dir: Path = RUNS, out: Path | None = None) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="cifar10_resnet20", choices=sorted(MODELS))
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--recipes", default="zeroq")
     ap.add_argument("--modes", default="uniform,kl,hessian")
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in args.recipes.split(","):
             for wb in ([float(x) for x in args.wbits.split(",")] if args.wbits else [None]):
                 for mode in args.modes.split(","):
-                    failed += one(recipe, seed, args.budget, mode, args.threads, home, wb) is None
+                    failed += one(recipe, seed, args.budget, mode, args.threads, home, wb, args.model) is None
     return 1 if failed else 0
 
 

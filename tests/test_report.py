@@ -139,3 +139,51 @@ def test_report_keeps_the_umask_and_a_refused_write_is_one_line(resnet20, tmp_pa
         write_report(out)
     assert "\n" not in str(e.value)
     assert not (out / "report").exists() and not list(out.glob(".report-*"))
+
+
+def _pareto_doc():
+    pts = [{"id": "W2", "mode": "uniform", "w": 2, "a": 8, "q_bytes": 80_000, "top1": 20.0, "top5": 60.0, "n_eval": 64},
+           {"id": "W4", "mode": "uniform", "w": 4, "a": 8, "q_bytes": 150_000, "top1": 78.0, "top5": 98.0, "n_eval": 64},
+           {"id": "Wavg3-kl", "mode": "mixed", "sensitivity": "kl", "w": 3, "a": 8, "q_bytes": 110_000, "top1": 75.5,
+            "top5": 97.0, "n_eval": 64}]
+    return {"format": "zsq-pareto-1", "points": pts,
+            "settings": {"model": "cifar10_resnet20", "recipe": "squant", "protocol": "fixed", "a": 8, "seed": 0,
+                         "eval_data": "test.tar"}}
+
+
+def test_report_draws_the_pareto_frontier(tmp_path, capsys, one_thread):
+    """zsq report embeds pareto.png when OUT holds a pareto.json (or --pareto DIR names one), drawn by
+    zsq.pareto.plot; a pareto directory alone gets a frontier report; a bad --pareto is one line, exit 2."""
+    from zsq.cli import main
+
+    q = zsq.quantize("cifar10_resnet20", "squant", 4, 8, budget="smoke", progress=False)
+    out = tmp_path / "out"
+    zsq.save(q, out)
+    pdir = tmp_path / "P"
+    pdir.mkdir()
+    (pdir / "pareto.json").write_text(json.dumps(_pareto_doc()))
+    text = write_report(out, pareto=pdir).read_text()
+    assert "](pareto.png)" in text and "| Wavg3-kl | mixed | 110,000 | 75.50 | 97.00 |" in text
+    assert "pareto.png" in (out / "report" / "index.html").read_text()
+    with Image.open(out / "report" / "pareto.png") as im:
+        assert im.size[0] >= 400 and len(im.convert("L").getcolors(1 << 16) or []) > 20
+    (out / "pareto.json").write_text(json.dumps(_pareto_doc()))  # OUT's own pareto.json: drawn without --pareto
+    assert "](pareto.png)" in write_report(out).read_text()
+
+    def zsq_cli(*args):
+        with pytest.raises(SystemExit) as e:
+            main(list(args))
+        o = capsys.readouterr()
+        return e.value.code, o.out + o.err
+
+    rc, msg = zsq_cli("report", str(pdir))  # the pareto directory alone
+    assert rc == 0, msg
+    md = (pdir / "report" / "report.md").read_text()
+    assert "](pareto.png)" in md and "| W2 | uniform | 80,000 | 20.00 | 60.00 |" in md
+    assert (pdir / "report" / "pareto.png").stat().st_size > 0 and "pareto.png" in (pdir / "report" / "index.html").read_text()
+    rc, msg = zsq_cli("report", str(out), "--pareto", str(tmp_path / "missing"))
+    assert rc == 2 and "--pareto" in msg and "Traceback" not in msg and len(msg.strip().splitlines()) == 1
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pareto.json").write_text("{}")
+    rc, msg = zsq_cli("report", str(out), "--pareto", str(tmp_path / "bad"))
+    assert rc == 2 and "not a zsq pareto.json" in msg and "Traceback" not in msg

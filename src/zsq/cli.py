@@ -486,17 +486,20 @@ def export(
 
 @app.command()
 def report(
-    out: Path = typer.Argument(..., help="a finished zsq output directory"),
+    out: Path = typer.Argument(..., help="a finished zsq output directory (or a `zsq pareto` directory)"),
     bench: Optional[Path] = typer.Option(None, "--bench", help="benchmark runs folder for the accuracy-vs-bits plot"),
+    pareto: Optional[Path] = typer.Option(None, "--pareto", help="a `zsq pareto` directory whose accuracy-size "
+                                          "frontier (pareto.json) the report draws (default: OUT's own, if any)"),
 ):
-    """Write OUT/report/ (report.md, index.html, PNGs): synthetic images, losses, per-layer SQNR, accuracy."""
+    """Write OUT/report/ (report.md, index.html, PNGs): synthetic images, losses, per-layer SQNR, accuracy,
+    and the accuracy-size frontier of a pareto.json in OUT or --pareto DIR."""
     from .paths import check_writable, writing
     from .report import write_report
 
     if Path(out).is_dir():  # read-only / full OUT: one line before the work (a missing OUT is write_report's error)
         check_writable(out)
     with writing(Path(out) / "report"):
-        p = write_report(out, bench)
+        p = write_report(out, bench, pareto)
     out_console.print(f"wrote {p} and {p.with_name('index.html')}")
 
 

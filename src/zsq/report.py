@@ -17,6 +17,10 @@ Written to ``OUT/report/`` (built in a temporary directory, then moved into plac
   as a bar chart, searched layers and pinned ones apart, with the searched mean;
 * ``accuracy.png`` (with ``--bench DIR``): top-1 against bit setting for every recipe of the same
   model and protocol found in the benchmark folder, this output marked by a star;
+* ``pareto.png``: the accuracy-size frontier of a ``zsq pareto`` run (its ``pareto.json``: uniform and
+  mixed points, top-1 against weight memory, drawn by :func:`zsq.pareto.plot`), when ``OUT`` holds a
+  ``pareto.json`` or ``--pareto DIR`` names a pareto directory; a pareto directory without a ``zsq.json``
+  gets a report of its frontier alone (the figure and a table of the points);
 * ``report.md`` and ``index.html`` linking them, with the output's provenance from ``zsq.json``; a top-1
   measured on an ``--eval-limit`` subset says so (images used, of how many).
 """
@@ -333,19 +337,98 @@ def _eval_set_size(meta: dict) -> int | None:
     return CIFAR_TEST_IMAGES if str(meta["model"]["id"]).startswith("cifar") else None
 
 
-def write_report(out: str | os.PathLike, bench: str | os.PathLike | None = None) -> Path:
+def write_report(out: str | os.PathLike, bench: str | os.PathLike | None = None,
+                 pareto: str | os.PathLike | None = None) -> Path:
     """Build ``OUT/report/`` (see module doc) and return its ``report.md`` path. A write the file system
-    refuses is a one-line :class:`~zsq.errors.OutputError`, and leaves no ``OUT/report``."""
+    refuses is a one-line :class:`~zsq.errors.OutputError`, and leaves no ``OUT/report``. ``pareto``: a
+    ``zsq pareto`` directory whose frontier the report draws (default: ``OUT`` itself when it holds a
+    ``pareto.json``)."""
     with writing(Path(out) / "report"):
-        return _write_report(out, bench)
+        return _write_report(out, bench, pareto)
 
 
-def _write_report(out: str | os.PathLike, bench: str | os.PathLike | None) -> Path:
+def read_pareto(pdir: str | os.PathLike) -> dict:
+    """``DIR/pareto.json`` of a ``zsq pareto`` run, checked (one-line :class:`~zsq.errors.DataError` otherwise)."""
+    from .pareto import FORMAT
+
+    path = Path(pdir) / "pareto.json"
+    if not path.is_file():
+        raise DataError(f"{pdir} has no pareto.json (write one with `zsq pareto ... -o {pdir}`)")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {type(e).__name__}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("points"), list) \
+            or not all(isinstance(p, dict) and {"id", "q_bytes", "top1", "w"} <= set(p) for p in doc["points"]):
+        raise DataError(f"{path} is not a zsq pareto.json ({FORMAT})")
+    doc.setdefault("settings", {})
+    return doc
+
+
+def _pareto_figure(pdir: Path, path: Path) -> tuple[str, list[str]] | None:
+    """``pareto.png`` from ``pdir/pareto.json`` (:func:`zsq.pareto.plot`, which draws with
+    :func:`plot_accuracy_size`), its caption and a markdown table of the points; None when it has no point."""
+    from .pareto import plot
+
+    doc = read_pareto(pdir)
+    pts = doc["points"]
+    if not pts:
+        return None
+    plot(doc, path)
+    s = doc["settings"]
+    n_u = sum(p.get("mode") == "uniform" for p in pts)
+    cap = (f"Accuracy against weight memory: the zsq pareto run in {pdir} ({s.get('model')}, {s.get('recipe')}, "
+           f"protocol {s.get('protocol')}, A{s.get('a')}; {n_u} uniform and {len(pts) - n_u} mixed points, "
+           f"top-1 on {pts[0].get('n_eval')} images)")
+    table = ["| point | mode | weight bytes | top-1 | top-5 |", "|---|---|---|---|---|"]
+    for p in sorted(pts, key=lambda p: p["q_bytes"]):
+        top5 = f"{p['top5']:.2f}" if isinstance(p.get("top5"), (int, float)) else "—"
+        table.append(f"| {p['id']} | {p.get('mode', '')} | {p['q_bytes']:,} | {p['top1']:.2f} | {top5} |")
+    return cap, table
+
+
+def _write_pareto_only(out: Path, dest: Path) -> Path:
+    """The report of a pareto directory without a zsq.json: its frontier and the points."""
+    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    os.chmod(tmp, new_dir_mode())
+    try:
+        got = _pareto_figure(out, tmp / "pareto.png")
+        if got is None:
+            raise DataError(f"{out / 'pareto.json'} holds no finished point yet: nothing to report")
+        cap, table = got
+        md = [f"# zsq report: {out.name} (accuracy-size frontier)", "", f"![{cap}](pareto.png)", "", f"*{cap}*", ""]
+        md += table
+        (tmp / "report.md").write_text("\n".join(md) + "\n")
+        rows = "".join(f"<tr>{''.join(f'<td>{html.escape(c.strip())}</td>' for c in r.strip('|').split('|'))}</tr>"
+                       for r in table[2:])
+        (tmp / "index.html").write_text(
+            "<!doctype html><meta charset='utf-8'><title>zsq report</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
+            "td{padding-right:1em}</style>"
+            f"<h1>zsq report: {html.escape(out.name)}</h1>"
+            f"<figure><img src='pareto.png' alt='{html.escape(cap)}'><figcaption>{html.escape(cap)}</figcaption>"
+            "</figure><table><tr><th>point</th><th>mode</th><th>weight bytes</th><th>top-1</th><th>top-5</th></tr>"
+            + rows + "</table>\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest / "report.md"
+
+
+def _write_report(out: str | os.PathLike, bench: str | os.PathLike | None,
+                  pareto: str | os.PathLike | None = None) -> Path:
     from . import api
     from .data.shards import SyntheticSet, sidecar_path
     from .spec import PROTOCOLS
 
     out = Path(out)
+    if pareto is not None and not Path(pareto).is_dir():
+        raise DataError(f"--pareto {pareto} is not a directory")
+    if not (out / "zsq.json").is_file() and (out / "pareto.json").is_file() and out.is_dir():
+        return _write_pareto_only(out, out / "report")
     q = api.load(out)
     meta = json.loads((out / "zsq.json").read_text())
     dest = out / "report"
@@ -381,6 +464,13 @@ def _write_report(out: str | os.PathLike, bench: str | os.PathLike | None) -> Pa
                                     "images" if acts else "")))
         if _bits_png(meta, tmp / "bits.png"):
             figs.append(("bits.png", "Weight bits per layer chosen by the mixed-precision search (zsq.json: mixed)"))
+        pareto_table: list[str] = []
+        pdir = Path(pareto) if pareto is not None else out
+        if pareto is not None or (out / "pareto.json").is_file():
+            got = _pareto_figure(pdir, tmp / "pareto.png")
+            if got is not None:
+                figs.append(("pareto.png", got[0]))
+                pareto_table = got[1]
         m = meta.get("metrics") or {}
         n_eval, n_full = meta.get("n_eval"), None
         subset = ""
@@ -426,6 +516,8 @@ def _write_report(out: str | os.PathLike, bench: str | os.PathLike | None) -> Pa
             md += [f"| {a['module']} | {a['sqnr']:.2f} |" for a in acts]
         for f, cap in figs:
             md += ["", f"![{cap}]({f})", "", f"*{cap}*"]
+        if pareto_table:
+            md += ["", "Points of the accuracy-size frontier (pareto.json):", ""] + pareto_table
         (tmp / "report.md").write_text("\n".join(md) + "\n")
         body = [f"<p><strong>Top-1 {html.escape(str(m['top1']))} was measured {html.escape(subset)}.</strong></p>"] \
             if subset else []

@@ -448,6 +448,10 @@ def export(
     int8_weights: str = typer.Option("s8", "--int8-weights", help="container of symmetric 5-8-bit weights: s8 "
                                      "(fastest; ONNX Runtime's u8 x s8 kernels can saturate on CPUs without VNNI) "
                                      "or u8 (codes + 128, zero point 128: exact everywhere, slower)"),
+    int4_weights: str = typer.Option("qdq", "--int4-weights", help="how <=4-bit weights of Linear layers are "
+                                     "written: qdq (INT4 + DequantizeLinear, standard ONNX, run in float) or "
+                                     "matmulnbits (ONNX Runtime's com.microsoft MatMulNBits 4-bit kernels, "
+                                     "same weight values)"),
     check_old: Optional[str] = typer.Option(None, "--check", hidden=True),
     check_limit_old: Optional[int] = typer.Option(None, "--check-limit", hidden=True),
 ):
@@ -460,6 +464,8 @@ def export(
 
     if fmt != "onnx":
         raise BadValueError(f"--format must be onnx, got '{fmt}'")
+    if int4_weights not in ("qdq", "matmulnbits"):  # zsq.export.onnx.INT4_WEIGHTS (not imported before the checks)
+        raise BadValueError(f"--int4-weights must be qdq or matmulnbits, got '{int4_weights}'")
     _threads(threads)
     if check:
         _check_eval_path(check)
@@ -471,7 +477,7 @@ def export(
 
     if int8_weights not in ("s8", "u8"):
         raise BadValueError(f"--int8-weights must be s8 or u8, got '{int8_weights}'")
-    path = export_onnx(q, Path(out) / "model.onnx", weights=int8_weights)
+    path = export_onnx(q, Path(out) / "model.onnx", weights=int8_weights, int4_weights=int4_weights)
     from .export.onnx import integer_kernel_note, record_export
 
     summary = record_export(out, path)  # zsq.json's export.onnx: size, protocol, integer-kernel op count

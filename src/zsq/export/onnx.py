@@ -67,6 +67,8 @@ from ..record import model_info, record_of
 
 OPSET = 21
 _DOMAIN = "zsq"
+#: how <= 4-bit Linear weights are written: INT4 + DequantizeLinear, or ONNX Runtime's MatMulNBits
+INT4_WEIGHTS = ("qdq", "matmulnbits")
 
 
 class _Mark(torch.autograd.Function):
@@ -167,16 +169,22 @@ def _weight_owner(model: nn.Module, qname: str) -> nn.Module | None:
     return m if isinstance(m, QUANT_LAYERS) else None
 
 
-def to_onnx(qmodel: nn.Module, example: torch.Tensor | None = None, int4: bool = True, weights: str = "s8"):
+def to_onnx(qmodel: nn.Module, example: torch.Tensor | None = None, int4: bool = True, weights: str = "s8",
+            int4_weights: str = "qdq"):
     """The QDQ ``onnx.ModelProto`` of ``qmodel`` (see module doc). ``int4=False`` stores <= 4-bit
     tensors in 8-bit containers (same values; ONNX Runtime then runs them as int8 kernels).
     ``weights="u8"`` stores symmetric signed 5-8-bit weight codes shifted by +128 in UINT8 with zero
     point 128 (the same values): ONNX Runtime then runs u8 x u8 kernels, which on x86 CPUs without VNNI
     (AVX2) cannot saturate, where its u8 x s8 kernels sum pairs of products into int16 with saturation
     (measured on a W8A8 ResNet-20 here: 92% of the PyTorch predictions with s8 weights, 98.8% with u8, as
-    with the QDQ graph run in float) at about half the speed."""
+    with the QDQ graph run in float) at about half the speed.
+    ``int4_weights="matmulnbits"`` writes every Linear layer with <= 4-bit weights as ONNX Runtime's
+    ``com.microsoft::MatMulNBits`` (its 4-bit kernels; the same weight values, see :mod:`zsq.export.nbits`)
+    instead of an INT4 initializer + ``DequantizeLinear`` (``"qdq"``, the default: standard ONNX, run in float)."""
     if weights not in ("s8", "u8"):
         raise BadValueError(f"weights must be s8 or u8, got '{weights}'")
+    if int4_weights not in INT4_WEIGHTS:
+        raise BadValueError(f"int4 weights must be one of {', '.join(INT4_WEIGHTS)}, got '{int4_weights}'")
     import onnx
     from onnx import TensorProto, helper
 
@@ -197,6 +205,7 @@ def to_onnx(qmodel: nn.Module, example: torch.Tensor | None = None, int4: bool =
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
     new_nodes = []
+    nbits: dict[str, tuple] = {}  # DequantizeLinear output of a <= 4-bit Linear weight -> its grid (matmulnbits)
     for n in g.node:
         if n.domain != _DOMAIN:
             new_nodes.append(n)
@@ -216,6 +225,8 @@ def to_onnx(qmodel: nn.Module, example: torch.Tensor | None = None, int4: bool =
             if src not in inits:
                 raise UnsupportedLayerError(f"weight of {qname[:-3]} is not a plain initializer in the trace")
             codes = weight_codes(q, owner.weight.detach()).to(torch.int64).numpy()
+            if int4_weights == "matmulnbits" and q.bits <= 4 and isinstance(owner, nn.Linear):
+                nbits[dst] = (codes, s, z, q.qmin, q.qmax)
             if weights == "u8" and elem == TensorProto.INT8 and not z.any():
                 codes, z, elem = codes + 128, z + 128, TensorProto.UINT8
             g.initializer.append(_int_tensor(f"{base}_int", codes, elem))
@@ -258,8 +269,15 @@ def to_onnx(qmodel: nn.Module, example: torch.Tensor | None = None, int4: bool =
     protocol = getattr(layout, "protocol", None)
     if protocol == "deploy":  # int32 biases: what ORT's Conv / Gemm QDQ fusions need (other presets unchanged)
         quantize_biases(m)
+    n_nbits = 0
+    if nbits:
+        from .nbits import to_matmulnbits
+
+        n_nbits = to_matmulnbits(m, nbits)
     bits = sorted({q.bits for _, q in marks})
     props = {"zsq.bits": ",".join(map(str, bits)), "zsq.qdq_fusion_safe": "1" if set(bits) <= {8} else "0"}
+    if int4_weights != "qdq":
+        props["zsq.int4_weights"] = f"{int4_weights}:{n_nbits}"
     if protocol:
         props["zsq.protocol"] = str(protocol)
     onnx.helper.set_model_props(m, props)
@@ -292,11 +310,11 @@ def _input_shape(model: nn.Module) -> tuple[int, int, int]:
 
 
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example: torch.Tensor | None = None,
-                int4: bool = True, weights: str = "s8") -> Path:
+                int4: bool = True, weights: str = "s8", int4_weights: str = "qdq") -> Path:
     """Write ``qmodel`` as a QDQ ONNX model to ``path`` (atomically: a temporary name, then rename)."""
     import onnx
 
-    m = to_onnx(qmodel, example, int4=int4, weights=weights)
+    m = to_onnx(qmodel, example, int4=int4, weights=weights, int4_weights=int4_weights)
     rep = integer_kernel_report(m)
     if rep:  # recorded in the file: how many ops ONNX Runtime runs as integer kernels
         onnx.helper.set_model_props(m, {**{p.key: p.value for p in m.metadata_props},
@@ -389,6 +407,9 @@ def export_summary(path: str | os.PathLike) -> dict:
         types[k] = int(v)
     out = {"path": Path(path).name, "bytes": Path(path).stat().st_size, "protocol": props.get("zsq.protocol"),
            "bits": [int(b) for b in props.get("zsq.bits", "").split(",") if b]}
+    if "zsq.int4_weights" in props:  # "matmulnbits:<layers written so>"
+        kind, _, n = props["zsq.int4_weights"].partition(":")
+        out["int4_weights"] = {"kind": kind, "layers": int(n or 0)}
     if "zsq.ort_int_ops" in props:
         out |= {"ort_int_ops": int(props["zsq.ort_int_ops"]), "ort_ops": int(props["zsq.ort_ops"]),
                 "ort_int_op_types": types, "ort_float_layers": int(props.get("zsq.ort_float_layers", 0))}
@@ -401,11 +422,13 @@ def integer_kernel_note(summary: dict) -> str | None:
     proto = summary.get("protocol")
     if n is None:
         return None
+    nbits = (summary.get("int4_weights") or {}).get("layers", 0)
     if proto != "deploy":
         return (f"note: protocol '{proto}' is not laid out for integer kernels (asymmetric per-channel weights, "
                 f"activation quantizers not at every integer op's input and output): ONNX Runtime runs {n} of "
-                f"{total} ops as integer kernels, the rest dequantized in float; quantize with --protocol deploy "
-                "(W8A8) for an integer model")
+                f"{total} ops as integer kernels"
+                + (f" ({nbits} Linear layers as MatMulNBits, its 4-bit weight kernels)" if nbits else "")
+                + ", the rest dequantized in float; quantize with --protocol deploy (W8A8) for an integer model")
     if summary.get("ort_float_layers"):
         return (f"note: {summary['ort_float_layers']} Conv/Gemm/MatMul layers stay float in ONNX Runtime "
                 f"({','.join(map(str, summary.get('bits', [])))}-bit tensors: its integer kernels take 8-bit "

@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-ASSETS = SHARED / "assets"
+# ZSQ_TEST_ASSETS: the assets somewhere else (the GPU machine, where ../shared does not travel: bench/gpu_bench.py)
+ASSETS = Path(os.environ["ZSQ_TEST_ASSETS"]) if os.environ.get("ZSQ_TEST_ASSETS") else SHARED / "assets"
 CIFAR_TEST = ASSETS / "cifar10-jpeg" / "test.tar"
 
 

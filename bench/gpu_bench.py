@@ -4,7 +4,7 @@ machine every lease) and kept from rotting by ``--cpu-smoke`` (tests/test_gpu_sc
 
     python bench/gpu_bench.py check [--cpu-smoke] [--assets DIR] [--state DIR] [--out DIR] [--deadline-s S]
     python bench/gpu_bench.py paper [--cpu-smoke] ...
-    python bench/gpu_bench.py assets --from ../shared/assets --to gpu_assets [--set cifar|imagenet|all]
+    python bench/gpu_bench.py assets --from ../shared/assets --to gpu_assets [--set cifar|lite0|val256|all]
     python bench/gpu_bench.py restore FILES_AT [--state DIR]
 
 Everything runs in this one process from the checkout (``src/`` is put on ``sys.path``: no pip install);
@@ -521,7 +521,7 @@ def run_script(script: str, *, smoke: bool, home: Path, state: Path, out: Path, 
 
 def make_assets(src: Path, dst: Path, which: str) -> None:
     """Copy what the scripts read into ``dst`` (carried to the GPU machine; keep each call's carry under
-    64 MiB with the checkout: ``cifar`` for the ResNet-20 steps, ``imagenet`` for Lite0)."""
+    64 MiB with the checkout: ``cifar`` 17 MB, ``lite0`` 19 MB, ``val256`` 44 MB; the checkout is ~14 MB)."""
     import zsq.data.eval as ev
 
     if which in ("cifar", "all"):
@@ -537,13 +537,14 @@ def make_assets(src: Path, dst: Path, which: str) -> None:
                 info = tarfile.TarInfo(f"train/{source.classes[int(source.labels[i])]}/{Path(source.names[i]).name}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    if which in ("imagenet", "all"):
+    if which in ("lite0", "all"):
         from zsq.models.efficientnet_lite import LITE0_WEIGHTS
 
-        (dst / "imagenet-sample").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src / "imagenet-sample" / "val256.tar", dst / "imagenet-sample" / "val256.tar")
         (dst / "efficientnet-lite").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(LITE0_WEIGHTS.path(), dst / LITE0_PTH)
+    if which in ("val256", "all"):
+        (dst / "imagenet-sample").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / "imagenet-sample" / "val256.tar", dst / "imagenet-sample" / "val256.tar")
     for p in sorted(dst.rglob("*")):
         if p.is_file():
             print(f"{p.relative_to(dst)}  {p.stat().st_size / 2**20:.1f} MiB")
@@ -586,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("assets")
     p.add_argument("--from", dest="src", default=str(ROOT.parent / "shared" / "assets"))
     p.add_argument("--to", dest="dst", default=str(ROOT / "gpu_assets"))
-    p.add_argument("--set", dest="which", choices=("cifar", "imagenet", "all"), default="all")
+    p.add_argument("--set", dest="which", choices=("cifar", "lite0", "val256", "all"), default="all")
     p = sub.add_parser("restore")
     p.add_argument("files_at")
     p.add_argument("--state", default=os.environ.get("ZSQ_GPU_STATE") or str(ROOT / "gpu_state"))

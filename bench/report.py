@@ -22,7 +22,7 @@ from results.ddp import ddp_section
 from results.genie import genie_val_section
 from results.mixed import mixed_section
 from results.onnx import onnx_deploy_section, onnx_section
-from results.peers import peers_section
+from results.peers import peers_mixed_section, peers_section
 from results.qat import family_section, qat_val_section
 from results.sadag import sadag_cells_section, sadag_val_section
 from results.sharpness import sharpness_section
@@ -96,6 +96,7 @@ def render(runs_dir: str | Path = RUNS) -> str:
     lines += sharpness_section(Path(runs_dir) / "sharpness")
     lines += budget_section(recs, Path(runs_dir))
     lines += mixed_section(Path(runs_dir) / "mixed")
+    lines += peers_mixed_section(Path(runs_dir) / "peers" / "mixed", Path(runs_dir) / "mixed")
     lines += ["## Every run", "",
               "| model | recipe | protocol | bits | budget | seed | top-1 | top-5 | wall s | CPU s | load | data | images | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

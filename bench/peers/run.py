@@ -7,6 +7,13 @@ Run with zsq's main venv from the repository root::
     python bench/peers/run.py                       # W8A8 W4A8 W4A4 W3A3, seed 0, mct + aimet + zsq rows
     python bench/peers/run.py --bits W4A4 --seeds 0,1,2 --gptq --only mct
     python bench/peers/run.py --dry-run             # print what would run
+    python bench/peers/run.py --mixed               # MCT mixed precision at the weight memory of W3A8 and W2A4
+
+``--mixed`` (issue 38): MCT's mixed-precision PTQ (peer ``mct-mp``; ``mct-gptq-mp`` with ``--gptq``) with a
+weights-memory target equal to uniform W{w}'s, at W3A8 and W2A4 by default, written to
+``bench/runs/peers/mixed/``; no zsq rows are run (the zsq side is ``bench/mixed_precision.py``'s `ptq` runs in
+``bench/runs/mixed/``). MCT's generated images are kept per seed (``--data-cache``), so the bit settings of a
+seed share one generation.
 
 zsq rows go through the bench runner into ``bench/runs/peers/zsq/<run_id>.json`` (resumable like every
 run; kept apart from ``bench/runs/`` so this run's rows, measured beside the peers on one machine, neither
@@ -40,7 +47,11 @@ PEERS = {
     "mct": (".venv-mct", "mct_peer.py", []),
     "mct-gptq": (".venv-mct", "mct_peer.py", ["--gptq"]),
     "aimet": (".venv-aimet", "aimet_peer.py", []),
+    "mct-mp": (".venv-mct", "mct_peer.py", ["--mixed"]),
+    "mct-gptq-mp": (".venv-mct", "mct_peer.py", ["--gptq", "--mixed"]),
 }
+MIXED_BITS = [(3, 8), (2, 4)]  # issue 38's comparisons: zeroq --wbits-avg 3 --a 8, genie --wbits-avg 2 --a 4
+MP_BITS = "2,3,4,6,8"  # zsq's default candidates
 
 
 def parse_bits(text: str) -> list[tuple[int, int]]:
@@ -55,12 +66,14 @@ def parse_bits(text: str) -> list[tuple[int, int]]:
 
 
 def peer_id(peer: str, w: int, a: int, seed: int, eval_limit: int | None, gen: tuple[int, int],
-            gptq_epochs: int = GPTQ_EPOCHS) -> str:
+            gptq_epochs: int = GPTQ_EPOCHS, mp_bits: str = MP_BITS) -> str:
     tags = [f"n{eval_limit}" if eval_limit else ""]
     if peer.startswith("mct") and tuple(gen) != MCT_GEN:
         tags.append(f"g{gen[0]}x{gen[1]}")
-    if peer == "mct-gptq" and gptq_epochs != GPTQ_EPOCHS:
+    if peer.startswith("mct-gptq") and gptq_epochs != GPTQ_EPOCHS:
         tags.append(f"e{gptq_epochs}")
+    if peer.endswith("-mp") and mp_bits != MP_BITS:
+        tags.append("b" + mp_bits.replace(",", ""))
     tail = "__".join(t for t in tags if t)
     return f"{peer}__W{w}A{a}__s{seed}" + (f"__{tail}" if tail else "")
 
@@ -77,8 +90,12 @@ def peer_cmd(peer: str, w: int, a: int, seed: int, out: Path, args) -> list[str]
         cmd += ["--eval-limit", str(args.eval_limit)]
     if peer.startswith("mct"):
         cmd += ["--gen-images", str(args.gen_images), "--gen-iters", str(args.gen_iters)]
-    if peer == "mct-gptq":
+    if peer.startswith("mct-gptq"):
         cmd += ["--gptq-epochs", str(args.gptq_epochs)]
+    if peer.endswith("-mp"):
+        cmd += ["--mp-bits", args.mp_bits]
+    if peer.startswith("mct") and args.data_cache:
+        cmd += ["--data-cache", args.data_cache]
     return cmd
 
 
@@ -101,12 +118,20 @@ def run_peer(peer: str, cmd: list[str], out: Path, threads: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bits", default=",".join(f"W{w}A{a}" for w, a in BITS), help="default %(default)s")
+    ap.add_argument("--bits", default=None, help="default " + ",".join(f"W{w}A{a}" for w, a in BITS)
+                    + " (--mixed: " + ",".join(f"W{w}A{a}" for w, a in MIXED_BITS) + ")")
     ap.add_argument("--seeds", default="0", help="comma-separated (default %(default)s)")
-    ap.add_argument("--peers", default="mct,aimet", help=f"comma-separated from {', '.join(PEERS)} (default %(default)s)")
-    ap.add_argument("--gptq", action="store_true", help="also run MCT GPTQ (peer 'mct-gptq')")
-    ap.add_argument("--zsq-recipes", default=",".join(ZSQ_RECIPES),
-                    help="zsq rows under `fixed`; empty for none (default %(default)s)")
+    ap.add_argument("--peers", default=None, help=f"comma-separated from {', '.join(PEERS)} (default mct,aimet; "
+                    "--mixed: mct-mp)")
+    ap.add_argument("--gptq", action="store_true", help="also run MCT GPTQ (peer 'mct-gptq', --mixed: 'mct-gptq-mp')")
+    ap.add_argument("--mixed", action="store_true",
+                    help="MCT mixed precision at uniform W{w}'s weight memory (bench/runs/peers/mixed/)")
+    ap.add_argument("--mp-bits", default=MP_BITS, help="mixed-precision weight candidates (default %(default)s)")
+    ap.add_argument("--data-cache", default=None,
+                    help="keep MCT's generated images per seed here (--mixed default: $ZSQ_CACHE/mct-gen)")
+    ap.add_argument("--zsq-recipes", default=None,
+                    help="zsq rows under `fixed`; empty for none (default " + ",".join(ZSQ_RECIPES)
+                    + "; --mixed: none)")
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--eval-limit", type=int, default=None, help="first N/10 test images per class (quick tests)")
     ap.add_argument("--gen-images", type=int, default=MCT_GEN[0], help="MCT data generation (default %(default)s)")
@@ -118,12 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="recompute rows whose JSON exists")
     ap.add_argument("--dry-run", action="store_true", help="print the rows and commands, run nothing")
     args = ap.parse_args(argv)
+    if args.bits is None:
+        args.bits = ",".join(f"W{w}A{a}" for w, a in (MIXED_BITS if args.mixed else BITS))
+    if args.peers is None:
+        args.peers = "mct-mp" if args.mixed else "mct,aimet"
+    if args.zsq_recipes is None:
+        args.zsq_recipes = "" if args.mixed else ",".join(ZSQ_RECIPES)
+    if args.mixed and args.data_cache is None:
+        args.data_cache = str(Path(os.environ.get("ZSQ_CACHE") or Path.home() / ".cache" / "zsq") / "mct-gen")
 
     bits = parse_bits(args.bits)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    if args.gptq and "mct-gptq" not in peers:
-        peers.append("mct-gptq")
+    gptq_peer = "mct-gptq-mp" if args.mixed else "mct-gptq"
+    if args.gptq and gptq_peer not in peers:
+        peers.append(gptq_peer)
     bad = [p for p in peers if p not in PEERS]
     if bad:
         print(f"run.py: unknown peer(s) {', '.join(bad)} (choose from {', '.join(PEERS)})", file=sys.stderr)
@@ -151,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 run = Run(args.model, r, "fixed", w, a, seed=s, eval_limit=args.eval_limit)
                 rows.append((run.run_id, "zsq", run))
             for p in peers:
-                pid = peer_id(p, w, a, s, args.eval_limit, (args.gen_images, args.gen_iters), args.gptq_epochs)
+                pid = peer_id(p, w, a, s, args.eval_limit, (args.gen_images, args.gen_iters), args.gptq_epochs,
+                              args.mp_bits)
                 rows.append((pid, p, (w, a, s)))
     if args.only:
         rows = [r for r in rows if args.only in r[0]]
@@ -161,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "zsq":
             path = zsq_dir / f"{rid}.json"
         else:
-            path = peers_dir / f"{rid}.json"
+            path = (peers_dir / "mixed" if kind.endswith("-mp") else peers_dir) / f"{rid}.json"
         done = path.exists() and not args.force
         head = f"[{i}/{len(rows)}] {rid}"
         if args.dry_run:
@@ -183,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    top1 {(z.get('metrics') or {}).get('top1')}  wall {z.get('wall_s')} s", flush=True)
             else:
                 w, a, s = payload
-                peers_dir.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 rec = run_peer(kind, peer_cmd(kind, w, a, s, path, args), path, args.threads)
                 print(f"    top1 {rec.get('top1')}  wall {rec.get('wall_s_no_eval')} s "
                       f"(process {rec.get('process_wall_s')} s)", flush=True)

@@ -146,10 +146,12 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def interleaved_latency(paths: dict[str, Path], shape, batch: int, threads: int, calls: int = 30) -> dict:
-    paths = {k: p for k, p in paths.items() if batch == 1 or k in LATENCY_BATCHED}
-    """Median ms per call of each model, the calls interleaved (model A, B, C, A, B, C ...) so that the
-    machine's load falls on all of them alike; 3 warm-up calls each."""
+def interleaved_latency(paths: dict[str, Path], shape, batch: int, threads: int, calls: int = 30,
+                        batched: tuple | None = LATENCY_BATCHED) -> dict:
+    """Median ms per call of each model, the calls interleaved (model A, B, C, then B, C, A, then C, A, B ...:
+    the order rotates every round, so that no model always runs right after the same one, e.g. the FP32 model
+    that evicts the caches) so that the machine's load falls on all of them alike; 3 warm-up calls each."""
+    paths = {k: p for k, p in paths.items() if batch == 1 or batched is None or k in batched}
     sessions = {k: _session(p, threads) for k, p in paths.items()}
     x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
     for s in sessions.values():
@@ -157,12 +159,14 @@ def interleaved_latency(paths: dict[str, Path], shape, batch: int, threads: int,
             s.run(None, {"input": x})
     times: dict[str, list[float]] = {k: [] for k in sessions}
     load0 = os.getloadavg()[0]
-    for _ in range(calls):
-        for k, s in sessions.items():
+    keys = list(sessions)
+    for r in range(calls):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            s = sessions[k]
             t0 = time.perf_counter()
             s.run(None, {"input": x})
             times[k].append((time.perf_counter() - t0) * 1000.0)
-    return {"batch": batch, "threads": threads, "calls": calls,
+    return {"batch": batch, "threads": threads, "calls": calls, "order": "rotating",
             "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)],
             "median_ms": {k: round(statistics.median(v), 3) for k, v in times.items()}}
 
@@ -211,7 +215,7 @@ def deploy_suite(args) -> None:
                 row = rec["rows"].setdefault(name, {})
                 ops = optimized_ops(path.read_bytes())
                 row |= {"onnx_bytes": path.stat().st_size, "int_ops": sum(integer_ops(ops).values()),
-                        "ops": sum(ops.values()), "int_op_types": integer_ops(ops)}
+                        "ops": sum(ops.values()), "int_op_types": integer_ops(ops), "optimized_ops": ops}
                 if name.startswith("zsq-"):
                     row["metadata"] = export_summary(path)
             rec["latency"] = [interleaved_latency(paths, shape, b, t, calls=args.calls)
@@ -230,8 +234,142 @@ def deploy_suite(args) -> None:
         out_json.write_text(json.dumps(rec, indent=1) + "\n")
 
 
+# ------------------------------------------------------------------------------------------------------------
+# issue 37 item 2: <= 4-bit weights that ONNX Runtime executes with its own 4-bit kernels (MatMulNBits)
+NBITS_RUNS = ROOT / "bench" / "runs" / "onnx_nbits"
+NBITS_MODELS = {"cifar10_vit_tiny": TEST}
+
+
+def _with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
+    """A copy of ``src`` whose MatMulNBits nodes compute at ``accuracy_level`` ``level`` (4: int8 activations,
+    quantized per block at run time: faster, not exact)."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(src))
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits":
+            for a in [a for a in n.attribute if a.name == "accuracy_level"]:
+                n.attribute.remove(a)
+            n.attribute.append(helper.make_attribute("accuracy_level", level))
+    onnx.save(m, str(dst))
+    return dst
+
+
+def _peer_matmulnbits(fp_path: Path, out: Path, accuracy_level: int | None = None) -> Path:
+    """ONNX Runtime's own weight-only 4-bit quantizer (``MatMulNBitsQuantizer``, round-to-nearest, its defaults:
+    block 128 along K, asymmetric, QOperator = MatMulNBits) on the same FP32 ONNX; it quantizes MatMul weights
+    (the Linear layers on 3-d inputs), not Gemm (the classifier head stays FP32)."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
+
+    qz = MatMulNBitsQuantizer(onnx.load(str(fp_path)), accuracy_level=accuracy_level)
+    qz.process()
+    qz.model.save_model_to_file(str(out), use_external_data_format=False)
+    return out
+
+
+def nbits_suite(args) -> None:
+    """Per model: FP32 ONNX; zsq W4 weights only (``minmax-noise`` W4A8 under ``vit-ptq``, default budget,
+    seed 0, with its activation quantizers switched off: per-channel symmetric min-max 4-bit weights, float
+    activations) exported as INT4 + DequantizeLinear (``qdq``, today's export) and as MatMulNBits
+    (``--int4-weights matmulnbits``; also at accuracy_level 4); the full W4A8 model as MatMulNBits; ONNX
+    Runtime's ``MatMulNBitsQuantizer`` of the FP32 ONNX (also at accuracy_level 4). Latency at batch 1 and 32,
+    1 and 2 threads, interleaved calls, median; top-1 in ORT on the whole test set; file sizes."""
+    import onnx
+
+    from zsq.export.onnx import export_summary
+    from zsq.export.ortint import integer_ops, optimized_ops
+    from zsq.hardware import cpu_name
+    from zsq.quant.modules import Quantizer
+    from zsq.record import model_info
+
+    NBITS_RUNS.mkdir(parents=True, exist_ok=True)
+    for model_id in args.models:
+        out_json = NBITS_RUNS / f"{model_id}.json"
+        if out_json.exists() and not args.force:
+            print(f"{model_id}: kept {out_json}")
+            continue
+        data = str(NBITS_MODELS[model_id])
+        fp = zsq.load_model(model_id)
+        size = model_info(fp).preprocess.input_size
+        shape = (3, size, size)
+        rec: dict = {"model": model_id, "eval": Path(data).name, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "machine": cpu_name(), "cores": os.cpu_count(), "recipe": "minmax-noise", "protocol": "vit-ptq",
+                     "bits": "W4A8 (weights-only rows: activation quantizers off)", "budget": "default", "seed": 0,
+                     "load_avg_start": round(os.getloadavg()[0], 2), "eval_limit": args.eval_limit, "rows": {}}
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            paths = {"fp32": export_fp_onnx(fp, tmp / "fp32.onnx")}
+            t0 = time.time()
+            qa = zsq.quantize(fp, "minmax-noise", 4, 8, protocol="vit-ptq", budget="default", seed=0, progress=False)
+            rec["quantize_s"] = round(time.time() - t0, 1)
+            import copy
+
+            qw = copy.deepcopy(qa)
+            for name, q in qw.named_modules():
+                if isinstance(q, Quantizer) and not name.endswith("wq"):
+                    q.mode = "off"  # weights only
+            torch_models = {"fp32": fp, "zsq-w4-qdq": qw, "zsq-w4-matmulnbits": qw, "zsq-w4-matmulnbits-acc4": qw,
+                            "zsq-w4a8-matmulnbits": qa}
+            paths["zsq-w4-qdq"] = export_onnx(qw, tmp / "w4_qdq.onnx")
+            paths["zsq-w4-matmulnbits"] = export_onnx(qw, tmp / "w4_nbits.onnx", int4_weights="matmulnbits")
+            paths["zsq-w4-matmulnbits-acc4"] = _with_accuracy_level(paths["zsq-w4-matmulnbits"], tmp / "w4_nbits4.onnx", 4)
+            paths["zsq-w4a8-matmulnbits"] = export_onnx(qa, tmp / "w4a8_nbits.onnx", int4_weights="matmulnbits")
+            paths["ort-matmulnbits"] = _peer_matmulnbits(paths["fp32"], tmp / "peer.onnx")
+            paths["ort-matmulnbits-acc4"] = _peer_matmulnbits(paths["fp32"], tmp / "peer4.onnx", accuracy_level=4)
+            rec["peer"] = ("onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer defaults (4 bits, "
+                           "block 128, asymmetric, RTN, QOperator); MatMul weights only (the Gemm head stays FP32)")
+            for name, path in paths.items():
+                row = rec["rows"].setdefault(name, {})
+                ops = optimized_ops(path.read_bytes())
+                row |= {"onnx_bytes": path.stat().st_size, "int_ops": sum(integer_ops(ops).values()),
+                        "ops": sum(ops.values()), "int_op_types": integer_ops(ops),
+                        "float_layers": sum(v for k, v in ops.items() if k in ("MatMul", "Gemm", "FusedMatMul",
+                                                                                "FusedGemm", "Conv", "FusedConv"))}
+                if name.startswith("zsq-"):
+                    row["metadata"] = export_summary(path)
+            rec["latency"] = [interleaved_latency(paths, shape, b, t, calls=args.calls, batched=None)
+                              for t in args.bench_threads for b in (1, 32)]
+            print(model_id, json.dumps(rec["latency"]))
+            for name, path in paths.items():
+                row = rec["rows"][name]
+                r_o = zsq.evaluate(OrtModel(path, threads=args.threads, like=fp), data, limit=args.eval_limit,
+                                   progress=False)
+                row |= {"top1_onnxruntime": r_o["top1"], "n_eval": r_o["n"]}
+                if name in ("zsq-w4-qdq", "zsq-w4a8-matmulnbits"):
+                    row["top1_pytorch"] = zsq.evaluate(torch_models[name], data, limit=args.eval_limit,
+                                                       progress=False)["top1"]
+                print(model_id, name, {k: row.get(k) for k in ("top1_pytorch", "top1_onnxruntime", "onnx_bytes")},
+                      flush=True)
+            rec["rows"]["zsq-w4-matmulnbits"]["top1_pytorch"] = rec["rows"]["zsq-w4-qdq"]["top1_pytorch"]
+        rec["load_avg_end"] = round(os.getloadavg()[0], 2)
+        rec["versions"] = {"zsq": zsq.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                           "onnxruntime": __import__("onnxruntime").__version__, "numpy": np.__version__}
+        out_json.write_text(json.dumps(rec, indent=1) + "\n")
+
+
 if __name__ == "__main__":
     import sys
+
+    if "--suite" in sys.argv and "nbits" in sys.argv:  # python bench/onnx_runtime.py --suite nbits [--force]
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--suite", choices=["nbits"], required=True)
+        ap.add_argument("--models", nargs="+", default=list(NBITS_MODELS), choices=list(NBITS_MODELS))
+        ap.add_argument("--eval-limit", type=int, default=None, help="top-1 on the first N/10 images of every "
+                        "class (a reduced set, said so in the results); default: all")
+        ap.add_argument("--threads", type=int, default=2, help="threads of the accuracy runs")
+        ap.add_argument("--bench-threads", type=int, nargs="+", default=[1, 2], help="intra-op threads timed")
+        ap.add_argument("--calls", type=int, default=30, help="timed calls per model (median)")
+        ap.add_argument("--force", action="store_true")
+        a = ap.parse_args()
+        torch.set_num_threads(a.threads)
+        nbits_suite(a)
+        sys.exit(0)
 
     if "--suite" in sys.argv:  # python bench/onnx_runtime.py --suite deploy [--models ...] [--force]
         ap = argparse.ArgumentParser()

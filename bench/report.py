@@ -21,7 +21,7 @@ from results.common import CHECKOUT, fmt, load_runs, run_label, wall_cell
 from results.ddp import ddp_section
 from results.genie import genie_val_section
 from results.mixed import mixed_section
-from results.onnx import onnx_deploy_section, onnx_section
+from results.onnx import onnx_deploy_section, onnx_nbits_section, onnx_section
 from results.peers import peers_mixed_section, peers_section
 from results.qat import family_section, qat_val_section
 from results.sadag import sadag_cells_section, sadag_val_section
@@ -85,6 +85,7 @@ def render(runs_dir: str | Path = RUNS) -> str:
     lines += zoo_fp_section(Path(runs_dir) / "zoo-fp")
     lines += onnx_section(Path(runs_dir) / "onnx")
     lines += onnx_deploy_section(Path(runs_dir) / "onnx_deploy")
+    lines += onnx_nbits_section(Path(runs_dir) / "onnx_nbits")
     lines += peers_section(Path(runs_dir) / "peers")
     lines += genie_val_section(Path(runs_dir) / "genie-val",
                                 groups.get(("cifar10_resnet20", "genie-native", "default", 10000), {}))

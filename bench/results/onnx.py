@@ -42,7 +42,8 @@ def onnx_deploy_section(d: Path) -> list[str]:
            "`quantize_static` of the same FP32 ONNX (QDQ, per-channel s8 weights, u8 activations, min-max) calibrated "
            "on 64 of zsq's Gaussian-noise images (data-free, like zsq). ONNX Runtime CPU provider, default "
            "optimisation, no spin-waiting (`session.intra_op.allow_spinning=0`); latency = median ms of the calls, "
-           "interleaved between the models (A, B, C, A, ...) in one process, random input (`fixed` and `deploy-u8w` "
+           "interleaved between the models (A, B, C, A, ...; runs marked *rotating* start each round with the next "
+           "model, so that no model always follows the same one) in one process, random input (`fixed` and `deploy-u8w` "
            "timed at batch 1 only); integer ops = ops ORT runs as integer kernels after its (extended) optimisation, "
            "of all ops. Top-1: ResNet-20 on the 10,000 JPEG-CIFAR-10 test images, Lite0 on the 1,000 val256 images. "
            "Speed-up = FP32 ms / model ms in the same run. The `.onnx bytes` of `zsq-deploy` in the runs of "
@@ -53,7 +54,9 @@ def onnx_deploy_section(d: Path) -> list[str]:
         cols = [(x["batch"], x["threads"]) for x in lat]
         out += [f"**{r['model']}** ({r.get('eval')}; {r.get('date')}, {r.get('machine')}, {r.get('cores')} cores, "
                 f"load average {r.get('load_avg_start')} at the start, {r.get('load_avg_end')} at the end: the machine "
-                "was shared with other jobs)", "",
+                "was shared with other jobs"
+                + ("; calls in rotating order" if lat and all(x.get("order") == "rotating" for x in lat) else "")
+                + ")", "",
                 "| model | top-1 ORT | top-1 PyTorch | integer ops / ops | .onnx bytes | "
                 + " | ".join(f"batch {b}, {t} thr ms (speed-up)" for b, t in cols) + " |",
                 "|---" * (5 + len(cols)) + "|"]
@@ -64,6 +67,60 @@ def onnx_deploy_section(d: Path) -> list[str]:
                 cells.append(f"{ms:.2f} ({fp / ms:.2f}x)" if ms and fp else "—")
             out.append(f"| {name} | {row.get('top1_onnxruntime', '—')} | {row.get('top1_pytorch', '—')} | "
                        f"{row.get('int_ops')} / {row.get('ops')} | {row.get('onnx_bytes'):,} | " + " | ".join(cells) + " |")
+        loads = "; ".join(f"batch {x['batch']}, {x['threads']} thr: {x['load_avg'][0]} -> {x['load_avg'][1]}" for x in lat)
+        out += ["", f"Load average during the timed calls: {loads}.", ""]
+        a, b = r["rows"].get("zsq-deploy", {}).get("optimized_ops"), r["rows"].get("ort-quantize_static", {}).get("optimized_ops")
+        if a and b:  # the graphs ORT runs (extended optimisation), op by op
+            diff = {k: (a.get(k, 0), b.get(k, 0)) for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)}
+            same = ", ".join(f"{k} {v}" for k, v in a.items() if b.get(k) == v)
+            out += ["After ORT's optimisation zsq-deploy and ort-quantize_static run the same ops (" + same + ")"
+                    + ("; they differ only in " + ", ".join(f"{k} ({x} against {y})" for k, (x, y) in diff.items())
+                       if diff else "") + ".", ""]
+    return out
+
+
+def onnx_nbits_section(d: Path) -> list[str]:
+    """``bench/onnx_runtime.py --suite nbits`` (issue 37 item 2): <= 4-bit Linear weights as ONNX Runtime's
+    MatMulNBits (``zsq export --int4-weights matmulnbits``) against FP32, today's INT4 QDQ export and ORT's own
+    ``MatMulNBitsQuantizer``."""
+    recs = load_runs(d)
+    if not recs:
+        return []
+    out = ["## 4-bit weights in ONNX Runtime's own kernels: MatMulNBits (`bench/onnx_runtime.py --suite nbits`)", "",
+           "Weights-only 4-bit ViT: `minmax-noise` W4A8 under `vit-ptq` (default budget, seed 0) with its activation "
+           "quantizers switched off, i.e. per-channel symmetric min-max 4-bit weights on every Conv/Linear (patch "
+           "embedding and head included) and float activations; exported with `zsq export` as INT4 + "
+           "DequantizeLinear (`zsq-w4-qdq`, the standard export, which ORT dequantizes to float on every call) and "
+           "with `--int4-weights matmulnbits` (`zsq-w4-matmulnbits`: the 25 Linear layers as `com.microsoft` "
+           "MatMulNBits with the same weight values, computed in float32; `-acc4`: the same file at MatMulNBits' "
+           "`accuracy_level` 4, which quantizes the activations to int8 per block at run time: not the PyTorch "
+           "model); `zsq-w4a8-matmulnbits`: the full W4A8 model (activation Q/DQ kept) with MatMulNBits weights. "
+           "Peer: ONNX Runtime's `MatMulNBitsQuantizer` (round-to-nearest, its defaults: 4 bits, block 128 along K, "
+           "asymmetric) of the same FP32 ONNX; it quantizes the MatMul layers, not the classifier (a Gemm), so its "
+           "head stays FP32. ORT CPU provider, default optimisation, no spin-waiting; latency = median ms of the "
+           "interleaved calls, random input; top-1 in ORT on the 10,000 JPEG-CIFAR-10 test images (PyTorch where "
+           "listed); integer ops = MatMulNBits / QLinear* after ORT's optimisation.", ""]
+    for r in recs:
+        lat = r.get("latency", [])
+        cols = [(x["batch"], x["threads"]) for x in lat]
+        order = "rotating order" if all(x.get("order") == "rotating" for x in lat) else "fixed order (A, B, C, A, ...)"
+        out += [f"**{r['model']}** ({r.get('eval')}; {r.get('date')}, {r.get('machine')}, {r.get('cores')} cores, "
+                f"load average {r.get('load_avg_start')} at the start, {r.get('load_avg_end')} at the end: the machine "
+                f"was shared with other jobs; calls in {order}"
+                + (f"; **top-1 on a reduced set**: the first {r['eval_limit'] // 10} images of every class "
+                   f"({r['eval_limit']} of 10,000), for lack of time on the loaded machine" if r.get("eval_limit") else "")
+                + ")", "",
+                "| model | top-1 ORT | top-1 PyTorch | integer ops / ops | float MatMul/Gemm/Conv left | .onnx bytes | "
+                + " | ".join(f"batch {b}, {t} thr ms (vs FP32)" for b, t in cols) + " |",
+                "|---" * (6 + len(cols)) + "|"]
+        for name, row in r["rows"].items():
+            cells = []
+            for x in lat:
+                ms, fp = x["median_ms"].get(name), x["median_ms"].get("fp32")
+                cells.append(f"{ms:.1f} ({fp / ms:.2f}x)" if ms and fp else "—")
+            out.append(f"| {name} | {row.get('top1_onnxruntime', '—')} | {row.get('top1_pytorch', '—')} | "
+                       f"{row.get('int_ops')} / {row.get('ops')} | {row.get('float_layers', '—')} | "
+                       f"{row.get('onnx_bytes'):,} | " + " | ".join(cells) + " |")
         loads = "; ".join(f"batch {x['batch']}, {x['threads']} thr: {x['load_avg'][0]} -> {x['load_avg'][1]}" for x in lat)
         out += ["", f"Load average during the timed calls: {loads}.", ""]
     return out

@@ -26,6 +26,7 @@ from results.peers import peers_mixed_section, peers_section
 from results.qat import family_section, qat_val_section
 from results.sadag import sadag_cells_section, sadag_val_section
 from results.sharpness import sharpness_section
+from results.synthetic_gap import synthetic_gap_section
 from results.targets import targets_section
 from results.vit import vit_val_section
 from results.zoo import zoo_fp_section
@@ -89,6 +90,7 @@ def render(runs_dir: str | Path = RUNS) -> str:
     lines += peers_section(Path(runs_dir) / "peers")
     lines += genie_val_section(Path(runs_dir) / "genie-val",
                                 groups.get(("cifar10_resnet20", "genie-native", "default", 10000), {}))
+    lines += synthetic_gap_section(Path(runs_dir) / "synthetic-gap")
     lines += qat_val_section(Path(runs_dir) / "qat-val")
     lines += sadag_cells_section(recs)
     lines += sadag_val_section(Path(runs_dir) / "sadag-val")

@@ -1,0 +1,147 @@
+"""``bench/synthetic_gap.py``: where Genie-D's synthetic images differ from real training images, layer by layer, on
+ResNet-20 and ResNet-32, and how the W3A3 gap on the validation split follows (issue 39 item 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import load_runs, shown_path
+
+SHORT = {"cifar10_resnet20": "ResNet-20", "cifar10_resnet32": "ResNet-32"}
+SET_ORDER = {"i100": 0, "i300": 1, "i600": 2, "real": 3}
+
+
+def _set_label(r: dict) -> str:
+    if r["set"] == "real":
+        return "real B (256 other non-val train images)" if r["kind"] == "diag" else "real A (256 non-val train images)"
+    return f"Genie-D {r['iters']} it{' (default)' if r['iters'] == 300 else ''} (`{(r.get('set_key') or '')[:18]}`)"
+
+
+def _mean_blocks(r: dict) -> float:
+    """Mean MMD^2 over the residual blocks (the pooled-feature entry, the last, left out)."""
+    m = r["mmd2"][:-1]
+    return sum(m) / len(m)
+
+
+def _depth_corr(v: list[float]) -> float:
+    """Spearman rank correlation of ``v`` with its position (depth); no scipy."""
+    n = len(v)
+    rank = {i: r for r, i in enumerate(sorted(range(n), key=lambda i: v[i]))}
+    d2 = sum((rank[i] - i) ** 2 for i in range(n))
+    return 1 - 6 * d2 / (n * (n * n - 1))
+
+
+def synthetic_gap_section(d: Path) -> list[str]:
+    recs = load_runs(d)
+    if not recs:
+        return []
+    diags = sorted((r for r in recs if r["kind"] == "diag"), key=lambda r: (r["model"], SET_ORDER.get(r["set"], 9)))
+    quants = sorted((r for r in recs if r["kind"] == "quant"), key=lambda r: (r["model"], SET_ORDER.get(r["set"], 9)))
+    loads = [r["load_avg"] for r in recs if "load_avg" in r]
+    out = ["## Synthetic vs real data, layer by layer (`bench/synthetic_gap.py`, issue 39 item 1)", "",
+           "Genie-D's synthetic sets (seed 0, 256 images in 2 batches of 128, made and cached through "
+           "`zsq.api.synthetic_data` exactly as `zsq quantize --recipe genie --protocol genie-native` makes them; "
+           "300 iterations per batch is the `default` budget, 100 / 600 are the same budget with "
+           "`--synth-set iters=N` and nothing else changed) against 256 real training images from outside the "
+           "validation split (reference A; seed 0, 25-26 per class). Training images only; the test set is not read. "
+           "**BNS term**: Genie's own BN-statistics loss (`BNStatsLoss.preset(\"genie\")`, `layer_losses()`: "
+           "||batch mean - running mean||² / C + ||batch std - running std||² / C of the BN layer's input) per BN "
+           "layer, on batches of 128 (the synthesis batch), averaged over the 2 batches. **MMD²**: unbiased squared "
+           "MMD between the set's and reference A's FP features at each residual block output, global-average-"
+           "pooled to one C-vector per image, Gaussian kernel with bandwidth = the median pairwise distance of A's "
+           "pooled features at that layer (the same kernel for every set of one model); `pool` = the classifier's "
+           "input. **Real B** is a second, disjoint 256 real non-validation images measured the same way: its "
+           "MMD² is the estimator's floor at this sample size (about 0; the unbiased estimate can be negative), "
+           "and its BNS terms what real images of one batch of 128 score. **Confidence**: the FP model's mean "
+           "max-softmax; **class entropy**: entropy (nats) of the FP model's predicted-class histogram "
+           "(ln 10 = 2.303 = balanced). Genie-D draws no labels, so there is no FP top-1 against intended labels "
+           "for its sets (for real B the column is top-1 against the true labels). "
+           f"Machine: 2-core AMD EPYC (AVX2) shared with other agents, 1 thread per process; load average "
+           f"{min(loads):.1f}-{max(loads):.1f} when the experiments started." if loads else "", ""]
+    out += ["| model | set | synth s | BNS sum | mean block MMD² | max block MMD² | confidence | class entropy | "
+            "predicted-class counts | FP top-1 vs labels |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in diags:
+        k = max(range(len(r["mmd2"]) - 1), key=lambda i: r["mmd2"][i])
+        top1 = "—" if r.get("fp_top1_intended") is None else f"{r['fp_top1_intended']:.2f}"
+        out.append(f"| {SHORT.get(r['model'], r['model'])} | {_set_label(r)} | {r['synth_wall_s']} | "
+                   f"{r['bn']['sum']:.3f} | {_mean_blocks(r):.4f} | {r['mmd2'][k]:.4f} ({r['layers'][k]}) | "
+                   f"{r['confidence']:.3f} | {r['class_entropy']:.3f} | {min(r['class_counts'])}-"
+                   f"{max(r['class_counts'])} | {top1} |")
+    refs = {r["model"]: r for r in diags if r["set"] == "real"}
+    for m, r in refs.items():
+        out.append(f"| {SHORT.get(m, m)} | real A (the reference) | 0 | {r['ref_bn']['sum']:.3f} | 0 | 0 | "
+                   f"{r['ref_confidence']:.3f} | {r['ref_class_entropy']:.3f} | — | {r['ref_fp_top1']:.2f} |")
+    out.append("")
+    # per-layer tables, one per model: BN terms and MMD^2 of every set
+    for m in sorted({r["model"] for r in diags}):
+        rows = [r for r in diags if r["model"] == m]
+        heads = [("real B" if r["set"] == "real" else f"{r['iters']} it") for r in rows]
+        names = rows[0]["bn"]["names"]
+        out += [f"{SHORT.get(m, m)}, BNS term per BN layer (the synthetic / real B ratio for the default set in the "
+                "last column):", "",
+                "| BN layer | " + " | ".join(heads) + " | real A | default / real B |",
+                "|---" * (len(heads) + 3) + "|"]
+        syn = next((r for r in rows if r["set"] == "i300"), None)
+        real = refs.get(m)
+        for i, n in enumerate(names):
+            ratio = (f"{syn['bn']['total'][i] / real['bn']['total'][i]:.1f}x"
+                     if syn and real and real["bn"]["total"][i] > 0 else "—")
+            ref = f"{real['ref_bn']['total'][i]:.4f}" if real else "—"
+            out.append(f"| {n} | " + " | ".join(f"{r['bn']['total'][i]:.4f}" for r in rows) + f" | {ref} | {ratio} |")
+        out += ["", f"{SHORT.get(m, m)}, MMD² to reference A per block output:", "",
+                "| block | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+        for i, n in enumerate(rows[0]["layers"]):
+            out.append(f"| {n} | " + " | ".join(f"{r['mmd2'][i]:.4f}" for r in rows) + " |")
+        out.append("")
+    # computed findings for the default sets
+    facts = []
+    for r in diags:
+        if r["set"] != "i300":
+            continue
+        bn, mm = r["bn"]["total"], r["mmd2"][:-1]
+        real = refs.get(r["model"])
+        kb = max(range(len(bn)), key=lambda i: bn[i])
+        s = (f"{SHORT.get(r['model'])}: largest BNS term at `{r['bn']['names'][kb]}` ({bn[kb]:.3f}); largest block "
+             f"MMD² at `{r['layers'][mm.index(max(mm))]}` ({max(mm):.4f}); rank correlation with depth: BNS terms "
+             f"{_depth_corr(bn):+.2f}, block MMD² {_depth_corr(mm):+.2f}")
+        if real:
+            third = max(1, len(bn) // 3)
+            lo = sum(bn[:third]) / sum(real["bn"]["total"][:third])
+            hi = sum(bn[-third:]) / sum(real["bn"]["total"][-third:])
+            s += f"; synthetic / real-B BNS in the first {third} BN layers {lo:.1f}x, in the last {third} {hi:.1f}x"
+        facts.append(s)
+    if facts:
+        out += ["Computed from the rows above (default sets): " + ". ".join(facts) + ".", ""]
+    if quants:
+        out += ["W3A3 `genie-native`, `genie` recipe (Genie-M, default reconstruction: 3,000 steps per block, batch 8), "
+                "seed 0, reconstructed on the default synthetic set or on real reference A; top-1 on the validation "
+                "split (first 500 images per class of `cifar10-jpeg/train.tar`, 5,000 images) with agreement and "
+                "KL to the FP model and top-1 on the 1,000 images the FP model is least sure of:", "",
+                "| model | data | val top-1 | agree | KL(FP, q) | hard top-1 | hard agree | synth s | recon s | load |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in quants:
+            out.append(f"| {SHORT.get(r['model'], r['model'])} | {_set_label(r)} | {r['val_top1']:.2f} | "
+                       f"{r['val_agree']:.2f} | {r['val_kl']:.4f} | {r['hard_top1']:.2f} | {r['hard_agree']:.2f} | "
+                       f"{r['synth_wall_s']} | {r['recon_wall_s']} | {r['load_avg']} |")
+        gaps = []
+        for m in sorted({r["model"] for r in quants}):
+            by = {r["set"]: r for r in quants if r["model"] == m}
+            if "real" in by and "i300" in by:
+                gaps.append(f"{SHORT.get(m, m)} real - synthetic: val top-1 {by['real']['val_top1'] - by['i300']['val_top1']:+.2f}, "
+                            f"agreement {by['real']['val_agree'] - by['i300']['val_agree']:+.2f}, hard top-1 "
+                            f"{by['real']['hard_top1'] - by['i300']['hard_top1']:+.2f}")
+        if gaps:
+            out += ["", "Gap (one seed; the validation split's top-1 noise between seeds was ~0.5 in "
+                    "`bench/genie_validation.py`): " + "; ".join(gaps) + "."]
+        out.append("")
+    png = d / "synthetic_gap.png"
+    if png.exists():
+        out += [f"Plot: `{shown_path(png)}` (per-layer BNS term and block MMD² against relative depth for both "
+                "networks; BNS sum and mean block MMD² against synthesis iterations).", "",
+                f"![synthetic-real gap]({Path('..') / shown_path(png)})", ""]
+    out += NOTES
+    return out
+
+
+#: what the measurements show, written from the committed runs (the computed lines above carry the numbers)
+NOTES: list[str] = []

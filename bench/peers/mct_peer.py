@@ -276,16 +276,16 @@ def main() -> None:
         qmodel = qmodel.cpu().eval()
 
     layout = describe(qmodel)
+    wb = layout["weight_bits"]
+    bits = {}
+    for L in layers:  # MCT names a conv whose BN it folded "<conv>_bn"
+        b = wb.get(f"{L['fx']}_bn.weight", wb.get(f"{L['fx']}.weight"))
+        if b is None:
+            sys.exit(f"mct_peer: no weight quantizer found for layer {L['fx']} in MCT's model ({sorted(wb)})")
+        bits[L["fx"]] = b
+    got = weight_memory(layers, bits)
     mixed = None
     if args.mixed:
-        wb = layout["weight_bits"]
-        bits = {}
-        for L in layers:  # MCT names a conv whose BN it folded "<conv>_bn"
-            b = wb.get(f"{L['fx']}_bn.weight", wb.get(f"{L['fx']}.weight"))
-            if b is None:
-                sys.exit(f"mct_peer: no weight quantizer found for layer {L['fx']} in MCT's model ({sorted(wb)})")
-            bits[L["fx"]] = b
-        got = weight_memory(layers, bits)
         searched = [L for L in layers if L["fx"] not in pinned]
         mixed = {
             "matched_uniform_w": args.w,
@@ -305,7 +305,7 @@ def main() -> None:
         metrics = common.evaluate(qmodel, pre, eval_path, args.eval_limit)
 
     peer = ("mct-gptq" if args.gptq else "mct") + ("-mp" if args.mixed else "")
-    extra = {}
+    extra = {"weight_memory": got}
     if mixed is not None:
         extra["mixed"] = mixed
     if gen_cached is not None:

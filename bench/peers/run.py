@@ -11,7 +11,8 @@ Run with zsq's main venv from the repository root::
 
 ``--mixed`` (issue 38): MCT's mixed-precision PTQ (peer ``mct-mp``; ``mct-gptq-mp`` with ``--gptq``) with a
 weights-memory target equal to uniform W{w}'s, at W3A8 and W2A4 by default, written to
-``bench/runs/peers/mixed/``; no zsq rows are run (the zsq side is ``bench/mixed_precision.py``'s `ptq` runs in
+``bench/runs/peers/mixed/`` (with ``--peers mct-mp,mct`` MCT's uniform W{w}A{a} beside it, there too); no zsq rows
+are run (the zsq side is ``bench/mixed_precision.py``'s `ptq` runs in
 ``bench/runs/mixed/``). MCT's generated images are kept per seed (``--data-cache``), so the bit settings of a
 seed share one generation.
 
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "zsq":
             path = zsq_dir / f"{rid}.json"
         else:
-            path = (peers_dir / "mixed" if kind.endswith("-mp") else peers_dir) / f"{rid}.json"
+            path = (peers_dir / "mixed" if args.mixed or kind.endswith("-mp") else peers_dir) / f"{rid}.json"
         done = path.exists() and not args.force
         head = f"[{i}/{len(rows)}] {rid}"
         if args.dry_run:

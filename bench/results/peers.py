@@ -107,6 +107,13 @@ def peers_section(d: Path) -> list[str]:
 MIXED_TARGETS = {(3, 8): "zeroq", (2, 4): "genie"}
 
 
+def _uniform_memory(r: dict) -> dict:
+    """An MCT uniform row (no ``mixed`` entry) in the shape of a mixed one: its recorded ``weight_memory``
+    (both counts of the layout MCT applied) against itself, the searched mean = its W."""
+    mem = r.get("weight_memory")
+    return {"achieved": mem, "target": mem, "searched_mean_w": r["w"]} if mem else {"searched_mean_w": r["w"]}
+
+
 def peers_mixed_section(d: Path, zsq_dir: Path) -> list[str]:
     """Rows of ``bench/peers/run.py --mixed``: MCT's mixed-precision PTQ (``bench/runs/peers/mixed/*.json``) at the
     weight memory of uniform W{w}, beside zsq's `ptq` uniform and ``--wbits-avg`` rows of the same model and bits
@@ -148,7 +155,8 @@ def peers_mixed_section(d: Path, zsq_dir: Path) -> list[str]:
     for r in peers:
         mx = r.get("mixed") or {}
         cands = "/".join(map(str, mx.get("candidates", [])))
-        label = f"{r['peer']} ({r.get('peer_package', '?')} {r.get('peer_version', '?')}), candidates {cands}"
+        label = f"{r['peer']} ({r.get('peer_package', '?')} {r.get('peer_version', '?')}), " + (
+            f"candidates {cands}" if mx else f"uniform W{r['w']}")
         gen = (r.get("settings") or {}).get("data_generation")
         if gen and (gen.get("n_images"), gen.get("n_iter")) != (256, 500):
             label += f", {gen.get('n_images')} images x {gen.get('n_iter')} iterations"
@@ -178,7 +186,7 @@ def peers_mixed_section(d: Path, zsq_dir: Path) -> list[str]:
                            f"{', '.join(str(r.get('load_avg')) for r in rs)} |")
                 continue
             top1 = [r["top1"] for r in rs]
-            mx = [r.get("mixed") or {} for r in rs]
+            mx = [r.get("mixed") or _uniform_memory(r) for r in rs]
             qb = sorted({m["achieved"]["zsq_q_bytes"] for m in mx if "achieved" in m})
             mb = sorted({(m["achieved"]["mct_weights_memory"], m["target"]["mct_weights_memory"])
                          for m in mx if "achieved" in m})
@@ -191,6 +199,8 @@ def peers_mixed_section(d: Path, zsq_dir: Path) -> list[str]:
                        f"{mean([r['wall_s_no_eval'] for r in rs])} | {mean([r['cpu_s_no_eval'] for r in rs])} | "
                        f"{', '.join(loads)} |")
             for r, m in zip(rs, mx):
+                if not r.get("mixed"):
+                    continue
                 bits = m.get("bits", {})
                 bit_lines.append(f"- {r['peer']} W{w} memory, A{a}, candidates {'/'.join(map(str, m.get('candidates', [])))}, "
                                  f"seed {r['seed']}: " + " ".join(str(b) for b in bits.values()))

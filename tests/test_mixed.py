@@ -266,3 +266,175 @@ def test_mixed_output_saves_loads_and_reports(resnet20, tmp_path, one_thread):
         torch.testing.assert_close(q2(x), q(x), rtol=1e-5, atol=1e-5)
     assert _bits_png(meta, tmp_path / "bits.png") and (tmp_path / "bits.png").stat().st_size > 0
     assert not _bits_png({**meta, "mixed": None}, tmp_path / "none.png")  # uniform outputs: no bits.png
+
+
+# -------------------------------------------------------------------------------------------------
+# --bops: activation bits searched too
+# -------------------------------------------------------------------------------------------------
+def test_solve_joint_equals_brute_force_on_random_tables():
+    """Joint (w, a) allocation under a BOPs cap: shared inputs, fixed inputs and pinned weights, against brute force."""
+    from zsq.quant.mixed import brute_force_joint, solve_joint
+
+    g = torch.Generator().manual_seed(0)
+    wc, ac = (2, 4, 8), (4, 6, 8)
+    for trial in range(3):
+        names = [f"l{i}" for i in range(5)]
+        macs = {k: int(torch.randint(100, 5000, (1,), generator=g)) for k in names}
+        wopts = {k: {b: float(torch.rand(1, generator=g)) * 2.0 ** (-b) for b in wc} for k in names[:4]}
+        wopts["l4"] = {8: 0.0}  # a pinned W8 layer whose input is searched
+        asens = {s: {b: float(torch.rand(1, generator=g)) * 2.0 ** (-b) for b in ac} for s in ("s0", "s1", "s2")}
+        ains = {"l0": 32, "l1": "s0", "l2": "s0", "l3": "s1", "l4": "s2"}  # l1 and l2 read the same tensor
+        lo = sum(macs[k] * min(wopts[k]) * (min(asens[a]) if isinstance(a, str) else a) for k, a in ains.items())
+        hi = sum(macs[k] * max(wopts[k]) * (max(asens[a]) if isinstance(a, str) else a) for k, a in ains.items())
+        for f in (0.0, 0.1, 0.3, 0.5, 0.8, 1.0):
+            cap = int(lo + f * (hi - lo))
+            wb, ab, val = solve_joint(wopts, ains, asens, macs, cap)
+            rw, ra, ref = brute_force_joint(wopts, ains, asens, macs, cap)
+            a_of = {k: (ab[a] if isinstance(a, str) else a) for k, a in ains.items()}
+            assert sum(macs[k] * wb[k] * a_of[k] for k in names) <= cap
+            assert val == pytest.approx(ref, rel=1e-9, abs=1e-15)
+        assert solve_joint(wopts, ains, asens, macs, lo - 1)[0] is None
+
+
+class Branch(nn.Module):
+    """Two convs read relu1's output (one activation quantizer, one searched width for both)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 4, 1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.relu1(self.conv1(x))
+        return self.fc(self.flat(self.pool(self.relu2(self.conv2(h) + self.conv3(h)))))
+
+
+def test_bops_search_optimal_within_budget_and_applied(images):
+    """--bops on a tiny branching model (qat: nothing pinned): the allocation is the brute-force optimum of
+    its own sensitivity tables, within the budget, and the model laid out with its policy has exactly those
+    weight and input bits and BOPs; an infeasible budget names the smallest feasible one, which is feasible."""
+    from zsq.quant.mixed import brute_force_joint
+    from zsq.quant.protocol import apply_protocol
+    from zsq.record import record_of
+
+    torch.manual_seed(0)
+    model = Branch().eval()
+    base = dict(n_images=24, candidates=(2, 4, 8), act_candidates=(4, 8))
+    r = search(model, PROTOCOLS["qat"], MixedConfig(bops_g=0.015, **base), images=images, cache=False, a_bits=6)
+    rec = r.acts["record"]
+    assert rec["act_bits"].keys() == {"relu1.aq_out"}  # conv2 and conv3 share it; conv1 reads the image, fc the pool
+    assert rec["abits"]["conv2"] == rec["abits"]["conv3"] == rec["act_bits"]["relu1.aq_out"]
+    assert rec["abits"]["conv1"] == 32 and rec["abits"]["fc"] == 32
+    layers = rec["bops"]["layers"]
+    assert rec["bops"]["bops"] == sum(v["macs"] * v["w"] * v["a"] for v in layers.values()) <= 0.015e9
+    wopts = r.sensitivity
+    asens = {s: {int(b): v for b, v in t.items()} for s, t in rec["act_sensitivities"].items()}
+    ains = {n: ("relu1.aq_out" if n in ("conv2", "conv3") else 32) for n in wopts}
+    macs = {n: v["macs"] for n, v in layers.items()}
+    _, _, best = brute_force_joint(wopts, ains, asens, macs, 15_000_000)
+    assert r.objective == pytest.approx(best, rel=1e-9, abs=1e-15)
+    q = apply_protocol(model, PROTOCOLS["qat"], 4, 6, policy=mixed_policy(None, r.entries()))
+    assert {n: q.get_submodule(n).wq.bits for n in r.bits} == r.bits
+    assert q.relu1.aq_out.bits == rec["act_bits"]["relu1.aq_out"]
+    assert q.relu2.aq_out.bits == 6  # not a layer's input: --a
+    with pytest.raises(InfeasibleBudgetError) as e:
+        search(model, PROTOCOLS["qat"], MixedConfig(bops_g=0.0001, **base), images=images, cache=False)
+    smallest = float(str(e.value).split("--bops ")[2].split(" G")[0])
+    r = search(model, PROTOCOLS["qat"], MixedConfig(bops_g=smallest, **{**base, "n_images": 8}), images=images,
+               cache=False)
+    assert r.acts["record"]["bops"]["bops"] <= smallest * 1e9
+    assert set(r.bits.values()) == {2} and set(r.acts["record"]["act_bits"].values()) == {4}
+    with pytest.raises(BadValueError, match="exactly one"):
+        MixedConfig(wbits_avg=3, bops_g=1)
+    with pytest.raises(BadValueError, match="--mp-abits"):
+        MixedConfig(bops_g=1, act_candidates="4,16")
+
+
+@pytest.mark.parametrize("kind", ["calib", "squant", "adaround", "qat-kd"])
+def test_bops_per_quantizer_kind(kind, one_thread):
+    """Every kind of quantizer follows the searched weight and input-activation bits of a --bops search."""
+    import zsq
+    from zsq.models import load_model
+    from zsq.record import record_of
+
+    torch.manual_seed(0)
+    model = load_model(Small().eval())
+    args = {"calib": dict(recipe="minmax-noise", synth_overrides={"n_images": 16}),
+            "squant": dict(recipe="squant"),
+            "adaround": dict(recipe="minmax-noise", quant="adaround", synth_overrides={"n_images": 16},
+                             hparams={"iters": 2, "batch_size": 8}),
+            "qat-kd": dict(recipe="minmax-noise", quant="qat-kd", synth_overrides={"n_images": 16},
+                           hparams={"epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "ema_epochs": 0})}[kind]
+    q = zsq.quantize(model, w_bits=4, a_bits=8, protocol="ptq", budget="smoke", progress=False,
+                     mixed={"bops_g": 0.02, "n_images": 8, "candidates": (2, 4, 8), "act_candidates": (4, 8)}, **args)
+    rec = record_of(q).result["mixed"]
+    assert rec["budget"] == {"kind": "bops_g", "value": 0.02} and rec["bops"]["bops"] <= 20_000_000
+    _levels_ok(q, rec["bits"])
+    # ptq pins conv2's input (first_a8) and the classifier's; conv3 and conv4 read searched inputs
+    assert set(rec["act_bits"]) == {"relu2.aq_out", "relu3.aq_out"}
+    acts = {a.name: a.bits for a in record_of(q).layout.acts}
+    assert all(acts[s] == b for s, b in rec["act_bits"].items()) and acts["relu1.aq_out"] == 8
+    assert min(rec["act_bits"].values()) < 8  # W2A8 everywhere is 23.6 M BOPs: some input must drop
+    for s, b in rec["act_bits"].items():
+        assert q.get_submodule(s).bits == b
+
+
+SMALL_PY = '''
+from torch import nn
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        self.conv3, self.relu3 = nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU()
+        self.pool, self.flat, self.linear = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.relu3(self.conv3(self.relu2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))))
+        return self.linear(self.flat(self.pool(x)))
+
+
+def small():
+    return Small().eval()
+'''
+
+
+def test_cli_bops(tmp_path, capsys, one_thread):
+    """zsq quantize --bops: exclusive with --w / --wbits-avg, --mp-abits needs it, an infeasible budget is one
+    line (exit 2) with the smallest feasible one, and a run records the searched bits and BOPs in zsq.json."""
+    import json
+
+    from zsq.api import load as zsq_load
+
+    (tmp_path / "small.py").write_text(SMALL_PY)
+    model = [f"{tmp_path / 'small.py'}:small", "--input-size", "3,16,16", "--recipe", "squant", "--protocol", "ptq",
+             "-q"]
+    for extra, words in ((["--w", "4", "--bops", "1"], "--w and --bops"),
+                         (["--wbits-avg", "3", "--bops", "1"], "exactly one"),
+                         (["--wbits-avg", "3", "--mp-abits", "4,8"], "--mp-abits"),
+                         (["--bops", "0.00001"], "infeasible")):
+        rc, out = _zsq(capsys, "quantize", *model, *extra, "-o", str(tmp_path / "x"))
+        assert rc == 2 and words in out and "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / "x" / "zsq.json").exists()
+    smallest = float(out.split("--bops ")[2].split(" G")[0])
+    rc, out = _zsq(capsys, "quantize", *model, "--bops", f"{smallest * 1.5:.6f}", "--mp-bits", "2,4,8",
+                   "--mp-abits", "4,8", "--a", "8", "-o", str(tmp_path / "o"))
+    assert rc == 0, out
+    meta = json.loads((tmp_path / "o" / "zsq.json").read_text())
+    m = meta["mixed"]
+    assert m["budget"] == {"kind": "bops_g", "value": float(f"{smallest * 1.5:.6f}")}
+    assert m["bops"]["bops"] <= m["budget"]["value"] * 1e9 and m["act_candidates"] == [4, 8]
+    assert set(m["act_bits"]) == {"relu2.aq_out"}  # conv2's input is ptq's first A8, the classifier's its last
+    pol = meta["policy"]["layer_bits"]
+    assert pol["conv3"] == f"W{m['bits']['conv3']}A{m['act_bits']['relu2.aq_out']}" and pol["conv2"] == f"W{m['bits']['conv2']}"
+    q = zsq_load(tmp_path / "o")  # rebuilt from zsq.json's WxAy policy: the same input bits
+    assert all(q.get_submodule(s).bits == b for s, b in m["act_bits"].items())
+    assert {k: q.get_submodule(k).wq.bits for k in m["bits"]} == m["bits"]

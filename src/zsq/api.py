@@ -163,6 +163,8 @@ def quantize(
     ``mixed``: a :class:`zsq.quant.mixed.MixedConfig` (or its fields as a dict, e.g. ``{"wbits_avg": 3}``):
     the weight bits of every layer the protocol does not pin are searched under that budget on the same
     calibration images (ZeroQ's sensitivity) and replace ``w_bits``; the search goes into the record (``mixed``).
+    ``{"bops_g": G}`` searches the searched layers' input-activation bits too (``act_candidates``) under a
+    bit-operations budget; ``a_bits`` stays the bits of the activations it does not choose.
     ``device``: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (:func:`zsq.hardware.resolve_device`); the model
     is moved there once (``nn.Module.to``: a module you pass is moved in place) and every step runs there.
 
@@ -207,7 +209,7 @@ def quantize(
                              "kind": "synthetic"}
         mixed_rec = None
         if mixed is not None:  # the bit search, on the quantizer's images (Gaussian inputs when it has none)
-            policy, mixed_rec = _mixed_search(fp, res, mixed, images, labels, policy, seed, progress)
+            policy, mixed_rec = _mixed_search(fp, res, mixed, images, labels, policy, seed, progress, a_bits)
         ctx = QuantContext(model=fp, images=images, protocol=PROTOCOLS[res.protocol], w_bits=w_bits, a_bits=a_bits,
                            policy=policy or LayerPolicy(), hparams=res.hparams, budget=res.budget, seed=seed,
                            progress=progress, ckpt_dir=Path(ckpt_dir) if ckpt_dir else None, resume=resume,
@@ -258,13 +260,14 @@ def mixed_config(mixed: Any):
                                list(MixedConfig.__dataclass_fields__)) from None
 
 
-def _mixed_search(fp, res, cfg, images, labels, policy, seed, progress):
-    """The searched bits as weight-only ``layer_bits`` of the policy, and the search's record."""
+def _mixed_search(fp, res, cfg, images, labels, policy, seed, progress, a_bits=8):
+    """The searched bits as weight-only ``layer_bits`` of the policy (``WxAy`` entries for the layers whose
+    input bits a ``bops_g`` search chose), and the search's record."""
     from .quant.mixed import mixed_policy, search
 
     r = search(fp, PROTOCOLS[res.protocol], cfg, images=images, labels=labels, policy=policy, seed=seed,
-               progress=progress)
-    return mixed_policy(policy, r.bits), r.record(cfg)
+               progress=progress, a_bits=a_bits)
+    return mixed_policy(policy, r.entries()), r.record(cfg)
 
 
 def _data_parallel(res: Resolved, model: nn.Module):

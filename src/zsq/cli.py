@@ -164,7 +164,12 @@ def quantize(
                                               "average (4 = uniform W4's weight memory)"),
     size_mb: Optional[float] = typer.Option(None, "--size", help="mixed precision instead of --w: the quantized "
                                             "model's total weight memory in MB (10^6 bytes)"),
+    bops: Optional[float] = typer.Option(None, "--bops", help="mixed precision instead of --w, activation bits "
+                                         "too: the searched layers' giga bit-operations (MACs x weight bits x "
+                                         "input bits) at most this; --a stays the bits of the other activations"),
     mp_bits: str = typer.Option("2,3,4,6,8", "--mp-bits", help=MP_BITS_HELP),
+    mp_abits: Optional[str] = typer.Option(None, "--mp-abits", help="candidate input-activation bits of a --bops "
+                                           "search (default 4,6,8)"),
     mp_sensitivity: str = typer.Option("kl", "--mp-sensitivity", help=MP_SENS_HELP),
     resume: bool = typer.Option(False, help="continue an interrupted run from OUT/.ckpt"),
     overwrite: bool = typer.Option(False, help="replace a finished result in OUT"),
@@ -191,14 +196,19 @@ def quantize(
     eval_path = _alias(eval_path, eval_old, "--eval-data", "--eval")
     dev = resolve_device(device)
     mixed_cfg = None
-    if wbits_avg is not None or size_mb is not None:  # mixed precision: the search replaces --w
+    if mp_abits is not None and bops is None:
+        from .errors import BadValueError
+
+        raise BadValueError("--mp-abits sets the activation candidates of a --bops search: give --bops G")
+    if wbits_avg is not None or size_mb is not None or bops is not None:  # mixed precision: the search replaces --w
         if w is not None:
             from .errors import BadValueError
 
-            raise BadValueError(f"--w and {'--wbits-avg' if wbits_avg is not None else '--size'} both set the "
-                                "weight bits: give one of them")
-        mixed_cfg = api.mixed_config({"wbits_avg": wbits_avg, "size_mb": size_mb, "candidates": mp_bits,
-                                      "sensitivity": mp_sensitivity})
+            flag = "--wbits-avg" if wbits_avg is not None else "--size" if size_mb is not None else "--bops"
+            raise BadValueError(f"--w and {flag} both set the weight bits: give one of them")
+        mixed_cfg = api.mixed_config({"wbits_avg": wbits_avg, "size_mb": size_mb, "bops_g": bops, "candidates": mp_bits,
+                                      "sensitivity": mp_sensitivity,
+                                      **({"act_candidates": mp_abits} if mp_abits is not None else {})})
         w = mixed_cfg.w_bits()
     w = 4 if w is None else w
     check_bits(w, "--w"), check_bits(a, "--a")
@@ -255,7 +265,8 @@ def quantize(
 
     r = record_of(qmodel).result
     wl = f"W{r['mixed']['wbits_avg']:g}(avg)" if r.get("mixed") else f"W{w}"
-    console.print(f"[green]saved[/] {out}  ({r['recipe']['name']}, {r['protocol']}, {wl}A{a}, {r['wall_s']:.1f} s)")
+    al = f"A(mixed), {r['mixed']['bops']['g']:.4g} GBOPs" if (r.get("mixed") or {}).get("bops") else f"A{a}"
+    console.print(f"[green]saved[/] {out}  ({r['recipe']['name']}, {r['protocol']}, {wl}{al}, {r['wall_s']:.1f} s)")
     if metrics:
         _print_metrics(metrics, eval_limit)
 

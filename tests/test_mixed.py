@@ -438,3 +438,6 @@ def test_cli_bops(tmp_path, capsys, one_thread):
     q = zsq_load(tmp_path / "o")  # rebuilt from zsq.json's WxAy policy: the same input bits
     assert all(q.get_submodule(s).bits == b for s, b in m["act_bits"].items())
     assert {k: q.get_submodule(k).wq.bits for k in m["bits"]} == m["bits"]
+    from zsq.report import _bits_png
+
+    assert _bits_png(meta, tmp_path / "bits.png") and (tmp_path / "bits.png").stat().st_size > 0  # with input marks

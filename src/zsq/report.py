@@ -13,8 +13,9 @@ Written to ``OUT/report/`` (built in a temporary directory, then moved into plac
   :func:`~zsq.quant.protocol.apply_protocol` (BN folded into the conv, same layer names). Also the SQNR
   of every activation output (and the logits) of the quantized model against that FP model on the
   calibration images;
-* ``bits.png``: after a mixed-precision search (``--wbits-avg`` / ``--size``), every layer's weight bits
-  as a bar chart, searched layers and pinned ones apart, with the searched mean;
+* ``bits.png``: after a mixed-precision search (``--wbits-avg`` / ``--size`` / ``--bops``), every layer's weight
+  bits as a bar chart, searched layers and pinned ones apart, with the searched mean (and, after ``--bops``,
+  each counted layer's input-activation bits as a mark);
 * ``accuracy.png`` (with ``--bench DIR``): top-1 against bit setting for every recipe of the same
   model and protocol found in the benchmark folder, this output marked by a star;
 * ``pareto.png``: the accuracy-size frontier of a ``zsq pareto`` run (its ``pareto.json``: uniform and
@@ -254,13 +255,18 @@ def _bits_png(meta: dict, path: Path) -> bool:
     line = ax.axhline(mixed["wbits_avg"], color="C3", ls="--", lw=1)
     from matplotlib.patches import Patch
 
-    ax.legend([line, Patch(color="C0"), Patch(color="0.6")],
-              [f"searched mean {mixed['wbits_avg']:g} (budget {mixed['budget']['kind']} {mixed['budget']['value']:g})",
-               f"searched ({mixed.get('sensitivity')} sensitivity)", "pinned by the protocol / --layer-bits"],
-              fontsize=7, loc="upper right")
+    handles = [line, Patch(color="C0"), Patch(color="0.6")]
+    labels = [f"searched mean {mixed['wbits_avg']:g} (budget {mixed['budget']['kind']} {mixed['budget']['value']:g})",
+              f"searched ({mixed.get('sensitivity')} sensitivity)", "pinned by the protocol / --layer-bits"]
+    abits = {n: a for n, a in (mixed.get("abits") or {}).items() if n in weights and a <= 16}  # --bops: input bits
+    if abits:
+        xs = [i for i, n in enumerate(names) if n in abits]
+        handles.append(ax.plot(xs, [abits[names[i]] for i in xs], "k_", markersize=12, mew=2)[0])
+        labels.append(f"input-activation bits ({mixed['bops']['g']:.4g} GBOPs)")
+    ax.legend(handles, labels, fontsize=7, loc="upper right")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_ylabel("weight bits")
-    ax.set_yticks(sorted({2, 4, 6, 8} | set(weights.values())))
+    ax.set_ylabel("weight bits" + (" / input bits (-)" if abits else ""))
+    ax.set_yticks(sorted({2, 4, 6, 8} | set(weights.values()) | set(abits.values())))
     fig.tight_layout()
     save_figure(plt, fig, path)
     return True

@@ -75,11 +75,72 @@ def test_precision_auto_per_device(monkeypatch):
         assert get_synthesizer("zeroq", "smoke").config.precision == "bf16"
     assert hardware.resolve_precision("auto") == cpu
     _fake_cuda(monkeypatch, bf16=False)
-    assert hardware.resolve_precision("auto", "cuda:0") == "fp32"  # fp16 + GradScaler: not implemented
+    assert hardware.resolve_precision("auto", "cuda:0") == "fp16"  # autocast fp16 + GradScaler (hardware.Amp)
+    with hardware.on_device("cuda"):
+        from zsq.synth.base import get_synthesizer
+
+        assert get_synthesizer("genie", "smoke").config.precision == "fp16"
     assert hardware.resolve_precision("fp32", "cuda") == "fp32"
     monkeypatch.setenv("ZSQ_PRECISION", "fp32")
     _fake_cuda(monkeypatch, bf16=True)
     assert hardware.resolve_precision("auto", "cuda") == "fp32"  # the environment pins it on every device
+
+
+def test_amp_choice_per_device(monkeypatch):
+    """The one precision rule of the training loops: bf16 stays bf16 on the CPU and on a CUDA device with bf16,
+    and becomes fp16 (with a gradient scaler) on a CUDA device without it; no scaler otherwise."""
+    for p in ("fp32", "bf16", "fp16"):
+        assert hardware.Amp.choose(p, "cpu") == p
+    assert hardware.Amp("bf16", "cpu").scaler is None and hardware.Amp("fp32", "cpu").scaler is None
+    assert hardware.Amp("fp32", "cpu").dtype is None and hardware.Amp("bf16", "cpu").dtype == torch.bfloat16
+    with pytest.raises(BadValueError, match="fp32, bf16 or fp16"):
+        hardware.Amp.choose("auto", "cpu")
+    _fake_cuda(monkeypatch, bf16=True)
+    assert hardware.Amp.choose("bf16", "cuda:0") == "bf16" and hardware.Amp.choose("fp32", "cuda") == "fp32"
+    _fake_cuda(monkeypatch, bf16=False)
+    assert hardware.Amp.choose("bf16", "cuda:0") == "fp16" and hardware.Amp.choose("fp32", "cuda") == "fp32"
+    assert hardware.Amp.choose("bf16", "cpu") == "bf16"  # the CPU never asks the GPU
+
+
+def _train(amp, steps: int = 4):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt_a = torch.optim.Adam(m[0].parameters(), lr=0.01)
+    opt_b = torch.optim.SGD(m[2].parameters(), lr=0.1)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    losses = []
+    for _ in range(steps):
+        opt_a.zero_grad(set_to_none=True)
+        opt_b.zero_grad(set_to_none=True)
+        if amp is None:
+            loss = (m(x) - y).pow(2).mean()
+            loss.backward()
+            opt_a.step()
+            opt_b.step()
+        else:
+            with amp.autocast():
+                out = m(x)
+            loss = (out.float() - y).pow(2).mean()
+            amp.backward(loss)
+            amp.step(opt_a, opt_b)
+        losses.append(float(loss.detach()))
+    return m, losses
+
+
+def test_amp_fp32_is_the_plain_loop_and_fp16_scales():
+    """fp32 through Amp is bit for bit the plain backward / step loop (every CPU run is unchanged); fp16 runs
+    with torch's GradScaler on the CPU: float16 forward, finite falling loss, scaled gradients, weights
+    close to the fp32 ones."""
+    plain, lp = _train(None)
+    via, lv = _train(hardware.Amp("fp32", "cpu"))
+    assert lp == lv and all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), via.state_dict().values()))
+    amp = hardware.Amp("fp16", "cpu")
+    assert amp.scaler is not None and amp.dtype == torch.float16
+    half, lh = _train(amp)
+    assert all(map(lambda v: v == v and abs(v) < 1e3, lh)) and lh[-1] < lh[0]
+    assert amp.scaler.get_scale() > 1.0  # the loss was scaled (no overflow at this size)
+    for a, b in zip(plain.state_dict().values(), half.state_dict().values()):
+        assert torch.allclose(a, b, atol=2e-2)  # Adam normalises the fp16 rounding of small gradients
 
 
 def test_cpu_cache_keys_unchanged():

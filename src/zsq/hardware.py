@@ -14,7 +14,7 @@ over both.
 Devices (``--device``, ``device=``): :func:`resolve_device` is the one place a device name is read.
 ``auto`` is ``cuda:LOCAL_RANK`` under torchrun when CUDA is there, else ``cuda``, else ``cpu``. On a CUDA
 device ``precision="auto"`` resolves to bf16 where the GPU computes it
-(``torch.cuda.is_bf16_supported()``), else fp32 (fp16 with a gradient scaler is not implemented); the
+(``torch.cuda.is_bf16_supported()``), else fp16 with a gradient scaler (:class:`Amp`); the
 device type is part of a synthetic set's cache key only when it is not ``cpu``, so every CPU key is the
 one it was before devices existed. Everything else follows the rule: a tensor is made on the device
 (and dtype) of the model or the data it belongs to.
@@ -90,7 +90,8 @@ def on_device(device: torch.device | str | None) -> Iterator[None]:
 
 def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
     """``auto`` -> on the CPU ``bf16`` where it has native bf16, else ``fp32``; on a CUDA device ``bf16``
-    where the GPU supports it, else ``fp32`` (``ZSQ_PRECISION`` overrides both); any other value is
+    where the GPU supports it, else ``fp16`` (autocast with a gradient scaler, :class:`Amp`;
+    ``ZSQ_PRECISION`` overrides both); any other value is
     returned as it is. ``device``: default the one of the enclosing :func:`on_device` (the CPU)."""
     if precision != "auto":
         return precision
@@ -102,8 +103,80 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
     dev = torch.device(device) if device is not None else _PRECISION_DEVICE.get()
     if dev.type == "cuda":
         with torch.cuda.device(dev):
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if native_bf16() else "fp32"
+
+
+def cuda_without_bf16(device: torch.device | str) -> bool:
+    """True for a CUDA device that does not compute bf16 (``torch.cuda.is_bf16_supported()`` false there)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return False
+    with torch.cuda.device(dev):  # (the CPU never gets here: nothing about a CPU run changes)
+        return not torch.cuda.is_bf16_supported()
+
+
+class Amp:
+    """The mixed precision of one training loop, the one place its autocast and loss scaling are chosen.
+
+    ``precision``: ``fp32`` (no autocast), ``bf16`` (bf16 autocast by the device type) or ``fp16``. On a CUDA
+    device without bf16 a ``bf16`` request runs as ``fp16``. ``fp16`` autocasts to float16 and scales the
+    loss with ``torch.amp.GradScaler`` (gradients unscaled before the step, a step with inf/NaN gradients
+    skipped, the scale updated once per iteration). For ``fp32`` / ``bf16`` :meth:`backward` and
+    :meth:`step` are the plain ``loss.backward()`` / ``opt.step()`` calls, so every CPU run is the one it
+    was. Usage::
+
+        amp = Amp(cfg.precision, device)
+        with amp.autocast():
+            loss = f(x)
+        amp.backward(loss)
+        amp.step(opt_a, opt_b)  # then scaler.update(), once
+    """
+
+    def __init__(self, precision: str, device: torch.device | str):
+        self.device = torch.device(device)
+        self.precision = precision = self.choose(precision, self.device)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+
+    @staticmethod
+    def choose(precision: str, device: torch.device | str) -> str:
+        """The precision a loop runs in: ``precision`` (fp32 / bf16 / fp16), except ``bf16`` on a CUDA device
+        without bf16, which runs as ``fp16``."""
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise BadValueError(f"precision must be fp32, bf16 or fp16, got '{precision}'")
+        if precision == "bf16" and cuda_without_bf16(device):
+            return "fp16"
+        return precision
+
+    def autocast(self):
+        """Autocast for the forward pass (a null context in fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        """``loss.backward(**kwargs)``, of the scaled loss under fp16."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(**kwargs)
+
+    def unscale(self, *optimizers) -> None:
+        """Under fp16: the gradients of ``optimizers`` back to their true scale (before reading or clipping
+        them); a no-op otherwise."""
+        if self.scaler is not None:
+            for opt in optimizers:
+                self.scaler.unscale_(opt)
+
+    def step(self, *optimizers) -> None:
+        """``opt.step()`` for each (``None`` skipped); under fp16 through the scaler, then one scale update."""
+        for opt in optimizers:
+            if opt is None:
+                continue
+            if self.scaler is not None:
+                self.scaler.step(opt)
+            else:
+                opt.step()
+        if self.scaler is not None:
+            self.scaler.update()
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -169,5 +242,5 @@ def device_record(device: torch.device | str) -> dict:
             "cudnn": torch.backends.cudnn.version()}
 
 
-__all__ = ["AUTO_CHOICES", "BF16_FLAGS", "cpu_flags", "cpu_name", "device_record", "module_device",
+__all__ = ["AUTO_CHOICES", "Amp", "BF16_FLAGS", "cuda_without_bf16", "cpu_flags", "cpu_name", "device_record", "module_device",
            "native_bf16", "on_device", "resolve_device", "resolve_precision", "set_backend_flags"]

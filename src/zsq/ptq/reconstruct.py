@@ -34,7 +34,6 @@ last checkpoint); the seeds, schedule and checkpoint parts are :mod:`zsq.train`'
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from torch import nn
 from ..config import Config, setting
 from ..data.augment import AUGMENT_MODES, augment_set
 from ..errors import BadValueError
+from ..hardware import Amp
 from ..quant.adaround import AdaRoundQuantizer
 from ..quant.modules import Quantizer
 from ..quant.observers import WEIGHT_OBSERVERS
@@ -371,8 +371,7 @@ class Reconstructor:
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         if cfg.channels_last:
             unit.module.to(memory_format=torch.channels_last)
-        autocast = (torch.autocast(x.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
-                    else contextlib.nullcontext())
+        amp = Amp(cfg.precision, x.device)  # bf16 / fp32; fp16 + loss scaling on a CUDA device without bf16
         n = x.shape[0]
         bs = min(cfg.batch_size, n)
         label = f"{'' if len(self.passes) == 1 else f'pass {pi + 1} '}{unit.name}"
@@ -395,7 +394,7 @@ class Reconstructor:
             count = step + 1
             for g in (opt_scale.param_groups if opt_scale is not None else []):
                 g["lr"] = cosine_lr(g["base"], step, iters)
-            with autocast:
+            with amp.autocast():
                 out = self._unit_forward(unit, xin)
             rec = (out.float() - yi).pow(2).sum(1).mean()
             loss = rec
@@ -406,11 +405,8 @@ class Reconstructor:
                 opt_round.zero_grad(set_to_none=True)
             if opt_scale is not None:
                 opt_scale.zero_grad(set_to_none=True)
-            loss.backward()
-            if opt_round is not None:
-                opt_round.step()
-            if opt_scale is not None:
-                opt_scale.step()
+            amp.backward(loss)
+            amp.step(opt_round, opt_scale)
             self.steps_run += 1
             if step == start or count % 50 == 0 or count == iters:
                 last_loss = float(rec.detach())

@@ -457,12 +457,13 @@ class QATTrainer(StudentLosses):
         if self.world == 1 and not torch.isfinite(loss):
             raise self._diverged(f"the student's loss is {float(loss.detach())}", gstep)
         self.opt.zero_grad(set_to_none=True)
-        (loss * self._weight if self.world > 1 else loss).backward(inputs=self.params)  # not into the teacher
+        self.amp.backward(loss * self._weight if self.world > 1 else loss, inputs=self.params)  # not the teacher
         if self.world > 1:
             zdist.all_reduce_grads(self.params)
-            if not all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None):
+            # fp16 (a CUDA device without bf16): the scaler itself skips a step with inf / NaN gradients
+            if self.amp.scaler is None and not all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None):
                 raise self._diverged("the student's gradient is not finite", gstep)
-        self.opt.step()
+        self.amp.step(self.opt)
 
     def _diverged(self, what: str, gstep: int) -> BadValueError:
         return BadValueError(f"{what} at iteration {gstep}: training diverged; lower the student lr (now "

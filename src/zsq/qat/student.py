@@ -6,12 +6,14 @@ activation fake-quantization the training steps run under."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..hardware import Amp
 from ..quant.modules import Quantizer
 from .losses import _Recorder, grad_cam, kd_loss, masked_ce, normalized_entropy
 
@@ -64,9 +66,15 @@ class StudentLosses:
     ``teacher``, ``images`` / ``labels``, ``device``, ``aqs``, ``bns``, ``fa`` / ``cam`` recorder pairs,
     ``reliable``; its ``_ema_hook``)."""
 
+    @functools.cached_property
+    def amp(self) -> Amp:
+        """The student's mixed precision (:class:`zsq.hardware.Amp`): bf16 / fp32 autocast, fp16 with loss
+        scaling on a CUDA device without bf16 (``_update`` backpropagates and steps through it)."""
+        return Amp(self.cfg.precision, self.device)
+
     def _autocast(self):
         if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            return self.amp.autocast()
         return contextlib.nullcontext()
 
     def _recorders(self) -> list[_Recorder]:

@@ -51,7 +51,7 @@ from ..data.shards import (
 )
 from ..config import to_bool, to_float, to_int
 from ..errors import BadValueError, DataError, OutputExistsError
-from ..hardware import on_device, resolve_precision
+from ..hardware import Amp, on_device, resolve_precision
 from ..paths import check_writable, write_json_atomic, writing
 from ..record import model_info
 from ..registry import Registry
@@ -109,7 +109,9 @@ class SynthConfig:
             raise BadValueError(f"n_images must be >= 1, got {self.n_images}")
         if int(self.batch_size) < 1:
             raise BadValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.precision not in PRECISIONS:
+        # fp16 is not a choice: it is what ``auto`` resolves to on a CUDA device without bf16 (a resolved
+        # config made again, e.g. by ``dataclasses.replace``, keeps it there)
+        if self.precision not in PRECISIONS and not (self.precision == "fp16" and resolve_precision("auto") == "fp16"):
             raise BadValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         self.precision = resolve_precision(self.precision)
 
@@ -204,12 +206,16 @@ class Synthesizer:
         cause before any progress bar or file. Default: nothing."""
 
     # helpers for subclasses ------------------------------------------------------------------------
+    def amp(self, device: torch.device | str = "cpu") -> Amp:
+        """The loop's mixed precision (:class:`zsq.hardware.Amp`): autocast for the forward pass, and for
+        ``fp16`` (a CUDA device without bf16) the gradient scaler of ``amp.backward`` / ``amp.step``."""
+        return Amp(self.config.precision, device)
+
     def autocast(self, device: torch.device | str = "cpu"):
-        """bf16 autocast for the forward pass when ``config.precision == 'bf16'``."""
-        dev = torch.device(device).type
-        if self.config.precision == "bf16":
-            return torch.autocast(dev, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """Autocast for the forward pass: bf16 when ``config.precision == 'bf16'``, fp16 for ``fp16``."""
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        return self.amp(device).autocast()
 
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.config.channels_last else torch.contiguous_format

@@ -206,19 +206,19 @@ class Genie(Synthesizer):
         x = None
         try:
             with BNStatsLoss.preset("genie", model, eps=cfg.eps) as bns:
+                amp = self.amp(device)
                 for it in range(start, cfg.iters):
                     opt_z.zero_grad(set_to_none=True)
                     opt_g.zero_grad(set_to_none=True)
-                    with self.autocast(device):
+                    with amp.autocast():
                         x = gen(z)
                         logits = model(x.contiguous(memory_format=self.memory_format()))
                     loss = bns.loss(x.float())
                     total = loss if extra is None else loss + extra(it, x)
                     if labels is not None:
                         total = total + cfg.ce_weight * F.cross_entropy(logits.float(), labels)
-                    total.backward()
-                    opt_z.step()
-                    opt_g.step()
+                    amp.backward(total)
+                    amp.step(opt_z, opt_g)
                     value = loss.item()
                     sched_z.step(value)
                     if (it + 1) % cfg.g_decay_every == 0:

@@ -343,6 +343,7 @@ class PixelSynthesizer(Synthesizer):
                 stack.callback(hd.remove)
             bns = [stack.enter_context(BNStatsLoss.preset(self.bns_variant, m, **self.bns_options(m)))
                    for m in models]
+            amp = self.amp(x.device)
             for it in range(iters):
                 if cfg.schedule == "cosine":
                     for group in opt.param_groups:
@@ -351,15 +352,15 @@ class PixelSynthesizer(Synthesizer):
                 view, soft = self.mix(x, labels, n_classes, generator)
                 view = self.augment(view, jitter, generator)
                 view = view.contiguous(memory_format=fmt)
-                with self.autocast(x.device):
+                with amp.autocast():
                     logits = [m(view).float() for m in models]
                 state = PixelState(it=it, images=x, inputs=view, logits=logits, labels=labels, targets=soft,
                                    features=None if feats[0] is None else feats[0].float(), bns=bns)
                 loss = cfg.bns_weight * self.bns_term(state)
                 for term in terms:
                     loss = loss + term(state)
-                loss.backward()
-                opt.step()
+                amp.backward(loss)
+                amp.step(opt)
                 if bounds is not None:
                     with torch.no_grad():
                         x.clamp_(*bounds)

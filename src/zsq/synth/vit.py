@@ -263,20 +263,21 @@ class ViTInversion(Synthesizer):
         with feats:
             for r in range(cfg.rounds):
                 lim = self.jitter_limit(x.shape[-1], r)
+                amp = self.amp(x.device)
                 for i in range(cfg.iters):
                     it = r * cfg.iters + i
                     if cfg.schedule == "cosine":
                         for group in opt.param_groups:
                             group["lr"] = cosine_lr(cfg.lr, i, cfg.iters, cfg.warmup)
                     view, keep = self.view(x, it, lim, generator, run)
-                    with self.autocast(x.device):
+                    with amp.autocast():
                         logits = model(view) if keep is None else model(view, keep=keep)
                     s = ViTStep(it=it, x=x, view=view, logits=logits.float(), labels=run.labels,
                                 feats=[f for f in feats.out if f is not None], keep=keep)
                     loss = self.objective(s, run) + self.priors(s, run)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    amp.backward(loss)
+                    amp.step(opt)
                     if bounds is not None:
                         with torch.no_grad():
                             x.clamp_(*bounds)

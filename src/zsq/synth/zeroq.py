@@ -115,13 +115,14 @@ class ZeroQ(Synthesizer):
             generator.set_state(saved["rng"])
             start = checkpoint.done
         with BNStatsLoss.preset("zeroq", model, eps=cfg.eps, data_eps=cfg.eps, input_prior=cfg.input_prior) as bns:
+            amp = self.amp(x.device)
             for it in range(start, cfg.iters):
                 opt.zero_grad(set_to_none=True)
-                with self.autocast(x.device):
+                with amp.autocast():
                     model(x)
                 loss = bns.loss()
-                loss.backward()
-                opt.step()
+                amp.backward(loss)
+                amp.step(opt)
                 value = loss.item()
                 sched.step(value)
                 if step is not None:

@@ -39,6 +39,11 @@ def test_pareto_points_plot_and_resume(tmp_path, capsys, one_thread):
     assert mixed["q_bytes"] <= w3["q_bytes"] < w4["q_bytes"]
     assert mixed["wbits_avg_searched"] <= 3 and set(mixed["layer_bits"].values()) <= {2, 3, 4}
     assert (out / "pareto.png").stat().st_size > 1000
+    # zsq report on the pareto directory: its frontier and every point
+    rc, text = _zsq(capsys, "report", str(out))
+    assert rc == 0, text
+    md = (out / "report" / "report.md").read_text()
+    assert "](pareto.png)" in md and all(f"| {pid} |" in md for pid in pts)
     # a rerun skips every finished point (nothing recomputed: the file is unchanged)
     before = (out / "pareto.json").read_text()
     rc, text = _zsq(capsys, *ARGS, "-o", str(out))

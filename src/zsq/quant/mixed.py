@@ -148,7 +148,7 @@ class MixedConfig:
 
     def w_bits(self) -> int:
         """The uniform ``--w`` recorded beside a search (``bits.w``): the largest candidate not above
-        the average budget (the smallest candidate for a size budget)."""
+        the average budget (the smallest candidate for a size or BOPs budget)."""
         if self.wbits_avg is None:
             return self.candidates[0]
         return max([b for b in self.candidates if b <= self.wbits_avg] or [self.candidates[0]])

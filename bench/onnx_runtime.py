@@ -22,6 +22,13 @@ models, median of 30, load average logged; top-1 in ONNX Runtime and PyTorch; in
 optimisation. One JSON per model under ``bench/runs/onnx_deploy/``:
 
     OMP_NUM_THREADS=1 python bench/onnx_runtime.py --suite deploy [--models efficientnet_lite0] [--force]
+
+Issue 37 item 2 (``--suite nbits``): the small ViT (``cifar10_vit_tiny``) with 4-bit weights: FP32, zsq's W4
+weights-only model as INT4 QDQ and as ``com.microsoft::MatMulNBits`` (``zsq export --int4-weights matmulnbits``),
+the W4A8 model as MatMulNBits, and ONNX Runtime's own ``MatMulNBitsQuantizer`` (which needs the ``onnx-ir``
+package: ``pip install onnx-ir``); batch 1 and 32, 1 and 2 threads; one JSON under ``bench/runs/onnx_nbits/``:
+
+    OMP_NUM_THREADS=1 python bench/onnx_runtime.py --suite nbits [--eval-limit N] [--calls 30] [--force]
 """
 
 from __future__ import annotations

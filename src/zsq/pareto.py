@@ -20,8 +20,7 @@ from torch import nn
 
 from .errors import BadValueError, OutputExistsError
 from .paths import write_json_atomic
-
-FORMAT = "zsq-pareto-1"
+from .report import PARETO_FORMAT as FORMAT
 
 
 def parse_list(text: str, flag: str, cast=float) -> list:
@@ -104,16 +103,8 @@ def trace(model: nn.Module, recipe: str, out: Path, *, uniform: list[int], mixed
 
 
 def plot(doc: dict, png: Path) -> Path:
-    """``pareto.png``: the uniform and the mixed points of ``doc`` on one plot."""
-    from collections import defaultdict
+    """``pareto.png``: the uniform and the mixed points of ``doc`` on one plot (:func:`zsq.report.plot_pareto`,
+    which ``zsq report`` draws too)."""
+    from .report import plot_pareto
 
-    from .report import plot_accuracy_size
-
-    s = doc["settings"]
-    series = defaultdict(list)
-    for p in doc["points"]:
-        series[("", p.get("sensitivity", "uniform"))].append((p["q_bytes"], p["top1"], p["w"]))
-    n = doc["points"][0]["n_eval"] if doc["points"] else 0
-    return plot_accuracy_size(series, png, ylabel=f"top-1 on {n} images of {Path(str(s.get('eval_data'))).name} (%)",
-                              title=f"{s.get('model')}, {s.get('recipe')}, protocol {s.get('protocol')}, A{s.get('a')}, "
-                                    f"seed {s.get('seed')}\naccuracy against weight memory (labels: W or mean W)")
+    return plot_pareto(doc, png)

@@ -19,7 +19,7 @@ Written to ``OUT/report/`` (built in a temporary directory, then moved into plac
 * ``accuracy.png`` (with ``--bench DIR``): top-1 against bit setting for every recipe of the same
   model and protocol found in the benchmark folder, this output marked by a star;
 * ``pareto.png``: the accuracy-size frontier of a ``zsq pareto`` run (its ``pareto.json``: uniform and
-  mixed points, top-1 against weight memory, drawn by :func:`zsq.pareto.plot`), when ``OUT`` holds a
+  mixed points, top-1 against weight memory, drawn by :func:`plot_pareto`), when ``OUT`` holds a
   ``pareto.json`` or ``--pareto DIR`` names a pareto directory; a pareto directory without a ``zsq.json``
   gets a report of its frontier alone (the figure and a table of the points);
 * ``report.md`` and ``index.html`` linking them, with the output's provenance from ``zsq.json``; a top-1
@@ -91,6 +91,23 @@ def plot_accuracy_size(series: dict, out: Path, *, ylabel: str, title: str) -> P
     ax.legend(fontsize=8)
     save_figure(plt, fig, out)
     return out
+
+
+#: format of a ``zsq pareto`` run's ``pareto.json`` (zsq.pareto writes it, :func:`read_pareto` reads it)
+PARETO_FORMAT = "zsq-pareto-1"
+
+
+def plot_pareto(doc: dict, png: Path) -> Path:
+    """``pareto.png`` of a ``zsq pareto`` document: its uniform and mixed points on one plot
+    (:func:`plot_accuracy_size`); ``zsq pareto`` and ``zsq report`` both draw it here."""
+    s = doc["settings"]
+    series = defaultdict(list)
+    for p in doc["points"]:
+        series[("", p.get("sensitivity", "uniform"))].append((p["q_bytes"], p["top1"], p["w"]))
+    n = doc["points"][0]["n_eval"] if doc["points"] else 0
+    return plot_accuracy_size(series, png, ylabel=f"top-1 on {n} images of {Path(str(s.get('eval_data'))).name} (%)",
+                              title=f"{s.get('model')}, {s.get('recipe')}, protocol {s.get('protocol')}, A{s.get('a')}, "
+                                    f"seed {s.get('seed')}\naccuracy against weight memory (labels: W or mean W)")
 
 
 def _sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -355,8 +372,6 @@ def write_report(out: str | os.PathLike, bench: str | os.PathLike | None = None,
 
 def read_pareto(pdir: str | os.PathLike) -> dict:
     """``DIR/pareto.json`` of a ``zsq pareto`` run, checked (one-line :class:`~zsq.errors.DataError` otherwise)."""
-    from .pareto import FORMAT
-
     path = Path(pdir) / "pareto.json"
     if not path.is_file():
         raise DataError(f"{pdir} has no pareto.json (write one with `zsq pareto ... -o {pdir}`)")
@@ -364,23 +379,21 @@ def read_pareto(pdir: str | os.PathLike) -> dict:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read {path}: {type(e).__name__}") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("points"), list) \
+    if not isinstance(doc, dict) or doc.get("format") != PARETO_FORMAT or not isinstance(doc.get("points"), list) \
             or not all(isinstance(p, dict) and {"id", "q_bytes", "top1", "w"} <= set(p) for p in doc["points"]):
-        raise DataError(f"{path} is not a zsq pareto.json ({FORMAT})")
+        raise DataError(f"{path} is not a zsq pareto.json ({PARETO_FORMAT})")
     doc.setdefault("settings", {})
     return doc
 
 
 def _pareto_figure(pdir: Path, path: Path) -> tuple[str, list[str]] | None:
-    """``pareto.png`` from ``pdir/pareto.json`` (:func:`zsq.pareto.plot`, which draws with
-    :func:`plot_accuracy_size`), its caption and a markdown table of the points; None when it has no point."""
-    from .pareto import plot
-
+    """``pareto.png`` from ``pdir/pareto.json`` (:func:`plot_pareto`, as ``zsq pareto`` draws it), its caption
+    and a markdown table of the points; None when it has no point."""
     doc = read_pareto(pdir)
     pts = doc["points"]
     if not pts:
         return None
-    plot(doc, path)
+    plot_pareto(doc, path)
     s = doc["settings"]
     n_u = sum(p.get("mode") == "uniform" for p in pts)
     cap = (f"Accuracy against weight memory: the zsq pareto run in {pdir} ({s.get('model')}, {s.get('recipe')}, "

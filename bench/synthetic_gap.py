@@ -9,7 +9,7 @@ the validation split; the test set is never read), ``diag__*`` experiments recor
 * per BN layer, the BN-statistics match: Genie's own BNS term (``zsq.synth.losses.BNStatsLoss.preset("genie")``,
   ``layer_losses()``: ``||mean - mu||^2 / C + ||std - sigma||^2 / C``, batch statistics of the BN layer's
   input on batches of 128, the synthesis batch) split into its mean and std parts, averaged over the batches;
-* per block output (and the pooled features the classifier sees), the squared MMD between the set's and the
+* per residual block output (the last one pooled is what the classifier sees), the squared MMD between the set's and the
   real reference's FP features, global-average-pooled to one C-vector per image (:func:`mmd2_rbf`: unbiased,
   Gaussian kernel whose bandwidth is the median pairwise distance of the real reference's pooled features at
   that layer, so every set of one model is measured with the same kernel). The ``real`` row measures a second,
@@ -59,16 +59,21 @@ SEED = 0
 #: synthesis iterations per batch -> the set name; 300 is the default budget (no override)
 SETS = {100: "i100", DEFAULT_ITERS: "i300", 600: "i600"}
 
-EXPERIMENTS: dict[str, tuple] = {}
+EXPERIMENTS: dict[str, tuple] = {}  # name -> (kind, model, iters or None for real, synthesis batches or None = all)
 for _m in MODELS:
-    EXPERIMENTS[f"diag__{_m}__real"] = ("diag", _m, None)
-    EXPERIMENTS[f"diag__{_m}__i300"] = ("diag", _m, 300)
-    EXPERIMENTS[f"quant__{_m}__i300__W3A3"] = ("quant", _m, 300)
-    EXPERIMENTS[f"quant__{_m}__real__W3A3"] = ("quant", _m, None)
+    EXPERIMENTS[f"diag__{_m}__real"] = ("diag", _m, None, None)
+    # batch 0 alone (128 images, the same tensor as the full set's first batch): what a loaded machine could make
+    # before the deadline; the full sets' rows follow
+    EXPERIMENTS[f"diag__{_m}__i300b0"] = ("diag", _m, 300, (0,))
+    EXPERIMENTS[f"diag__{_m}__i100b0"] = ("diag", _m, 100, (0,))
 for _m in MODELS:
-    EXPERIMENTS[f"diag__{_m}__i100"] = ("diag", _m, 100)
+    EXPERIMENTS[f"diag__{_m}__i300"] = ("diag", _m, 300, None)
+    EXPERIMENTS[f"quant__{_m}__i300__W3A3"] = ("quant", _m, 300, None)
+    EXPERIMENTS[f"quant__{_m}__real__W3A3"] = ("quant", _m, None, None)
+for _m in MODELS:
+    EXPERIMENTS[f"diag__{_m}__i100"] = ("diag", _m, 100, None)
 for _m in MODELS:  # the increased budget, if the machine allows
-    EXPERIMENTS[f"diag__{_m}__i600"] = ("diag", _m, 600)
+    EXPERIMENTS[f"diag__{_m}__i600"] = ("diag", _m, 600, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,22 +163,26 @@ def real_images(model, which: str = "A") -> tuple[torch.Tensor, torch.Tensor]:
     return load_images(real_dir(which), model_info(model).preprocess, REAL_N, seed=SEED)
 
 
-def synthetic_set(model, iters: int):
-    """Genie-D's seed-0 set at ``iters`` iterations per batch, through the path ``zsq quantize`` takes."""
-    from zsq.api import resolve, synthetic_data
+def synthetic_set(model, iters: int, batches=None):
+    """Genie-D's seed-0 set at ``iters`` iterations per batch, through the path ``zsq quantize`` takes
+    (``zsq.api.synthetic_data``: the resolved recipe's settings, ``zsq.synth.synthesize``, the same cache key);
+    ``batches``: only these batches (an incomplete set of their images, as ``zsq synthesize --batches``)."""
+    from zsq.api import resolve, synth_settings
+    from zsq.synth import synthesize
 
     res = resolve("genie", protocol="genie-native")
-    return synthetic_data(model, res, SEED, progress=False,
-                          synth_overrides=None if iters == DEFAULT_ITERS else {"iters": int(iters)})
+    overrides, n = synth_settings(res, None if iters == DEFAULT_ITERS else {"iters": int(iters)})
+    return synthesize(model, res.synth, budget=res.budget, seed=SEED, n_images=n, progress=False,
+                      overrides=overrides or None, batches=list(batches) if batches is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # measurements
 
 def block_names(model) -> list[str]:
-    """The residual blocks' module names in depth order (their outputs are the feature layers), then ``pool``."""
-    names = [n for n, m in model.named_modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")]
-    return names + ["pool"]
+    """The residual blocks' module names in depth order (their outputs are the feature layers; the last one's
+    pooled output is the classifier's input)."""
+    return [n for n, m in model.named_modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")]
 
 
 def features(model, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -181,7 +190,7 @@ def features(model, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Ten
     mods = dict(model.named_modules())
     feats: dict[str, list] = {n: [] for n in block_names(model)}
     hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: feats[n].append(
-        o.float().mean((2, 3)) if o.dim() == 4 else o.float().flatten(1))) for n in feats]
+        o.float().mean((2, 3)))) for n in feats]
     try:
         with torch.inference_mode():
             logits = torch.cat([model(x[i:i + BN_BATCH]).float() for i in range(0, len(x), BN_BATCH)])
@@ -211,7 +220,7 @@ def bn_match(model, x: torch.Tensor) -> dict:
             "total": [round(float(v), 6) for v in mean + std], "sum": round(float((mean + std).sum()), 5)}
 
 
-def diagnose(name: str, model_id: str, iters: int | None) -> dict:
+def diagnose(name: str, model_id: str, iters: int | None, batches=None) -> dict:
     from zsq.models.zoo import load_model
 
     t0 = time.perf_counter()
@@ -228,13 +237,21 @@ def diagnose(name: str, model_id: str, iters: int | None) -> dict:
         rec["ref_fp_top1"] = round(100 * float((ref_logits.argmax(1) == ya).float().mean()), 2)
         labels = y
     else:
-        sset = synthetic_set(model, iters)
-        x = sset.images.float()
-        meta = json.loads((Path(sset.dir) / "meta.json").read_text())
-        labels = sset.labels
-        rec.update(set=SETS.get(iters, f"i{iters}"), iters=iters, set_key=Path(sset.dir).name, n_images=len(x),
-                   synth_wall_s=round(float(meta.get("wall_s", 0.0)), 1), synth_threads=meta.get("threads"),
-                   synth_loss_last=[s.get("loss_last") for s in meta.get("shards", [])])
+        sset = synthetic_set(model, iters, batches)
+        x, labels, shards = sset.images.float(), sset.labels, list(sset.shards)
+        if batches is not None and sset.complete:  # a finished set holds every batch: keep the asked ones
+            at, keep = 0, []
+            for sh in shards:
+                if sh["index"] in batches:
+                    keep.extend(range(at, at + int(sh["n"])))
+                at += int(sh["n"])
+            shards = [sh for sh in shards if sh["index"] in batches]
+            x = x[keep]
+            labels = None if labels is None else labels[keep]
+        rec.update(set=SETS.get(iters, f"i{iters}") + ("" if batches is None else "b" + "".join(map(str, batches))),
+                   iters=iters, batches=None if batches is None else list(batches), set_key=Path(sset.dir).name,
+                   n_images=len(x), synth_wall_s=round(sum(float(s.get("wall_s", 0.0)) for s in shards), 1),
+                   synth_loss_last=[s.get("loss_last") for s in shards])
     feats, logits = features(model, x)
     rec["bn"] = bn_match(model, x)
     rec["layers"] = list(feats)
@@ -278,8 +295,8 @@ def quant(name: str, model_id: str, iters: int | None, bits=(3, 3)) -> dict:
 
 
 def run(name: str) -> dict:
-    kind, model_id, iters = EXPERIMENTS[name]
-    return diagnose(name, model_id, iters) if kind == "diag" else quant(name, model_id, iters)
+    kind, model_id, iters, batches = EXPERIMENTS[name]
+    return diagnose(name, model_id, iters, batches) if kind == "diag" else quant(name, model_id, iters)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,10 +322,15 @@ def plot(recs: list[dict], out: Path = PLOT) -> Path | None:
     axes = axes.flatten()
     for ci, m in enumerate(MODELS):
         short = m.replace("cifar10_", "")
-        for r in diags:
-            if r["model"] != m or r["set"] not in ("i300", "real"):
+        mine = [r for r in diags if r["model"] == m]
+        default = "i300" if any(r["set"] == "i300" for r in mine) else "i300b0"
+        for r in mine:
+            if r["set"] not in (default, "real"):
                 continue
-            ls, lab = ("-", f"{short} synthetic (300 it)") if r["set"] == "i300" else ("--", f"{short} real B")
+            if r["set"] == "real":
+                ls, lab = "--", f"{short} real B"
+            else:
+                ls, lab = "-", f"{short} synthetic, 300 it ({r['n_images']} images)"
             bn = r["bn"]["total"]
             axes[0].plot([i / (len(bn) - 1) for i in range(len(bn))], bn, ls, marker="o", ms=3, color=f"C{ci}",
                          label=lab)
@@ -319,21 +341,23 @@ def plot(recs: list[dict], out: Path = PLOT) -> Path | None:
             mm = r["mmd2"]
             axes[1].plot([(i + 1) / len(mm) for i in range(len(mm))], mm, ls, marker="o", ms=3, color=f"C{ci}",
                          label=lab)
-        pts = sorted((r["iters"], r["bn"]["sum"], sum(r["mmd2"][:-1]) / max(1, len(r["mmd2"]) - 1))
-                     for r in diags if r["model"] == m and r["iters"])
-        if pts:
-            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{ci}", label=f"{short} synthetic")
-            axes[3].plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=f"C{ci}", label=f"{short} synthetic")
-        for r in diags:
-            if r["model"] == m and r["set"] == "real":
+        for part, mk in ((False, "o-"), (True, "s:")):  # whole sets, and batch-0-only sets
+            pts = sorted((r["iters"], r["bn"]["sum"], sum(r["mmd2"]) / len(r["mmd2"]))
+                         for r in mine if r["iters"] and bool(r.get("batches")) == part)
+            if pts:
+                lab = f"{short} synthetic" + (" (batch 0, 128 images)" if part else " (256 images)")
+                axes[2].plot([p[0] for p in pts], [p[1] for p in pts], mk, color=f"C{ci}", label=lab)
+                axes[3].plot([p[0] for p in pts], [p[2] for p in pts], mk, color=f"C{ci}", label=lab)
+        for r in mine:
+            if r["set"] == "real":
                 axes[2].axhline(r["bn"]["sum"], color=f"C{ci}", ls="--", lw=1, label=f"{short} real B")
-                axes[3].axhline(sum(r["mmd2"][:-1]) / max(1, len(r["mmd2"]) - 1), color=f"C{ci}", ls="--", lw=1,
+                axes[3].axhline(sum(r["mmd2"]) / len(r["mmd2"]), color=f"C{ci}", ls="--", lw=1,
                                 label=f"{short} real B (floor)")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("relative depth of the BN layer (0 = stem, 1 = last)")
     axes[0].set_ylabel("Genie BNS term of the layer (log)")
     axes[0].set_title("BN-statistics match per layer")
-    axes[1].set_xlabel("relative depth of the block output (1 = pooled features)")
+    axes[1].set_xlabel("relative depth of the block output (1 = the last block)")
     axes[1].set_ylabel("MMD² to real reference A")
     axes[1].set_title("FP feature distance per block")
     for ax in axes[2:]:

@@ -41,11 +41,11 @@ def test_section_renders_rows(tmp_path):
     bn = {"names": ["bn1", "l.bn1", "l.bn2"], "mean": [0.1, 0.2, 0.3], "std": [0.1, 0.1, 0.1],
           "total": [0.2, 0.3, 0.4], "sum": 0.9}
     base = {"kind": "diag", "model": "cifar10_resnet20", "seed": 0, "n_images": 256, "bn": bn,
-            "layers": ["a", "b", "pool"], "confidence": 0.8, "class_entropy": 2.0, "class_counts": [1, 2, 3],
+            "layers": ["a", "b", "c"], "confidence": 0.8, "class_entropy": 2.0, "class_counts": [1, 2, 3],
             "load_avg": 2.0}
     (tmp_path / "diag__s.json").write_text(json.dumps({**base, "name": "s", "set": "i300", "iters": 300,
                                                          "set_key": "genie-abc", "synth_wall_s": 10.0,
-                                                         "mmd2": [0.01, 0.05, 0.1], "fp_top1_intended": None}))
+                                                         "mmd2": [0.01, 0.1, 0.05], "fp_top1_intended": None}))
     (tmp_path / "diag__r.json").write_text(json.dumps({**base, "name": "r", "set": "real", "iters": None,
                                                          "synth_wall_s": 0.0, "mmd2": [-0.001, 0.0, 0.0],
                                                          "fp_top1_intended": 85.0, "ref_bn": bn,
@@ -53,6 +53,6 @@ def test_section_renders_rows(tmp_path):
                                                          "ref_fp_top1": 85.2}))
     text = "\n".join(section(tmp_path))
     assert "| ResNet-20 | Genie-D 300 it (default)" in text
-    assert "0.0500 (b)" in text  # the largest block MMD^2 and its block
+    assert "0.1000 (b)" in text  # the largest block MMD^2 and its block
     assert "| l.bn2 | 0.4000 | 0.4000 | 0.4000 | 1.0x |" in text
     assert "largest BNS term at `l.bn2`" in text

@@ -8,19 +8,20 @@ from pathlib import Path
 from .common import load_runs, shown_path
 
 SHORT = {"cifar10_resnet20": "ResNet-20", "cifar10_resnet32": "ResNet-32"}
-SET_ORDER = {"i100": 0, "i300": 1, "i600": 2, "real": 3}
+SET_ORDER = {"i100b0": 0, "i300b0": 1, "i100": 2, "i300": 3, "i600": 4, "real": 5}
 
 
 def _set_label(r: dict) -> str:
     if r["set"] == "real":
         return "real B (256 other non-val train images)" if r["kind"] == "diag" else "real A (256 non-val train images)"
-    return f"Genie-D {r['iters']} it{' (default)' if r['iters'] == 300 else ''} (`{(r.get('set_key') or '')[:18]}`)"
+    part = f", batch {'+'.join(map(str, r['batches']))} only" if r.get("batches") else ""
+    return (f"Genie-D {r['iters']} it{' (default)' if r['iters'] == 300 else ''}{part}, {r['n_images']} images "
+            f"(`{(r.get('set_key') or '')[:18]}`)")
 
 
 def _mean_blocks(r: dict) -> float:
-    """Mean MMD^2 over the residual blocks (the pooled-feature entry, the last, left out)."""
-    m = r["mmd2"][:-1]
-    return sum(m) / len(m)
+    """Mean MMD^2 over the residual blocks."""
+    return sum(r["mmd2"]) / len(r["mmd2"])
 
 
 def _depth_corr(v: list[float]) -> float:
@@ -39,18 +40,20 @@ def synthetic_gap_section(d: Path) -> list[str]:
     quants = sorted((r for r in recs if r["kind"] == "quant"), key=lambda r: (r["model"], SET_ORDER.get(r["set"], 9)))
     loads = [r["load_avg"] for r in recs if "load_avg" in r]
     out = ["## Synthetic vs real data, layer by layer (`bench/synthetic_gap.py`, issue 39 item 1)", "",
-           "Genie-D's synthetic sets (seed 0, 256 images in 2 batches of 128, made and cached through "
+           "Genie-D's synthetic sets (seed 0, 256 images in 2 batches of 128, or where marked batch 0 alone: its 128 "
+           "images, the same tensor as the whole set's first batch; made and cached through "
            "`zsq.api.synthetic_data` exactly as `zsq quantize --recipe genie --protocol genie-native` makes them; "
            "300 iterations per batch is the `default` budget, 100 / 600 are the same budget with "
            "`--synth-set iters=N` and nothing else changed) against 256 real training images from outside the "
            "validation split (reference A; seed 0, 25-26 per class). Training images only; the test set is not read. "
            "**BNS term**: Genie's own BN-statistics loss (`BNStatsLoss.preset(\"genie\")`, `layer_losses()`: "
            "||batch mean - running mean||² / C + ||batch std - running std||² / C of the BN layer's input) per BN "
-           "layer, on batches of 128 (the synthesis batch), averaged over the 2 batches. **MMD²**: unbiased squared "
+           "layer, on batches of 128 (the synthesis batch), averaged over the batches; it is measured in fp32 without "
+           "the swing convolution the synthesis used. **MMD²**: unbiased squared "
            "MMD between the set's and reference A's FP features at each residual block output, global-average-"
            "pooled to one C-vector per image, Gaussian kernel with bandwidth = the median pairwise distance of A's "
-           "pooled features at that layer (the same kernel for every set of one model); `pool` = the classifier's "
-           "input. **Real B** is a second, disjoint 256 real non-validation images measured the same way: its "
+           "pooled features at that layer (the same kernel for every set of one model; the last block's pooled "
+           "output is the classifier's input). **Real B** is a second, disjoint 256 real non-validation images measured the same way: its "
            "MMD² is the estimator's floor at this sample size (about 0; the unbiased estimate can be negative), "
            "and its BNS terms what real images of one batch of 128 score. **Confidence**: the FP model's mean "
            "max-softmax; **class entropy**: entropy (nats) of the FP model's predicted-class histogram "
@@ -61,7 +64,7 @@ def synthetic_gap_section(d: Path) -> list[str]:
     out += ["| model | set | synth s | BNS sum | mean block MMD² | max block MMD² | confidence | class entropy | "
             "predicted-class counts | FP top-1 vs labels |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in diags:
-        k = max(range(len(r["mmd2"]) - 1), key=lambda i: r["mmd2"][i])
+        k = max(range(len(r["mmd2"])), key=lambda i: r["mmd2"][i])
         top1 = "—" if r.get("fp_top1_intended") is None else f"{r['fp_top1_intended']:.2f}"
         out.append(f"| {SHORT.get(r['model'], r['model'])} | {_set_label(r)} | {r['synth_wall_s']} | "
                    f"{r['bn']['sum']:.3f} | {_mean_blocks(r):.4f} | {r['mmd2'][k]:.4f} ({r['layers'][k]}) | "
@@ -75,13 +78,14 @@ def synthetic_gap_section(d: Path) -> list[str]:
     # per-layer tables, one per model: BN terms and MMD^2 of every set
     for m in sorted({r["model"] for r in diags}):
         rows = [r for r in diags if r["model"] == m]
-        heads = [("real B" if r["set"] == "real" else f"{r['iters']} it") for r in rows]
+        heads = [("real B" if r["set"] == "real" else f"{r['iters']} it" + (" b0" if r.get("batches") else ""))
+                 for r in rows]
         names = rows[0]["bn"]["names"]
         out += [f"{SHORT.get(m, m)}, BNS term per BN layer (the synthetic / real B ratio for the default set in the "
                 "last column):", "",
                 "| BN layer | " + " | ".join(heads) + " | real A | default / real B |",
                 "|---" * (len(heads) + 3) + "|"]
-        syn = next((r for r in rows if r["set"] == "i300"), None)
+        syn = next((r for r in rows if r["set"] == "i300"), None) or next((r for r in rows if r["set"] == "i300b0"), None)
         real = refs.get(m)
         for i, n in enumerate(names):
             ratio = (f"{syn['bn']['total'][i] / real['bn']['total'][i]:.1f}x"
@@ -95,13 +99,14 @@ def synthetic_gap_section(d: Path) -> list[str]:
         out.append("")
     # computed findings for the default sets
     facts = []
+    full = {r["model"] for r in diags if r["set"] == "i300"}
     for r in diags:
-        if r["set"] != "i300":
+        if r["set"] != "i300" and not (r["set"] == "i300b0" and r["model"] not in full):
             continue
-        bn, mm = r["bn"]["total"], r["mmd2"][:-1]
+        bn, mm = r["bn"]["total"], r["mmd2"]
         real = refs.get(r["model"])
         kb = max(range(len(bn)), key=lambda i: bn[i])
-        s = (f"{SHORT.get(r['model'])}: largest BNS term at `{r['bn']['names'][kb]}` ({bn[kb]:.3f}); largest block "
+        s = (f"{SHORT.get(r['model'])} ({r['n_images']} synthetic images): largest BNS term at `{r['bn']['names'][kb]}` ({bn[kb]:.3f}); largest block "
              f"MMD² at `{r['layers'][mm.index(max(mm))]}` ({max(mm):.4f}); rank correlation with depth: BNS terms "
              f"{_depth_corr(bn):+.2f}, block MMD² {_depth_corr(mm):+.2f}")
         if real:
@@ -111,7 +116,8 @@ def synthetic_gap_section(d: Path) -> list[str]:
             s += f"; synthetic / real-B BNS in the first {third} BN layers {lo:.1f}x, in the last {third} {hi:.1f}x"
         facts.append(s)
     if facts:
-        out += ["Computed from the rows above (default sets): " + ". ".join(facts) + ".", ""]
+        out += ["Computed from the rows above (the default budget's set, or its batch 0 where the whole set is not "
+                "measured): " + ". ".join(facts) + ".", ""]
     if quants:
         out += ["W3A3 `genie-native`, `genie` recipe (Genie-M, default reconstruction: 3,000 steps per block, batch 8), "
                 "seed 0, reconstructed on the default synthetic set or on real reference A; top-1 on the validation "

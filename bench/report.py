@@ -30,6 +30,8 @@ from results.synthetic_gap import synthetic_gap_section
 from results.targets import targets_section
 from results.vit import vit_val_section
 from results.zoo import zoo_fp_section
+from results.gpu import gpu_section
+from results.profile import profile_section
 
 RUNS = CHECKOUT / "bench" / "runs"
 RESULTS = CHECKOUT / "docs" / "results.md"
@@ -84,6 +86,8 @@ def render(runs_dir: str | Path = RUNS) -> str:
         lines.append("")
     lines += family_section(recs)
     lines += zoo_fp_section(Path(runs_dir) / "zoo-fp")
+    lines += profile_section(Path(runs_dir) / "profile")
+    lines += gpu_section(Path(runs_dir) / "gpu")
     lines += onnx_section(Path(runs_dir) / "onnx")
     lines += onnx_deploy_section(Path(runs_dir) / "onnx_deploy")
     lines += onnx_nbits_section(Path(runs_dir) / "onnx_nbits")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ASSETS
+from conftest import ASSETS, load_bench_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,17 @@ def test_gpu_check_cpu_smoke(tmp_path):
     t = steps["time-cifar10_resnet20-cpu"]
     assert t["synth"]["iters"] == [1, 2] and len(t["recon"]["wall_s"]) == 2 and t["device"]["device"] == "cpu"
     assert s["machine"]["device"] == "cpu" and "loadavg" in s["machine"]
+    _renders(tmp_path, s, "smoke-genie")
+
+
+def _renders(tmp: Path, summary: dict, step: str) -> None:
+    """bench/results/gpu.py renders the summary (relabelled as a GPU run: smoke runs are never rendered)."""
+    d = tmp / "runs-gpu"
+    d.mkdir(exist_ok=True)
+    (d / f"gpu_{summary['script']}.json").write_text(json.dumps({**summary, "mode": "gpu"}))
+    text = "\n".join(load_bench_results("gpu").gpu_section(d))
+    assert f"| {step} | done |" in text and "No GPU run yet" not in text
+    assert "No GPU run yet" in "\n".join(load_bench_results("gpu").gpu_section(tmp / "nothing"))
 
 
 def test_gpu_paper_cpu_smoke_resumes_on_another_machine(tmp_path):
@@ -59,3 +70,4 @@ def test_gpu_paper_cpu_smoke_resumes_on_another_machine(tmp_path):
     assert real["synthetic"]["kind"] == "real" and real["synthetic"]["n_images"] == 16
     assert steps["r20-genie-w3a3"]["result"]["bits"] == {"w": 3, "a": 3}
     assert steps["r20-genie-w3a3"]["result"]["synthetic"]["sha256"] == first["steps"][0]["result"]["synthetic"]["sha256"]
+    _renders(tmp_path, second, "r20-real1024-w4a4")

@@ -69,6 +69,7 @@ def onnx_deploy_section(d: Path) -> list[str]:
                        f"{row.get('int_ops')} / {row.get('ops')} | {row.get('onnx_bytes'):,} | " + " | ".join(cells) + " |")
         loads = "; ".join(f"batch {x['batch']}, {x['threads']} thr: {x['load_avg'][0]} -> {x['load_avg'][1]}" for x in lat)
         out += ["", f"Load average during the timed calls: {loads}.", ""]
+        out += _overload_note(r, lat)
         a, b = r["rows"].get("zsq-deploy", {}).get("optimized_ops"), r["rows"].get("ort-quantize_static", {}).get("optimized_ops")
         if a and b:  # the graphs ORT runs (extended optimisation), op by op
             diff = {k: (a.get(k, 0), b.get(k, 0)) for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)}
@@ -90,7 +91,10 @@ def onnx_nbits_section(d: Path) -> list[str]:
            "Weights-only 4-bit ViT: `minmax-noise` W4A8 under `vit-ptq` (default budget, seed 0) with its activation "
            "quantizers switched off, i.e. per-channel symmetric min-max 4-bit weights on every Conv/Linear (patch "
            "embedding and head included) and float activations; exported with `zsq export` as INT4 + "
-           "DequantizeLinear (`zsq-w4-qdq`, the standard export, which ORT dequantizes to float on every call) and "
+           "DequantizeLinear (`zsq-w4-qdq`, the standard export: with float activations and its QDQ optimisations on, "
+           "ORT 1.32 itself rewrites the 24 `DequantizeLinear -> MatMul` into MatMulNBits, not the classifier's Gemm; "
+           "it does not where the MatMul's input is a DequantizeLinear too, i.e. in a W4A8 model, nor with "
+           "`session.disable_quant_qdq`, which `zsq eval` sets for sub-8-bit exports) and "
            "with `--int4-weights matmulnbits` (`zsq-w4-matmulnbits`: the 25 Linear layers as `com.microsoft` "
            "MatMulNBits with the same weight values, computed in float32; `-acc4`: the same file at MatMulNBits' "
            "`accuracy_level` 4, which quantizes the activations to int8 per block at run time: not the PyTorch "
@@ -99,7 +103,8 @@ def onnx_nbits_section(d: Path) -> list[str]:
            "asymmetric) of the same FP32 ONNX; it quantizes the MatMul layers, not the classifier (a Gemm), so its "
            "head stays FP32. ORT CPU provider, default optimisation, no spin-waiting; latency = median ms of the "
            "interleaved calls, random input; top-1 in ORT on the 10,000 JPEG-CIFAR-10 test images (PyTorch where "
-           "listed); integer ops = MatMulNBits / QLinear* after ORT's optimisation.", ""]
+           "listed); integer ops = MatMulNBits / QLinear* after ORT's optimisation. Top-1 in ORT is measured with "
+           "`zsq eval`'s session (QDQ optimisations off for sub-8-bit exports), latency with ORT's defaults.", ""]
     for r in recs:
         lat = r.get("latency", [])
         cols = [(x["batch"], x["threads"]) for x in lat]
@@ -123,4 +128,17 @@ def onnx_nbits_section(d: Path) -> list[str]:
                        f"{row.get('onnx_bytes'):,} | " + " | ".join(cells) + " |")
         loads = "; ".join(f"batch {x['batch']}, {x['threads']} thr: {x['load_avg'][0]} -> {x['load_avg'][1]}" for x in lat)
         out += ["", f"Load average during the timed calls: {loads}.", ""]
+        out += _overload_note(r, lat)
     return out
+
+
+def _overload_note(r: dict, lat: list) -> list[str]:
+    """A warning where the load average exceeded the core count while the calls were timed."""
+    cores = r.get("cores") or 0
+    peak = max((max(x["load_avg"]) for x in lat), default=0)
+    if not cores or peak <= cores:
+        return []
+    return [f"**Caution**: the load average ({peak}) exceeded the {cores} cores while these calls were timed: a call "
+            "waits for a core a share of the time that grows with its length, so the medians (and the ratios, "
+            "most for the longer models) measure the scheduler as much as the model; compare only with a quiet "
+            "re-run.", ""]

@@ -322,10 +322,11 @@ def nbits_suite(args) -> None:
                 if isinstance(q, Quantizer) and not name.endswith("wq"):
                     q.mode = "off"  # weights only
             torch_models = {"fp32": fp, "zsq-w4-qdq": qw, "zsq-w4-matmulnbits": qw, "zsq-w4-matmulnbits-acc4": qw,
-                            "zsq-w4a8-matmulnbits": qa}
+                            "zsq-w4a8-qdq": qa, "zsq-w4a8-matmulnbits": qa}
             paths["zsq-w4-qdq"] = export_onnx(qw, tmp / "w4_qdq.onnx")
             paths["zsq-w4-matmulnbits"] = export_onnx(qw, tmp / "w4_nbits.onnx", int4_weights="matmulnbits")
             paths["zsq-w4-matmulnbits-acc4"] = _with_accuracy_level(paths["zsq-w4-matmulnbits"], tmp / "w4_nbits4.onnx", 4)
+            paths["zsq-w4a8-qdq"] = export_onnx(qa, tmp / "w4a8_qdq.onnx")
             paths["zsq-w4a8-matmulnbits"] = export_onnx(qa, tmp / "w4a8_nbits.onnx", int4_weights="matmulnbits")
             paths["ort-matmulnbits"] = _peer_matmulnbits(paths["fp32"], tmp / "peer.onnx")
             paths["ort-matmulnbits-acc4"] = _peer_matmulnbits(paths["fp32"], tmp / "peer4.onnx", accuracy_level=4)
@@ -348,12 +349,13 @@ def nbits_suite(args) -> None:
                 r_o = zsq.evaluate(OrtModel(path, threads=args.threads, like=fp), data, limit=args.eval_limit,
                                    progress=False)
                 row |= {"top1_onnxruntime": r_o["top1"], "n_eval": r_o["n"]}
-                if name in ("zsq-w4-qdq", "zsq-w4a8-matmulnbits"):
+                if name in ("zsq-w4-qdq", "zsq-w4a8-qdq"):
                     row["top1_pytorch"] = zsq.evaluate(torch_models[name], data, limit=args.eval_limit,
                                                        progress=False)["top1"]
                 print(model_id, name, {k: row.get(k) for k in ("top1_pytorch", "top1_onnxruntime", "onnx_bytes")},
                       flush=True)
-            rec["rows"]["zsq-w4-matmulnbits"]["top1_pytorch"] = rec["rows"]["zsq-w4-qdq"]["top1_pytorch"]
+            for a, b in (("zsq-w4-matmulnbits", "zsq-w4-qdq"), ("zsq-w4a8-matmulnbits", "zsq-w4a8-qdq")):
+                rec["rows"][a]["top1_pytorch"] = rec["rows"][b]["top1_pytorch"]  # the same PyTorch model
         rec["load_avg_end"] = round(os.getloadavg()[0], 2)
         rec["versions"] = {"zsq": zsq.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
                            "onnxruntime": __import__("onnxruntime").__version__, "numpy": np.__version__}

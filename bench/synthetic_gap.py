@@ -361,7 +361,9 @@ def plot(recs: list[dict], out: Path = PLOT) -> Path | None:
     axes[1].set_ylabel("MMD² to real reference A")
     axes[1].set_title("FP feature distance per block")
     for ax in axes[2:]:
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(SETS), [str(k) for k in sorted(SETS)])
+        ax.set_xlim(80, 750)
         ax.set_xlabel("synthesis iterations per batch (300 = default)")
     axes[2].set_yscale("log")
     axes[2].set_ylabel("sum of the BNS terms over layers (log)")

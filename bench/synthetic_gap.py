@@ -314,6 +314,7 @@ def plot(recs: list[dict], out: Path = PLOT) -> Path | None:
     if not diags:
         return None
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -363,6 +364,7 @@ def plot(recs: list[dict], out: Path = PLOT) -> Path | None:
     for ax in axes[2:]:
         ax.set_xscale("log")
         ax.set_xticks(sorted(SETS), [str(k) for k in sorted(SETS)])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlim(80, 750)
         ax.set_xlabel("synthesis iterations per batch (300 = default)")
     axes[2].set_yscale("log")

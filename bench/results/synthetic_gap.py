@@ -57,7 +57,10 @@ def synthetic_gap_section(d: Path) -> list[str]:
            "MMD² is the estimator's floor at this sample size (about 0; the unbiased estimate can be negative), "
            "and its BNS terms what real images of one batch of 128 score. **Confidence**: the FP model's mean "
            "max-softmax; **class entropy**: entropy (nats) of the FP model's predicted-class histogram "
-           "(ln 10 = 2.303 = balanced). Genie-D draws no labels, so there is no FP top-1 against intended labels "
+           "(ln 10 = 2.303 = balanced). **synth s**: the wall seconds of the set's batches as the cache recorded them, "
+           "made at load 6-16 (partly by another agent's process that needed the same ResNet-20 set; a quiet "
+           "ResNet-20 default set took 180-350 s in `bench/genie_validation.py`). Genie-D draws no labels, so there "
+           "is no FP top-1 against intended labels "
            "for its sets (for real B the column is top-1 against the true labels). "
            f"Machine: 2-core AMD EPYC (AVX2) shared with other agents, 1 thread per process; load average "
            f"{min(loads):.1f}-{max(loads):.1f} when the experiments started." if loads else "", ""]

@@ -33,6 +33,10 @@ def mixed_section(d: Path) -> list[str]:
            "EfficientNet-Lite0 rows (model `efficientnet_lite0`): protocol `fixed`, top-1 on the 1,000 val256 "
            "images; the synthesis-free recipes (`udfc`, `dfq`, `squant`) have no synthetic set, so their "
            "sensitivities read 128 Gaussian images (seeded) at 224 px; everything else as above.", "",
+           "At `--wbits-avg 2` with candidates 2/3/4/6/8 the only allocation is uniform W2 (every searched layer "
+           "must take the smallest candidate: the W2 avg row equals the uniform W2 one, bit for bit), so a mixed "
+           "model at uniform W2's weight memory cannot differ from the uniform one unless a candidate below 2 bits "
+           "exists; the same holds for MCT's search at that memory (section below).", "",
            "| model | recipe | budget | bits | mode | seeds | top-1 | q bytes | searched mean W | search wall s | search CPU s | run wall s | run CPU s | load |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = defaultdict(list)

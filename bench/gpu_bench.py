@@ -554,23 +554,9 @@ def make_assets(src: Path, dst: Path, which: str) -> None:
 
 def _calib_pick(source, n: int, seed: int) -> list[int]:
     """The indices :func:`zsq.data.eval.load_images` reads for ``n`` images at ``seed`` (same draws)."""
-    import torch
+    from zsq.data.eval import calib_indices
 
-    g = torch.Generator().manual_seed(seed)
-    labels = source.labels
-    members = [torch.nonzero(labels == c).flatten() for c in range(len(source.classes))]
-    members = [m[torch.randperm(len(m), generator=g)] for m in members]
-    order = torch.randperm(len(members), generator=g).tolist()
-    picked: list[int] = []
-    depth = 0
-    while len(picked) < n:
-        for c in order:
-            if depth < len(members[c]):
-                picked.append(int(members[c][depth]))
-                if len(picked) == n:
-                    break
-        depth += 1
-    return picked
+    return calib_indices(source.labels, len(source.classes), n, seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -276,6 +276,25 @@ def open_dataset(path: str | os.PathLike, preprocess: Preprocess | None = None, 
     return ImageSet(src, index, pre)
 
 
+def calib_indices(labels: torch.Tensor, n_classes: int, n: int, seed: int = 0) -> list[int]:
+    """The indices :func:`load_images` reads for ``n`` images at ``seed``: classes visited round-robin
+    in a seeded random order, each yielding its images in a seeded random order (``n`` <= len(labels))."""
+    g = torch.Generator().manual_seed(seed)
+    members = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
+    members = [m[torch.randperm(len(m), generator=g)] for m in members]
+    order = torch.randperm(len(members), generator=g).tolist()
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n:
+        for c in order:
+            if depth < len(members[c]):
+                picked.append(int(members[c][depth]))
+                if len(picked) == n:
+                    break
+        depth += 1
+    return picked
+
+
 def load_images(
     path: str | os.PathLike, preprocess: Preprocess | None, n: int, seed: int = 0, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,20 +309,7 @@ def load_images(
     n = _positive_int(n, "--calib-n")
     if n > len(src):
         raise BadValueError(f"--calib-n {n} exceeds the {len(src)} images in {path}")
-    g = torch.Generator().manual_seed(seed)
-    labels = src.labels
-    members = [torch.nonzero(labels == c).flatten() for c in range(len(src.classes))]
-    members = [m[torch.randperm(len(m), generator=g)] for m in members]
-    order = torch.randperm(len(members), generator=g).tolist()
-    picked: list[int] = []
-    depth = 0
-    while len(picked) < n:
-        for c in order:
-            if depth < len(members[c]):
-                picked.append(int(members[c][depth]))
-                if len(picked) == n:
-                    break
-        depth += 1
+    picked = calib_indices(src.labels, len(src.classes), n, seed)
     ds = ImageSet(src, torch.tensor(picked, dtype=torch.int64), preprocess or Preprocess())
     with counting(progress, f"loading {n} images from {Path(path).name}", n) as advance:
         return ds.tensors(batch_size=LOAD_BATCH, advance=advance)

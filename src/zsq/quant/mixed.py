@@ -85,6 +85,15 @@ class InfeasibleBudgetError(BadValueError):
     """The budget is below the smallest allocation the candidates allow."""
 
 
+def _bit_list(value, flag: str) -> tuple[int, ...]:
+    """A candidate list (``"2,4,8"`` or a sequence) as sorted distinct bit widths in 2..8."""
+    items = tuple(x for x in value.replace(" ", "").split(",") if x) if isinstance(value, str) else tuple(value)
+    bits = sorted({check_bits(b, flag) for b in items})
+    if not bits or any(b > 8 for b in bits):
+        raise BadValueError(f"{flag} takes bit widths in 2..8, got {','.join(map(str, items))}")
+    return tuple(bits)
+
+
 @dataclass
 class MixedConfig:
     """A mixed-precision search: one budget (``wbits_avg``, ``size_mb`` or ``bops_g``), the candidate bits, the
@@ -121,18 +130,8 @@ class MixedConfig:
                                   or v <= 0):
                 flag = {"wbits_avg": "--wbits-avg", "size_mb": "--size", "bops_g": "--bops"}[name]
                 raise BadValueError(f"{flag} must be a positive number, got {v!r}")
-        if isinstance(self.act_candidates, str):
-            self.act_candidates = tuple(x for x in self.act_candidates.replace(" ", "").split(",") if x)
-        acands = sorted({check_bits(b, "--mp-abits") for b in self.act_candidates})
-        if not acands or any(b > 8 for b in acands):
-            raise BadValueError(f"--mp-abits takes bit widths in 2..8, got {','.join(map(str, self.act_candidates))}")
-        self.act_candidates = tuple(acands)
-        if isinstance(self.candidates, str):
-            self.candidates = tuple(x for x in self.candidates.replace(" ", "").split(",") if x)
-        cands = sorted({check_bits(b, "--mp-bits") for b in self.candidates})
-        if not cands or any(b > 8 for b in cands):
-            raise BadValueError(f"--mp-bits takes bit widths in 2..8, got {','.join(map(str, self.candidates))}")
-        self.candidates = tuple(cands)
+        self.act_candidates = _bit_list(self.act_candidates, "--mp-abits")
+        self.candidates = _bit_list(self.candidates, "--mp-bits")
         if self.sensitivity not in SENSITIVITIES:
             raise BadValueError(f"--mp-sensitivity must be one of {', '.join(SENSITIVITIES)}, "
                                 f"got '{self.sensitivity}'")

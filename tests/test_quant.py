@@ -259,3 +259,22 @@ def test_act_levels_through_hooks(resnet20, real_batch):
             h.remove()
         assert len(outs) == 19
         assert all(o.unique().numel() <= 2**a for o in outs)
+
+
+def test_fold_bn_check_catches_a_changed_output(monkeypatch):
+    """fold_bn's check compares the folded model's output to the original's and refuses a change."""
+    import zsq.quant.fold as fold
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.c(x))
+
+    x = torch.randn(2, 3, 8, 8)
+    assert fold.fold_bn(M().eval(), x) == [("c", "bn")]
+    monkeypatch.setattr(fold, "fold_conv_bn", lambda conv, bn: conv.weight.data.mul_(2))  # a wrong fold
+    with pytest.raises(AssertionError, match="BN folding changed the model's output"):
+        fold.fold_bn(M().eval(), x)

@@ -32,6 +32,7 @@ from results.vit import vit_val_section
 from results.zoo import zoo_fp_section
 from results.gpu import gpu_section
 from results.profile import profile_section
+from results.ab_speed import ab_speed_section
 
 RUNS = CHECKOUT / "bench" / "runs"
 RESULTS = CHECKOUT / "docs" / "results.md"
@@ -87,6 +88,7 @@ def render(runs_dir: str | Path = RUNS) -> str:
     lines += family_section(recs)
     lines += zoo_fp_section(Path(runs_dir) / "zoo-fp")
     lines += profile_section(Path(runs_dir) / "profile")
+    lines += ab_speed_section(Path(runs_dir) / "ab-speed")
     lines += gpu_section(Path(runs_dir) / "gpu")
     lines += onnx_section(Path(runs_dir) / "onnx")
     lines += onnx_deploy_section(Path(runs_dir) / "onnx_deploy")

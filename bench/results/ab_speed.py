@@ -22,7 +22,7 @@ def ab_speed_section(d: Path) -> list[str]:
     for p in files:
         r = json.loads(p.read_text())
         out += [f"Baseline {r['base']} against head {r['head']}, {r['cpu']}, {r['repeats']} repeats per side, "
-                f"{r['date']} UTC; record `{shown_path(p)}`.", "",
+                f"{r['date']} UTC; record `{shown_path(p)}`." + (f" Note: {r['note']}." if r.get("note") else ""), "",
                 "| configuration | base wall s | head wall s | head/base wall | base CPU s | head CPU s | head/base CPU | load |",
                 "|---|---|---|---|---|---|---|---|"]
         for name, c in r["configs"].items():

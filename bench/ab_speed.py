@@ -81,6 +81,10 @@ def main(argv=None) -> int:
     rec["cpu"] = cpu_name()
     RUNS.mkdir(parents=True, exist_ok=True)
     out = RUNS / f"{base}__{head}.json"
+    if out.is_file():  # another --only call of the same pair: keep its configurations
+        old = json.loads(out.read_text())
+        rec["configs"] = {**old.get("configs", {}), **rec["configs"]}
+        rec["repeats"] = ",".join(sorted({str(old.get("repeats")), str(a.repeats)}))
     out.write_text(json.dumps(rec, indent=1) + "\n")
     print(out)
     return 0

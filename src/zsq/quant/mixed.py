@@ -236,6 +236,15 @@ def _set_weight_bits(m: nn.Module, bits: int) -> None:
     wq.mode = "quant"
 
 
+def _mean_kl(q: nn.Module, batches, ref, n: int) -> float:
+    """Mean KL(FP output || ``q``'s output) over ``batches`` (``ref``: the FP log-softmax of each), >= 0."""
+    tot = 0.0
+    for x, lp in zip(batches, ref):
+        lq = F.log_softmax(q(x).float(), dim=1)
+        tot += float((lp.exp() * (lp - lq)).sum())
+    return max(tot / n, 0.0)
+
+
 def kl_sensitivity(q: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, candidates, *,
                    batch_size: int = 64, progress: bool = False) -> dict[str, dict[int, float]]:
     """ZeroQ's sensitivity: mean KL(FP output || output with only layer l at b bits) over ``images``."""
@@ -251,11 +260,7 @@ def kl_sensitivity(q: nn.Module, layers: dict[str, nn.Module], images: torch.Ten
                 out[name] = {}
                 for b in candidates:
                     _set_weight_bits(m, b)
-                    tot = 0.0
-                    for x, lp in zip(batches, ref):
-                        lq = F.log_softmax(q(x).float(), dim=1)
-                        tot += float((lp.exp() * (lp - lq)).sum())
-                    out[name][b] = max(tot / images.shape[0], 0.0)
+                    out[name][b] = _mean_kl(q, batches, ref, images.shape[0])
                     advance(1)
                 m.wq.mode = "off"
     return out
@@ -539,11 +544,7 @@ def kl_act_sensitivity(q: nn.Module, sites: list[str], images: torch.Tensor, can
                     m.bits = b
                     m.set_range(*obs.range(b, m.symmetric, signed=bool((obs.lo < 0).any())))
                     m.mode = "quant"
-                    tot = 0.0
-                    for x, lp in zip(batches, ref):
-                        lq = F.log_softmax(q(x).float(), dim=1)
-                        tot += float((lp.exp() * (lp - lq)).sum())
-                    out[name][b] = max(tot / images.shape[0], 0.0)
+                    out[name][b] = _mean_kl(q, batches, ref, images.shape[0])
                     advance(1)
                 m.observer = None
                 m.mode = "off"
